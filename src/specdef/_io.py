@@ -1,0 +1,98 @@
+"""Atomic file and directory writes: a crash never leaves a half-written artefact behind."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from specdef.errors import SpecdefError
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def append_jsonl(path: str | os.PathLike[str], row: dict[str, Any]) -> None:
+    """Append one JSON row and fsync. A row is written with a single ``write`` call of a whole line,
+    so a killed process leaves at most one truncated last line, which :func:`read_jsonl` skips."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(row, default=str, allow_nan=True) + "\n"
+    with open(target, "a", encoding="utf-8") as handle:
+        handle.write(line)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read all complete rows of a JSONL file; a truncated final line (from a kill) is ignored."""
+    target = Path(path)
+    if not target.exists():
+        return []
+    rows: list[dict[str, Any]] = []
+    with open(target, encoding="utf-8") as handle:
+        for line in handle:
+            if not line.endswith("\n"):
+                break  # a write cut short by a kill: not a finished row
+            line = line.strip()
+            if line:
+                rows.append(json.loads(line))
+    return rows
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success rename it to ``path``.
+
+    Refuses an existing ``path`` unless ``overwrite``; checks that the parent is writable before any
+    work starts. On failure the temporary directory is removed and ``path`` is untouched.
+    """
+    target = Path(path)
+    if target.exists() and not overwrite:
+        raise SpecdefError(
+            f"Output path {str(target)!r} already exists; choose another path or pass --overwrite."
+        )
+    parent = target.parent if str(target.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SpecdefError(
+            f"Cannot create output folder {str(parent)!r}: {err.strerror}; choose a writable path."
+        ) from None
+    if not os.access(parent, os.W_OK):
+        raise SpecdefError(
+            f"Output folder {str(parent)!r} is not writable; choose a writable path with -o."
+        )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``specdef`` CLI; each module exposes ``register(subparsers)``."""

@@ -1,0 +1,49 @@
+"""Foundation utilities: atomic writes, JSONL resume semantics, CLI error handling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from specdef._io import append_jsonl, atomic_directory, read_jsonl, write_json_atomic
+from specdef.errors import SpecdefError, did_you_mean
+
+
+def test_read_jsonl_skips_truncated_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    append_jsonl(path, {"a": 1})
+    append_jsonl(path, {"a": 2})
+    with open(path, "a") as handle:
+        handle.write('{"a": 3')  # a kill mid-write
+    assert read_jsonl(path) == [{"a": 1}, {"a": 2}]
+
+
+def test_atomic_directory_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError), atomic_directory(target) as tmp:
+        (tmp / "half").write_text("x")
+        raise RuntimeError("crash")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_directory_refuses_existing(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    with (
+        pytest.raises(SpecdefError, match=r"already exists.*--overwrite"),
+        atomic_directory(tmp_path / "out"),
+    ):
+        pass
+
+
+def test_write_json_atomic_roundtrip(tmp_path: Path) -> None:
+    write_json_atomic(tmp_path / "m.json", {"x": [1, 2]})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"x": [1, 2]}
+
+
+def test_did_you_mean() -> None:
+    msg = did_you_mean("adamww", ["adam", "adamw", "sgd"], what="optimizer")
+    assert msg.startswith("Unknown optimizer 'adamww'. Did you mean: adamw")
+    assert "Available: adam, adamw, sgd" in msg
