@@ -1,0 +1,200 @@
+"""Pure tensor math of the SpecDef deformation (no ``nn.Module``; imports only :mod:`specdef.errors`).
+
+For a weight ``W`` (m×n) and an orthonormal basis ``U_k`` (m×k) of its top-k left singular
+subspace, with ``P = U_k U_kᵀ``::
+
+    T  = I + (α − 1)·P          (multiplies the top-k singular values by α)
+    W̃  = T·W                    (the *inflated* weight)
+    C  = T⁻¹ = I + (1/α − 1)·P  (the *compensation*, m×m)
+
+``C·W̃ = W`` holds for **any** orthonormal ``U_k`` (P is an orthogonal projector, so
+``(I + (1/α−1)P)(I + (α−1)P) = I``); an exact SVD is only needed for the singular values of
+``W̃`` to be exactly ``α·σ_i`` on the top k. A randomized range finder therefore keeps the function
+exact and costs O(m·n·k) instead of a full SVD.
+
+Everything is computed in float64: rounding in the model's dtype is measured separately by
+:func:`reconstruction_error`, because the entries of ``W̃`` live at scale ``α·σ₁`` and rounding
+them swamps the lower singular directions once ``α·eps(dtype)`` approaches the tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from specdef.errors import SpecdefError
+
+METHODS = ("exact", "randomized")
+
+
+def _check(weight: torch.Tensor, top_k: int, *, name: str = "weight") -> None:
+    if weight.dim() != 2:
+        raise SpecdefError(
+            f"{name}: expected a 2-D weight matrix, found shape {tuple(weight.shape)}."
+        )
+    m, n = weight.shape
+    if top_k < 1 or top_k > min(m, n):
+        raise SpecdefError(
+            f"{name}: top_k must be in [1, {min(m, n)}] (the rank bound min(m, n) of a {m}×{n} "
+            f"weight), found {top_k}; choose a smaller --top-k or exclude this layer."
+        )
+    if not bool(torch.isfinite(weight).all()):
+        raise SpecdefError(
+            f"{name}: weight contains NaN or Inf entries; repair the checkpoint before defending it."
+        )
+
+
+def top_subspace(
+    weight: torch.Tensor,
+    top_k: int,
+    *,
+    method: str = "exact",
+    oversample: int = 10,
+    power_iters: int = 4,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Orthonormal basis (m×k, float64) of the top-k left singular subspace of ``weight`` (m×n).
+
+    ``method="exact"`` takes the first k left singular vectors of a full SVD. ``"randomized"`` is
+    Halko, Martinsson & Tropp (2011), Alg. 4.4 + 5.1: a Gaussian sketch ``W·Ω`` with ``k +
+    oversample`` columns, ``power_iters`` subspace iterations re-orthonormalised by QR after each
+    multiplication (stable against the ``σ^(2q+1)`` dynamic range), then an SVD of the small
+    projected matrix. Cost O(m·n·(k + oversample)·(2·power_iters + 2)).
+    """
+    _check(weight, top_k)
+    if method not in METHODS:
+        raise SpecdefError(f"Unknown method {method!r}; expected one of {', '.join(METHODS)}.")
+    w = weight.detach().to(dtype=torch.float64)
+    m, n = w.shape
+    if method == "exact" or top_k + oversample >= min(m, n):
+        u, _, _ = torch.linalg.svd(w, full_matrices=False)
+        return u[:, :top_k].contiguous()
+    width = top_k + oversample
+    omega = torch.randn(n, width, dtype=torch.float64, generator=generator, device="cpu")
+    q, _ = torch.linalg.qr(w @ omega.to(w.device))
+    for _ in range(power_iters):
+        z, _ = torch.linalg.qr(w.T @ q)
+        q, _ = torch.linalg.qr(w @ z)
+    small = q.T @ w  # (k+p)×n
+    u_small, _, _ = torch.linalg.svd(small, full_matrices=False)
+    basis = q @ u_small[:, :top_k]
+    # one more QR: keeps ‖UᵀU − I‖ at float64 eps, which C·W̃ = W relies on
+    basis, r = torch.linalg.qr(basis)
+    return basis * torch.sign(torch.diagonal(r)).unsqueeze(0)
+
+
+def deform_with_basis(
+    weight: torch.Tensor, alpha: float, basis: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W̃, C)`` in float64 from an orthonormal ``basis`` U_k (m×k) of W's output space."""
+    if not alpha > 1 or not math.isfinite(alpha):
+        raise SpecdefError(f"alpha must be a finite number > 1, found {alpha}; e.g. --alpha 1e4.")
+    w = weight.detach().to(dtype=torch.float64)
+    u = basis.to(dtype=torch.float64, device=w.device)
+    m = w.shape[0]
+    if u.shape[0] == m and u.shape[1] == m:
+        # P = I exactly: avoid the cancellation I − P, whose eps-sized residue would be amplified by α
+        return alpha * w, torch.eye(m, dtype=torch.float64, device=w.device) / alpha
+    inflated = w + (alpha - 1.0) * (u @ (u.T @ w))
+    compensation = torch.eye(m, dtype=torch.float64, device=w.device) + (1.0 / alpha - 1.0) * (
+        u @ u.T
+    )
+    return inflated, compensation
+
+
+def spectral_deform(
+    weight: torch.Tensor,
+    alpha: float,
+    top_k: int,
+    *,
+    method: str = "exact",
+    oversample: int = 10,
+    power_iters: int = 4,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inflate the top-k singular values of ``weight`` (m×n) by ``alpha``.
+
+    Returns ``(W̃, C)``: float64 tensors of shape m×n and m×m with ``C·W̃ = W`` (up to float64
+    rounding, relative error ≈ eps₆₄·α). ``alpha > 1``; ``1 ≤ top_k ≤ min(m, n)``.
+    """
+    basis = top_subspace(
+        weight,
+        top_k,
+        method=method,
+        oversample=oversample,
+        power_iters=power_iters,
+        generator=generator,
+    )
+    return deform_with_basis(weight, alpha, basis)
+
+
+def reconstruction_error(
+    weight: torch.Tensor,
+    inflated: torch.Tensor,
+    compensation: torch.Tensor,
+    *,
+    dtype: torch.dtype = torch.float64,
+) -> float:
+    """‖C·W̃ − W‖_F / ‖W‖_F with ``W̃`` and ``C`` rounded to ``dtype`` and multiplied in it.
+
+    This is what the model computes when stored and run in ``dtype``. Returns ``inf`` when the
+    product overflows (fp16 above 65504) or is not finite.
+    """
+    w = weight.detach().to(dtype=torch.float64)
+    norm = float(torch.linalg.matrix_norm(w))
+    product = compensation.detach().to(dtype) @ inflated.detach().to(dtype)
+    if not bool(torch.isfinite(product).all()):
+        return math.inf
+    diff = float(torch.linalg.matrix_norm(product.to(torch.float64) - w))
+    if norm == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return diff / norm
+
+
+def max_safe_alpha(
+    weight: torch.Tensor,
+    basis: torch.Tensor,
+    *,
+    dtype: torch.dtype,
+    tolerance: float,
+    start: float = 1e4,
+    max_iters: int = 8,
+) -> float:
+    """The largest α (to ~1 significant digit, rounded down) whose measured reconstruction error in
+    ``dtype`` stays within ``tolerance`` for this weight and subspace; 1.0 when none does.
+
+    Beyond small α the error grows linearly, err(α) ≈ c·eps(dtype)·α (rounding of W̃'s entries at
+    scale α·σ₁), so each step rescales α by tolerance/err and the result is confirmed by a
+    measurement. Each step costs one m×m×n matrix product in ``dtype``.
+    """
+    alpha = float(start)
+    best = 1.0
+    for _ in range(max_iters):
+        err = reconstruction_error(weight, *deform_with_basis(weight, alpha, basis), dtype=dtype)
+        if err <= tolerance:
+            best = max(best, alpha)
+            if err == 0.0 or err > 0.5 * tolerance:
+                break
+            alpha *= min(0.9 * tolerance / err, 100.0)
+        else:
+            ratio = tolerance / err if math.isfinite(err) and err > 0 else 1e-3
+            alpha = max(1.0 + (alpha - 1.0) * 0.8 * ratio, 1.0 + 1e-3)
+            if alpha <= 1.0 + 1e-3:
+                break
+    return _round_down(best)
+
+
+def _round_down(x: float) -> float:
+    """Round down to one significant digit (1.0 stays 1.0): a figure users can type."""
+    if x <= 1.0:
+        return 1.0
+    exp = math.floor(math.log10(x))
+    lead = math.floor(x / 10**exp)
+    value = float(lead * 10**exp)
+    return value if value > 1.0 else round(x, 2)
+
+
+def singular_values(weight: torch.Tensor) -> torch.Tensor:
+    """All singular values of ``weight`` in float64, descending (for manifests and tests)."""
+    return torch.linalg.svdvals(weight.detach().to(torch.float64))
