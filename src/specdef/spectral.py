@@ -198,3 +198,30 @@ def _round_down(x: float) -> float:
 def singular_values(weight: torch.Tensor) -> torch.Tensor:
     """All singular values of ``weight`` in float64, descending (for manifests and tests)."""
     return torch.linalg.svdvals(weight.detach().to(torch.float64))
+
+
+def top_singular_values(
+    weight: torch.Tensor,
+    count: int,
+    *,
+    method: str = "exact",
+    oversample: int = 10,
+    power_iters: int = 4,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The ``count`` largest singular values (float64, descending): all of them from ``svdvals``
+    (``"exact"``), or from the range finder's projected matrix (``"randomized"``, accurate to the
+    power-iteration error for well-separated values)."""
+    w = weight.detach().to(torch.float64)
+    count = min(count, min(w.shape))
+    if method == "exact" or count + oversample >= min(w.shape):
+        return torch.linalg.svdvals(w)[:count]
+    basis = top_subspace(
+        w,
+        count,
+        method="randomized",
+        oversample=oversample,
+        power_iters=power_iters,
+        generator=generator,
+    )
+    return torch.linalg.svdvals(basis.T @ w)[:count]

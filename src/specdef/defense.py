@@ -1,0 +1,470 @@
+"""SpecDef on a model: config, the defended-layer module, apply (with a precision guard) and undo.
+
+``apply_specdef_(model, config)`` replaces each selected layer ``W`` (m×n) by a
+:class:`DefendedLinear`: an ``inflated`` ``nn.Linear`` with weight ``W̃ = T·W`` (no bias) followed
+by a ``compensation`` ``nn.Linear`` with weight ``C = T⁻¹`` (m×m) that carries the original bias.
+The function is unchanged (``C·W̃ = W``) up to rounding in the model's dtype, which the precision
+guard measures and bounds. ``undo_specdef_`` fuses every pair back into one layer — also the
+informed attacker's "fuse". The math lives in :mod:`specdef.spectral`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from specdef import spectral
+from specdef.errors import SpecdefError
+from specdef.progress import track
+from specdef.targets import linear_kinds, select_targets
+
+log = logging.getLogger(__name__)
+
+# Default precision-guard tolerance on the relative reconstruction error ‖C·W̃ − W‖/‖W‖ (and on the
+# relative output gap of each layer on the probe batch), per dtype. Chosen from the measured table
+# in docs/precision.md: a few hundred unit roundoffs for fp32 (α = 1e4 passes, 1e9 does not);
+# for bf16/fp16, a few unit roundoffs above the error of merely rounding W̃ into that dtype.
+DEFAULT_TOLERANCE: dict[torch.dtype, float] = {
+    torch.float64: 1e-8,
+    torch.float32: 1e-2,
+    torch.bfloat16: 3e-2,
+    torch.float16: 1e-2,
+}
+
+
+@dataclass(frozen=True)
+class SpecDefConfig:
+    """What to defend and how.
+
+    alpha: factor (> 1) applied to the top-k singular values of each selected weight.
+    top_k: number of singular values inflated per layer (1 ≤ top_k ≤ min(m, n) of every layer).
+    targets: layer selection (names/suffixes, regex, ``"all-linear"``, ``"preset:NAME"``); see
+        :mod:`specdef.targets`.
+    exclude: layers removed from the selection (names/suffixes tuple, or a regex string).
+    method: ``"exact"`` (full SVD) or ``"randomized"`` (range finder, O(m·n·k)); both keep C·W̃ = W.
+    seed: seeds the randomized sketch and the ``n_random`` draw.
+    tolerance: precision-guard bound; None = :data:`DEFAULT_TOLERANCE` for the layer's dtype.
+    force: defend even above the tolerance (recorded in the report).
+    n_random: defend only this many of the matched layers, drawn with ``seed``.
+    """
+
+    alpha: float
+    top_k: int
+    targets: str | tuple[str, ...] = "all-linear"
+    exclude: str | tuple[str, ...] = ()
+    method: str = "exact"
+    seed: int = 0
+    tolerance: float | None = None
+    force: bool = False
+    n_random: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float):
+            raise SpecdefError(f"alpha must be a number > 1, found {self.alpha!r}.")
+        if not math.isfinite(self.alpha) or self.alpha <= 1:
+            raise SpecdefError(
+                f"alpha must be a finite number > 1 (the inflation factor), found {self.alpha}; "
+                "e.g. --alpha 1e4."
+            )
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise SpecdefError(
+                f"top_k must be an integer ≥ 1, found {self.top_k!r}; e.g. --top-k 25."
+            )
+        if self.method not in spectral.METHODS:
+            raise SpecdefError(
+                f"method must be one of {', '.join(spectral.METHODS)}, found {self.method!r}."
+            )
+        if self.tolerance is not None and not (
+            self.tolerance > 0 and math.isfinite(self.tolerance)
+        ):
+            raise SpecdefError(f"tolerance must be a positive number, found {self.tolerance}.")
+        if self.n_random is not None and self.n_random < 1:
+            raise SpecdefError(f"n_random must be ≥ 1, found {self.n_random}.")
+        for fname in ("targets", "exclude"):
+            value = getattr(self, fname)
+            if not isinstance(value, str):
+                object.__setattr__(self, fname, tuple(value))
+
+    def tolerance_for(self, dtype: torch.dtype) -> float:
+        if self.tolerance is not None:
+            return self.tolerance
+        return DEFAULT_TOLERANCE.get(dtype, 1e-2)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for fname in ("targets", "exclude"):
+            if isinstance(out[fname], tuple):
+                out[fname] = list(out[fname])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SpecDefConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        for fname in ("targets", "exclude"):
+            if isinstance(kwargs.get(fname), list):
+                kwargs[fname] = tuple(kwargs[fname])
+        return cls(**kwargs)
+
+
+class DefendedLinear(nn.Module):
+    """``forward(x) = compensation(inflated(x))``: an m×n ``inflated`` layer (W̃ = T·W, no bias)
+    followed by an m×m ``compensation`` layer (C = T⁻¹, original bias). Both are stock
+    ``nn.Linear`` so optimizers, peft and hooks see ordinary layers.
+
+    ``source`` records what was replaced (``"linear"`` or ``"conv1d"``), so the undo restores it.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool,
+        alpha: float,
+        top_k: int,
+        source: str = "linear",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"dtype": dtype, "device": device}
+        self.inflated = nn.Linear(in_features, out_features, bias=False, **factory)
+        self.compensation = nn.Linear(out_features, out_features, bias=bias, **factory)
+        self.alpha = float(alpha)
+        self.top_k = int(top_k)
+        self.source = source
+
+    @property
+    def in_features(self) -> int:
+        return self.inflated.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.inflated.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.compensation(self.inflated(x))
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha:g}, top_k={self.top_k}, source={self.source!r}"
+
+    def fused_weight(self) -> torch.Tensor:
+        """C·W̃ (m×n), multiplied in float64 and returned in float64."""
+        comp = self.compensation.weight.detach().to(torch.float64)
+        return comp @ self.inflated.weight.detach().to(torch.float64)
+
+    def fuse(self) -> nn.Module:
+        """One layer of the ``source`` kind computing ``C·W̃·x + b`` (weights in this dtype)."""
+        weight = self.fused_weight()
+        dtype, device = self.inflated.weight.dtype, self.inflated.weight.device
+        bias = self.compensation.bias
+        if self.source == "conv1d":
+            from transformers.pytorch_utils import Conv1D
+
+            layer: Any = Conv1D(self.out_features, self.in_features)
+            layer.to(device=device, dtype=dtype)
+            with torch.no_grad():
+                layer.weight.copy_(weight.T)
+                if bias is not None:
+                    layer.bias.copy_(bias.detach())
+                else:
+                    layer.bias.zero_()
+            return layer
+        out = nn.Linear(
+            self.in_features, self.out_features, bias=bias is not None, dtype=dtype, device=device
+        )
+        with torch.no_grad():
+            out.weight.copy_(weight)
+            if bias is not None:
+                out.bias.copy_(bias.detach())
+        return out
+
+
+def linear_form(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    """``(W m×n, bias or None, source)`` of a defendable layer; Conv1D's weight is transposed."""
+    if isinstance(module, nn.Linear):
+        return module.weight, module.bias, "linear"
+    if type(module).__name__ == "Conv1D" and isinstance(module, linear_kinds()):
+        conv: Any = module
+        return conv.weight.T, conv.bias, "conv1d"
+    raise SpecdefError(
+        f"Cannot defend a {type(module).__name__}: SpecDef supports nn.Linear and Conv1D; "
+        "exclude this layer."
+    )
+
+
+def defended_layers(model: nn.Module) -> dict[str, DefendedLinear]:
+    """Every :class:`DefendedLinear` of ``model`` by name, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, DefendedLinear)}
+
+
+def parameter_roles(model: nn.Module) -> dict[str, str]:
+    """Each parameter name → ``"inflated"``, ``"compensation"`` or ``"untouched"``."""
+    prefixes = list(defended_layers(model))
+    roles: dict[str, str] = {}
+    for name, _ in model.named_parameters():
+        role = "untouched"
+        for prefix in prefixes:
+            if name.startswith(prefix + ".inflated."):
+                role = "inflated"
+            elif name.startswith(prefix + ".compensation."):
+                role = "compensation"
+        roles[name] = role
+    return roles
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the module at dotted path ``name``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _shared_parameters(model: nn.Module, names: Sequence[str]) -> dict[str, list[str]]:
+    """For each selected layer whose weight is also registered elsewhere (tied weights), the other
+    names it is registered under. Defending such a layer would silently untie the weights."""
+    owners: dict[int, list[str]] = {}
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(pname)
+    out: dict[str, list[str]] = {}
+    for name in names:
+        weight = model.get_submodule(name).weight
+        others = [p for p in owners.get(id(weight), []) if p != f"{name}.weight"]
+        if others:
+            out[name] = others
+    return out
+
+
+def undo_specdef_(model: nn.Module) -> list[str]:
+    """Fuse every defended pair back into one layer in place (W = C·W̃, computed in float64).
+
+    Returns the names fused. This is the exact inverse of :func:`apply_specdef_` up to rounding of
+    the fused weight into the layer's dtype — and the informed attacker's "fuse" transform.
+    """
+    names = list(defended_layers(model))
+    for name in names:
+        layer = model.get_submodule(name)
+        assert isinstance(layer, DefendedLinear)
+        set_submodule(model, name, layer.fuse())
+    if hasattr(model, "specdef_report"):
+        del model.specdef_report
+    return names
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """What happened to one layer (a row of the manifest)."""
+
+    name: str
+    source: str  # "linear" or "conv1d"
+    shape: tuple[int, int]  # (m, n) in the Linear form
+    dtype: str
+    bias: bool
+    sigma_before: tuple[float, ...]  # top min(k + 5, rank) singular values of W
+    sigma_after: tuple[float, ...]  # same count, of the stored W̃
+    fro_before: float
+    fro_after: float
+    reconstruction_error: float  # ‖C·W̃ − W‖/‖W‖ in ``dtype``
+    output_gap: float | None  # relative layer-output gap on the probe batch, in ``dtype``
+    tolerance: float
+    params_before: int
+    params_after: int
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["shape"] = list(self.shape)
+        out["sigma_before"] = list(self.sigma_before)
+        out["sigma_after"] = list(self.sigma_after)
+        return out
+
+
+@dataclass(frozen=True)
+class DefenseReport:
+    """The result of :func:`apply_specdef_`; :mod:`specdef.checkpoint` writes it as the manifest."""
+
+    config: SpecDefConfig
+    layers: tuple[LayerReport, ...]
+    params_before: int
+    params_after: int
+    model_output_gap: float | None  # relative gap of the model output on the probe batch
+    forced: bool  # True when force=True let a layer above tolerance through
+    over_tolerance: tuple[str, ...]  # layers above tolerance (non-empty only when forced)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "layers": [layer.to_dict() for layer in self.layers],
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "model_output_gap": self.model_output_gap,
+            "forced": self.forced,
+            "over_tolerance": list(self.over_tolerance),
+        }
+
+    @property
+    def max_reconstruction_error(self) -> float:
+        return max((layer.reconstruction_error for layer in self.layers), default=0.0)
+
+
+def _refusal(
+    name: str,
+    what: str,
+    found: float,
+    tolerance: float,
+    dtype: torch.dtype,
+    alpha: float,
+    safe: float,
+) -> SpecdefError:
+    short = str(dtype).removeprefix("torch.")
+    return SpecdefError(
+        f"Precision guard: layer {name!r} has {what} {found:.3g} in {short} at alpha={alpha:g}, "
+        f"above the tolerance {tolerance:.3g}; the largest alpha that fits {short} here is ≈{safe:g}. "
+        "Lower --alpha, store the model in a wider dtype, raise --tolerance, or pass --force."
+    )
+
+
+@torch.no_grad()
+def apply_specdef_(
+    model: nn.Module, config: SpecDefConfig, *, probe: Any | None = None
+) -> DefenseReport:
+    """Defend ``model`` in place and return the report (also stored as ``model.specdef_report``).
+
+    Every selected layer is deformed in float64 and cast back to its dtype. The precision guard
+    measures, in that dtype, each layer's reconstruction error and — when a ``probe`` batch is
+    given — each layer's output gap and the model's output gap; above the tolerance it raises
+    :class:`SpecdefError` (naming the layer, the error, the tolerance and the largest alpha that
+    fits) and leaves ``model`` unchanged, unless ``config.force``.
+    """
+    from specdef import probe as probing
+
+    names = select_targets(
+        model, config.targets, exclude=config.exclude, n_random=config.n_random, seed=config.seed
+    )
+    tied = _shared_parameters(model, names)
+    if tied:
+        name, others = next(iter(tied.items()))
+        raise SpecdefError(
+            f"Layer {name!r} shares its weight with {', '.join(others)} (tied weights); defending "
+            f"it would untie them. Exclude it (e.g. --exclude {name.rsplit('.', 1)[-1]})."
+        )
+    for name in names:
+        weight, bias, _ = linear_form(model.get_submodule(name))
+        m, n = weight.shape
+        if config.top_k > min(m, n):
+            raise SpecdefError(
+                f"top_k={config.top_k} exceeds the rank bound min(m, n)={min(m, n)} of layer "
+                f"{name!r} ({m}×{n}); choose --top-k ≤ {min(m, n)} or exclude this layer."
+            )
+        for label, tensor in (("weight", weight), ("bias", bias)):
+            if tensor is not None and not bool(torch.isfinite(tensor).all()):
+                raise SpecdefError(
+                    f"Layer {name!r} has NaN or Inf entries in its {label}; repair the checkpoint "
+                    "before defending it."
+                )
+    inputs = probing.capture_inputs(model, names, probe) if probe is not None else {}
+    reference = probing.model_output(model, probe) if probe is not None else None
+    gen = torch.Generator().manual_seed(config.seed)
+    params_before = count_parameters(model)
+    built: list[tuple[str, DefendedLinear, LayerReport, torch.Tensor]] = []
+    for name in track(names, "defending", total=len(names)):
+        module = model.get_submodule(name)
+        weight, bias, source = linear_form(module)
+        dtype, device = weight.dtype, weight.device
+        m, n = weight.shape
+        basis = spectral.top_subspace(weight, config.top_k, method=config.method, generator=gen)
+        inflated, compensation = spectral.deform_with_basis(weight, config.alpha, basis)
+        error = spectral.reconstruction_error(weight, inflated, compensation, dtype=dtype)
+        layer = DefendedLinear(
+            n, m, bias=bias is not None, alpha=config.alpha, top_k=config.top_k, source=source,
+            dtype=dtype, device=device,
+        )  # fmt: skip
+        layer.inflated.weight.copy_(inflated)
+        layer.compensation.weight.copy_(compensation)
+        if bias is not None:
+            layer.compensation.bias.copy_(bias)
+        gap = None
+        if name in inputs:
+            gap = probing.relative_gap(layer(inputs[name]), module(inputs[name]))
+        count = min(config.top_k + 5, m, n)
+        sigma_b = spectral.top_singular_values(weight, count, method=config.method, generator=gen)
+        sigma_a = spectral.top_singular_values(
+            layer.inflated.weight, count, method=config.method, generator=gen
+        )
+        report = LayerReport(
+            name=name, source=source, shape=(m, n), dtype=str(dtype).removeprefix("torch."),
+            bias=bias is not None, sigma_before=tuple(sigma_b.tolist()),
+            sigma_after=tuple(sigma_a.tolist()),
+            fro_before=float(torch.linalg.matrix_norm(weight.double())),
+            fro_after=float(torch.linalg.matrix_norm(layer.inflated.weight.double())),
+            reconstruction_error=error, output_gap=gap, tolerance=config.tolerance_for(dtype),
+            params_before=sum(p.numel() for p in module.parameters()),
+            params_after=sum(p.numel() for p in layer.parameters()),
+        )  # fmt: skip
+        built.append((name, layer, report, basis))
+        log.info("defended %s (%d×%d): reconstruction error %.3g", name, m, n, error)
+
+    def worst_ratio(item: tuple[str, DefendedLinear, LayerReport, torch.Tensor]) -> float:
+        rep = item[2]
+        return max(rep.reconstruction_error, rep.output_gap or 0.0) / rep.tolerance
+
+    over = [item for item in built if worst_ratio(item) > 1.0]
+    if over and not config.force:
+        name, layer, rep, basis = max(over, key=worst_ratio)
+        weight = linear_form(model.get_submodule(name))[0]
+        dtype = weight.dtype
+        safe = spectral.max_safe_alpha(
+            weight, basis, dtype=dtype, tolerance=rep.tolerance, start=config.alpha
+        )
+        if rep.reconstruction_error >= (rep.output_gap or 0.0):
+            what, found = "reconstruction error ‖C·W̃−W‖/‖W‖", rep.reconstruction_error
+        else:
+            what, found = "probe output gap", float(rep.output_gap or 0.0)
+        raise _refusal(name, what, found, rep.tolerance, dtype, config.alpha, safe)
+
+    originals = {name: model.get_submodule(name) for name, *_ in built}
+    for name, layer, _, _ in built:
+        set_submodule(model, name, layer)
+    model_gap = None
+    if probe is not None and reference is not None:
+        model_gap = probing.relative_gap(probing.model_output(model, probe), reference)
+        tol = config.tolerance_for(reference.dtype)
+        if model_gap > tol and not config.force:
+            for name, original in originals.items():
+                set_submodule(model, name, original)
+            worst = max(built, key=worst_ratio)
+            raise SpecdefError(
+                f"Precision guard: the model output on the probe batch moved by {model_gap:.3g} "
+                f"(relative) at alpha={config.alpha:g}, above the tolerance {tol:.3g} (worst layer "
+                f"{worst[0]!r}, reconstruction error {worst[2].reconstruction_error:.3g}). Lower "
+                "--alpha, use a wider dtype, raise --tolerance, or pass --force."
+            )
+    forced = bool(over) or (model_gap is not None and reference is not None
+                            and model_gap > config.tolerance_for(reference.dtype))  # fmt: skip
+    report_all = DefenseReport(
+        config=config,
+        layers=tuple(rep for _, _, rep, _ in built),
+        params_before=params_before,
+        params_after=count_parameters(model),
+        model_output_gap=model_gap,
+        forced=forced,
+        over_tolerance=tuple(name for name, *_ in over),
+    )
+    if forced:
+        log.warning(
+            "precision guard overridden (force=True) for: %s",
+            ", ".join(report_all.over_tolerance) or "model output",
+        )
+    setattr(model, "specdef_report", report_all)  # noqa: B010 - plain attribute, not a Module
+    return report_all
