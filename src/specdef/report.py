@@ -1,0 +1,490 @@
+"""``results.jsonl`` → ``report.md`` with tables and PNG plots. A pure function of the rows.
+
+This module imports no training code (no torch, no transformers): a report can be rebuilt anywhere
+from the results file alone. The row fields it reads are listed in ``docs/ARCHITECTURE.md``
+("Results rows"). Rows of three kinds are reported:
+
+- ``attack``: loss curves defended vs. undefended per optimizer × learning rate, steps to the
+  threshold (median over seeds, censoring and divergence stated), the attacker's best learning rate
+  and the slowdown factor, benign utility before / after, and informed attacks' parameter cost;
+- ``curvature``: σ₁(H) (exact and estimated) and the certified lower bounds vs. α;
+- ``utility``: function gap, metric deltas and the precision guard's verdict vs. α × dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from specdef import report_plots
+from specdef._io import read_jsonl, write_text_atomic
+from specdef.errors import SpecdefError
+from specdef.metrics import Threshold
+
+Row = dict[str, Any]
+# Fields that split attack rows into separate tables (one table per combination that occurs).
+CONDITION_KEYS = ("model", "task", "lora_targets")
+# Fields that, with alpha, make the *columns* of a table: the model variants the attacker faces.
+VARIANT_KEYS = ("adaptive", "train")
+# Defense fields shown in a column's label when they vary among the defended runs.
+DEFENSE_EXTRAS = ("targets", "top_k", "preset")
+
+
+@dataclass
+class Report:
+    """What :func:`build_report` produced: the markdown text, the figures and the tables' names."""
+
+    markdown: str
+    figures: list[Path] = field(default_factory=list)
+    tables: list[str] = field(default_factory=list)
+
+
+def fmt_num(value: Any, digits: int = 3) -> str:
+    """Compact number formatting for tables (``—`` for missing)."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        if value == 0 or 1e-3 <= abs(value) < 1e4:
+            return f"{value:.{digits}g}"
+        return f"{value:.{max(digits - 1, 1)}e}"
+    return str(value)
+
+
+def alpha_label(alpha: Any) -> str:
+    return "undefended" if alpha is None else f"α={float(alpha):.0e}"
+
+
+def md_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub-flavoured markdown table."""
+    cells = [[c if isinstance(c, str) else fmt_num(c) for c in row] for row in rows]
+    head = "| " + " | ".join(columns) + " |\n|" + "|".join("---" for _ in columns) + "|\n"
+    return head + "".join("| " + " | ".join(r) + " |\n" for r in cells)
+
+
+def _alpha(row: Row) -> float | None:
+    if "alpha" in row:
+        return None if row["alpha"] is None else float(row["alpha"])
+    defense = row.get("defense") or {}
+    return None if defense.get("alpha") is None else float(defense["alpha"])
+
+
+def _alpha_key(alpha: float | None) -> float:
+    return -1.0 if alpha is None else alpha
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    return value
+
+
+def condition(row: Row) -> tuple[Any, ...]:
+    """The values of :data:`CONDITION_KEYS` of an attack row."""
+    return tuple(_hashable(row.get(k)) for k in CONDITION_KEYS)
+
+
+Variant = tuple[Any, ...]  # (alpha, adaptive, train, defense extras...)
+
+
+def variant(row: Row) -> Variant:
+    """What the attacker faces: α, the informed transform, which parameters train, and the
+    defense fields of :data:`DEFENSE_EXTRAS`."""
+    alpha = _alpha(row)
+    defense = row.get("defense") or {}
+    train = row.get("train") or "all"
+    adaptive = row.get("adaptive") or None
+    extras = tuple(_hashable(defense.get(k)) if alpha is not None else None for k in DEFENSE_EXTRAS)
+    return (alpha, adaptive, None if train == "all" else str(train), *extras)
+
+
+def _variant_sort(v: Variant) -> tuple[Any, ...]:
+    return (v[0] is not None, v[1] is not None or v[2] is not None, _alpha_key(v[0]), str(v[1:]))
+
+
+def variant_label(v: Variant, extras_vary: Sequence[bool] = ()) -> str:
+    text = alpha_label(v[0])
+    if v[1]:
+        text += f" + {v[1]}"
+    if v[2]:
+        text += f" (train {v[2]})"
+    for name, value, show in zip(DEFENSE_EXTRAS, v[3:], extras_vary, strict=False):
+        if show and value is not None:
+            text += f", {name}={value}"
+    return text
+
+
+def normalize(row: Row) -> Row:
+    """Flatten an attack row written from :class:`specdef.attack.AttackResult` (``spec`` and
+    ``summary`` blocks, ``evals`` list, ``threshold`` as ``"metric<=value"``) into the flat fields
+    this module reads; fields already at the top level win."""
+    out = dict(row)
+    for section in ("spec", "summary"):
+        block = row.get(section)
+        if isinstance(block, dict):
+            for key, value in block.items():
+                out.setdefault(key, value)
+    threshold = out.get("threshold")
+    if isinstance(threshold, str):
+        parsed = Threshold.parse(threshold, task_kind=str(out.get("task_kind", "classification")))
+        out["threshold"] = parsed.value
+        out.setdefault("metric", parsed.metric)
+    evals = out.get("evals")
+    if isinstance(evals, list) and evals:
+        for name, index in (("before", 0), ("after", -1)):
+            if name not in out:
+                out[name] = {k: v for k, v in evals[index].items() if k.startswith("benign_")}
+    if out.get("steps") is None and out.get("budget") is not None:
+        out["steps"] = out["budget"]
+    return out
+
+
+# ---- attack rows -----------------------------------------------------------------------------
+
+
+def steps_cell(rows: Sequence[Row]) -> str:
+    """Seeds of one (condition, α, optimizer, lr): median steps to threshold among those that
+    reached it, how many reached it, and divergence (``>N`` when none reached it in N steps)."""
+    n = len(rows)
+    reached = [
+        int(r["steps_to_threshold"])
+        for r in rows
+        if r.get("steps_to_threshold") is not None and not r.get("censored", False)
+    ]
+    diverged = [r["diverged_at"] for r in rows if r.get("diverged_at") is not None]
+    budget = max(int(r.get("steps") or 0) for r in rows)
+    if reached:
+        text = f"{statistics.median(reached):g}"
+        if len(reached) < n:
+            text += f" ({len(reached)}/{n})"
+    else:
+        text = f">{budget}"
+    if diverged:
+        text += f", diverged@{int(statistics.median(diverged))} ({len(diverged)}/{n})"
+    return text
+
+
+def _median_steps(rows: Sequence[Row]) -> float:
+    """Median steps with censored / diverged runs counted as never (inf)."""
+    values = [
+        float(r["steps_to_threshold"])
+        if r.get("steps_to_threshold") is not None and not r.get("censored", False)
+        else math.inf
+        for r in rows
+    ]
+    return statistics.median(values) if values else math.inf
+
+
+def _group(rows: Iterable[Row]) -> dict[tuple[str, float, Variant], list[Row]]:
+    out: dict[tuple[str, float, Variant], list[Row]] = defaultdict(list)
+    for r in rows:
+        out[(str(r.get("optimizer")), float(r.get("lr") or 0.0), variant(r))].append(r)
+    return out
+
+
+def attack_sections(rows: list[Row], out_dir: Path, report: Report) -> list[str]:
+    """Markdown sections for attack rows: one table set and figure per condition."""
+    conds = [condition(r) for r in rows]
+    varying = [i for i, _ in enumerate(CONDITION_KEYS) if len({c[i] for c in conds}) > 1]
+    by_cond: dict[tuple[Any, ...], list[Row]] = defaultdict(list)
+    for r, c in zip(rows, conds, strict=True):
+        by_cond[tuple(c[i] for i in varying)].append(r)
+    parts = []
+    for index, (key, group) in enumerate(sorted(by_cond.items(), key=lambda kv: str(kv[0]))):
+        label = ", ".join(
+            f"{CONDITION_KEYS[i]}={_show(v)}" for i, v in zip(varying, key, strict=True)
+        )
+        parts.append(
+            _attack_condition(group, label or "all runs", out_dir, f"attack{index}", report)
+        )
+    return parts
+
+
+def _show(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _attack_condition(rows: list[Row], label: str, out_dir: Path, stem: str, report: Report) -> str:
+    metric = rows[0].get("metric", "harmful_loss")
+    threshold = rows[0].get("threshold")
+    variants = sorted({variant(r) for r in rows}, key=_variant_sort)
+    defended = [v for v in variants if v[0] is not None]
+    extras_vary = [len({v[3 + i] for v in defended}) > 1 for i in range(len(DEFENSE_EXTRAS))]
+    names = {v: variant_label(v, extras_vary) for v in variants}
+    optimizers = sorted({str(r.get("optimizer")) for r in rows})
+    lrs = sorted({float(r.get("lr") or 0.0) for r in rows})
+    cells = _group(rows)
+    budget = max(int(r.get("steps") or 0) for r in rows)
+    lines = [f"### Attack: {label}\n"]
+    lines.append(
+        f"Threshold: held-out `{metric}` {'≥' if 'acc' in str(metric) else '≤'} "
+        f"{fmt_num(threshold)}; budget {budget} steps; {len({r.get('seed') for r in rows})} "
+        "seed(s). Cells: median steps to the threshold over seeds (k/n reached); `>N` = never "
+        "reached in N steps (right-censored); `diverged@s` = the loss became NaN/Inf or exploded "
+        "at step s (median over the runs that diverged).\n"
+    )
+    table = [
+        [
+            opt,
+            fmt_num(lr),
+            *(steps_cell(cells[(opt, lr, v)]) if (opt, lr, v) in cells else "—" for v in variants),
+        ]
+        for opt in optimizers
+        for lr in lrs
+        if any((opt, lr, v) in cells for v in variants)
+    ]
+    lines.append(md_table(["optimizer", "lr", *(names[v] for v in variants)], table))
+    report.tables.append(f"{stem}: steps to threshold")
+    lines.append(
+        "\n**Attacker's best learning rate** (fewest median steps over the grid) and the "
+        "slowdown against the undefended model's best:\n"
+    )
+    best_rows = []
+    for opt in optimizers:
+        best: dict[Variant, tuple[float, float | None]] = {}
+        for v in variants:
+            options = [
+                (_median_steps(cells[(opt, lr, v)]), lr) for lr in lrs if (opt, lr, v) in cells
+            ]
+            if options:
+                best[v] = min(options, key=lambda t: t[0])
+        base = next(
+            (best[v][0] for v in best if v[0] is None and v[1] is None and v[2] is None), math.inf
+        )
+        for v, (steps, lr) in best.items():
+            if v == (None, None, None, *v[3:]) or not math.isfinite(base):
+                slow = "—"
+            elif math.isinf(steps):
+                slow = f">{budget / base:.3g}× (censored at {budget})"
+            else:
+                slow = f"{steps / base:.3g}×"
+            shown = f">{budget}" if math.isinf(steps) else f"{steps:g}"
+            best_rows.append(
+                [opt, names[v], shown, "—" if math.isinf(steps) else fmt_num(lr), slow]
+            )
+    lines.append(
+        md_table(["optimizer", "model variant", "best steps", "best lr", "slowdown"], best_rows)
+    )
+    report.tables.append(f"{stem}: best learning rate and slowdown")
+    utility = _utility_rows(rows, names)
+    if utility:
+        lines.append("\n**Benign utility before → after the attack** (median over seeds):\n")
+        lines.append(
+            md_table(["model variant", "optimizer", "lr", "benign before", "benign after"], utility)
+        )
+        report.tables.append(f"{stem}: benign utility")
+    informed = _informed_rows(rows)
+    if informed:
+        lines.append("\n**Parameter cost of the informed attacks:**\n")
+        lines.append(
+            md_table(["adaptive", "params before", "params after", "added", "added %"], informed)
+        )
+        report.tables.append(f"{stem}: parameter cost")
+    figure = report_plots.loss_curves(
+        rows, out_dir / f"{stem}_curves.png", title=label, variant=variant, names=names
+    )
+    if figure is not None:
+        report.figures.append(figure)
+        lines.append(f"\n![loss curves, {label}]({figure.name})\n")
+    return "\n".join(lines)
+
+
+_BENIGN = ("benign_perplexity", "benign_accuracy", "benign_loss", "perplexity", "accuracy")
+
+
+def _benign_value(block: Any, name: str) -> float | None:
+    if isinstance(block, dict) and block.get(name) is not None:
+        return float(block[name])
+    return None
+
+
+def _benign_name(rows: Sequence[Row]) -> str | None:
+    keys = {k for r in rows if isinstance(r.get("before"), dict) for k in r["before"]}
+    return next((k for k in _BENIGN if k in keys), None)
+
+
+def _utility_rows(rows: list[Row], names: dict[Variant, str]) -> list[list[Any]]:
+    name = _benign_name(rows)
+    if name is None:
+        return []
+    out = []
+    for (opt, lr, v), group in sorted(
+        _group(rows).items(), key=lambda kv: (kv[0][0], kv[0][1], _variant_sort(kv[0][2]))
+    ):
+        before = [x for r in group if (x := _benign_value(r.get("before"), name)) is not None]
+        after = [x for r in group if (x := _benign_value(r.get("after"), name)) is not None]
+        if before or after:
+            out.append(
+                [
+                    names[v],
+                    opt,
+                    fmt_num(lr),
+                    f"{fmt_num(statistics.median(before)) if before else '—'} ({name})",
+                    fmt_num(statistics.median(after)) if after else "—",
+                ]
+            )
+    return out
+
+
+def _informed_rows(rows: list[Row]) -> list[list[Any]]:
+    seen: dict[str, list[Any]] = {}
+    for r in rows:
+        cost = r.get("cost") or {}
+        before = cost.get("params_before", r.get("params_before"))
+        after = cost.get("params_after", r.get("params_after"))
+        if r.get("adaptive") and before is not None and after is not None:
+            added = int(after) - int(before)
+            seen[str(r["adaptive"])] = [
+                str(r["adaptive"]),
+                int(before),
+                int(after),
+                added,
+                f"{100 * added / max(int(before), 1):.2f}",
+            ]
+    return list(seen.values())
+
+
+# ---- curvature and utility rows ---------------------------------------------------------------
+
+
+def curvature_section(rows: list[Row], out_dir: Path, report: Report) -> str:
+    lines = ["### Curvature: σ₁(H) and certified lower bounds vs. α\n"]
+    bound_names = sorted({k for r in rows for k in (r.get("bounds") or {})})
+    table = []
+    for r in sorted(rows, key=lambda r: (str(r.get("model")), _alpha_key(_alpha(r)))):
+        bounds = r.get("bounds") or {}
+        table.append(
+            [
+                str(r.get("model")),
+                alpha_label(_alpha(r)),
+                fmt_num(r.get("sigma1_exact")),
+                fmt_num(r.get("sigma1")),
+                *(fmt_num(bounds.get(b)) for b in bound_names),
+                fmt_num(r.get("lr_ceiling")),
+                "yes" if r.get("bounds_hold", True) else "**NO**",
+            ]
+        )
+    lines.append(
+        "`σ₁ exact` is the dense float64 Hessian's largest |eigenvalue| (— where the model is too "
+        "large); `σ₁ estimate` the iterative estimate; bounds must never exceed σ₁; "
+        "`lr ceiling` = 2/σ₁ for gradient descent.\n"
+    )
+    columns = [
+        "model",
+        "defense",
+        "σ₁ exact",
+        "σ₁ estimate",
+        *bound_names,
+        "lr ceiling",
+        "bounds ≤ σ₁",
+    ]
+    lines.append(md_table(columns, table))
+    report.tables.append("curvature: sigma1 and bounds")
+    figure = report_plots.sigma_vs_alpha(rows, out_dir / "curvature_sigma1.png")
+    if figure is not None:
+        report.figures.append(figure)
+        lines.append(f"\n![σ₁(H) and bounds vs α]({figure.name})\n")
+    return "\n".join(lines)
+
+
+def utility_section(rows: list[Row], out_dir: Path, report: Report) -> str:
+    lines = ["### Utility: function gap and metric deltas vs. α × dtype\n"]
+    metric_names = sorted({k for r in rows for k in (r.get("metrics_before") or {})})
+    table = []
+    for r in sorted(
+        rows, key=lambda r: (str(r.get("model")), str(r.get("dtype")), _alpha_key(_alpha(r)))
+    ):
+        before, after = r.get("metrics_before") or {}, r.get("metrics_after") or {}
+        deltas = [
+            fmt_num(after[m] - before[m])
+            if m in after and m in before and after[m] is not None
+            else "—"
+            for m in metric_names
+        ]
+        table.append(
+            [
+                str(r.get("model")),
+                str(r.get("dtype")),
+                alpha_label(_alpha(r)),
+                fmt_num(r.get("reconstruction_error")),
+                fmt_num(r.get("function_gap")),
+                *deltas,
+                "accepts" if r.get("guard_accepted") else "refuses",
+            ]
+        )
+    lines.append(
+        "`reconstruction` = max over defended layers of ‖C·W̃ − W‖/‖W‖ in the dtype; `function gap` "
+        "= max |logit difference| / max |logit| on held-out inputs; Δ = after − before the defense.\n"
+    )
+    columns = ["model", "dtype", "defense", "reconstruction", "function gap"]
+    columns += [f"Δ {m}" for m in metric_names] + ["precision guard"]
+    lines.append(md_table(columns, table))
+    report.tables.append("utility: function gap and deltas")
+    figure = report_plots.gap_vs_alpha(rows, out_dir / "utility_gap.png")
+    if figure is not None:
+        report.figures.append(figure)
+        lines.append(f"\n![function gap vs α per dtype]({figure.name})\n")
+    return "\n".join(lines)
+
+
+# ---- entry point -------------------------------------------------------------------------------
+
+
+def build_report(rows: list[Row], out_dir: str | Path, *, title: str = "specdef report") -> Report:
+    """Write PNG figures into ``out_dir`` and return the report (markdown references them by name)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report(markdown="")
+    experiments = sorted({str(r.get("experiment")) for r in rows})
+    sections = [f"# {title}\n", f"{len(rows)} runs from experiment(s) {', '.join(experiments)}.\n"]
+    by_kind: dict[str, list[Row]] = defaultdict(list)
+    for r in rows:
+        kind = str(r.get("kind", "attack"))
+        by_kind[kind].append(normalize(r) if kind == "attack" else r)
+    if by_kind.get("curvature"):
+        sections.append(curvature_section(by_kind["curvature"], out, report))
+    if by_kind.get("utility"):
+        sections.append(utility_section(by_kind["utility"], out, report))
+    if by_kind.get("attack"):
+        sections.extend(attack_sections(by_kind["attack"], out, report))
+    unknown = sorted(set(by_kind) - {"attack", "curvature", "utility"})
+    if unknown:
+        sections.append(f"Rows of unknown kind(s) not reported: {', '.join(unknown)}.\n")
+    gits = sorted({str((r.get("provenance") or {}).get("git", "unknown")) for r in rows})
+    sections.append(f"\nProvenance: git {', '.join(gits)}.\n")
+    report.markdown = "\n".join(sections)
+    return report
+
+
+def write_report(
+    run_dir: str | Path, *, out: str | Path | None = None, title: str | None = None
+) -> Path:
+    """Read ``RUN_DIR/results.jsonl`` and write ``report.md`` + PNGs into ``out`` (default RUN_DIR).
+    Returns the path of ``report.md``."""
+    source = Path(run_dir)
+    results = source / "results.jsonl" if source.is_dir() else source
+    rows = read_jsonl(results)
+    if not rows:
+        raise SpecdefError(
+            f"No finished runs in {str(results)!r}; run `specdef run CONFIG` first or check the path."
+        )
+    target = Path(out) if out is not None else results.parent
+    name = title or f"Results: {', '.join(sorted({str(r.get('experiment')) for r in rows}))}"
+    report = build_report(rows, target, title=name)
+    path = target / "report.md"
+    write_text_atomic(path, report.markdown)
+    return path
