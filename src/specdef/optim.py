@@ -1,0 +1,340 @@
+"""Optimizer registry. Each entry builds a real optimizer (``torch.optim``, ``pytorch_optimizer``)
+and declares what the training loop must do for it, so the loop reads flags, never names:
+
+- ``needs_create_graph``: call ``loss.backward(create_graph=True)`` (Hutchinson / Hessian-vector
+  products inside ``step``);
+- ``needs_closure``: call ``optimizer.step(closure)``; the closure zeroes gradients, runs forward and
+  backward on the step's batches and returns the loss;
+- ``second_order``: uses curvature (informational; reported with results);
+- ``splits_matrices``: hidden 2-D weights go to one inner optimizer, the rest to another.
+
+:func:`make_optimizer` returns the optimizer and its entry. Every optimizer exposes
+``param_groups`` (each group keeps its ``initial_lr``, which learning-rate schedules scale),
+``step(closure=None)`` and ``zero_grad(set_to_none=True)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from specdef.errors import SpecdefError, did_you_mean
+
+NamedParams = list[tuple[str, nn.Parameter]]
+
+
+class OptimizerLike(Protocol):
+    """What the attack loop needs from an optimizer (``torch.optim.Optimizer`` satisfies it)."""
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]: ...
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any: ...
+
+    def zero_grad(self, set_to_none: bool = True) -> None: ...
+
+
+@dataclass(frozen=True)
+class OptimizerEntry:
+    """A registered optimizer: how to build it and what the loop must do for it."""
+
+    name: str
+    build: Callable[..., OptimizerLike]  # (params, *, lr, weight_decay, **kwargs)
+    description: str
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    needs_create_graph: bool = False
+    needs_closure: bool = False
+    second_order: bool = False
+    splits_matrices: bool = False
+
+
+class CompositeOptimizer:
+    """Several optimizers over disjoint parameter sets, stepped together as one object."""
+
+    def __init__(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        self.optimizers = list(optimizers)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for opt in self.optimizers:
+            opt.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for opt, sub in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(sub)
+
+
+class NewtonCG(torch.optim.Optimizer):
+    """Damped Newton step by truncated conjugate gradient, for small models.
+
+    Solves ``(H + damping·I) d = g`` with at most ``cg_iters`` CG iterations, where ``H·v`` is a
+    Hessian-vector product by double backward through the gradients the closure leaves in
+    ``p.grad`` (it must call ``backward(create_graph=True)``). CG stops early on negative or zero
+    curvature (the direction found so far is kept; on the first iteration it is ``g`` itself),
+    then ``p ← p − lr·d``. All parameters are treated as one block.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1.0,
+        *,
+        damping: float = 1.0,
+        cg_iters: int = 10,
+        cg_tol: float = 1e-6,
+        weight_decay: float = 0.0,
+    ) -> None:
+        if lr <= 0 or damping < 0 or cg_iters < 1:
+            raise SpecdefError(
+                f"newton-cg needs lr > 0, damping >= 0, cg_iters >= 1; found lr={lr}, "
+                f"damping={damping}, cg_iters={cg_iters}."
+            )
+        defaults = {"lr": lr, "damping": damping, "cg_iters": cg_iters, "cg_tol": cg_tol}
+        defaults["weight_decay"] = weight_decay
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        if closure is None:
+            raise SpecdefError("newton-cg needs a closure; call optimizer.step(closure).")
+        with torch.enable_grad():
+            loss = closure()
+        group = self.param_groups[0]
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return loss
+        grads = [p.grad for p in params]
+        if any(g is None or not g.requires_grad for g in grads):
+            raise SpecdefError(
+                "newton-cg found gradients without a graph; the closure must call "
+                "backward(create_graph=True)."
+            )
+        wd, damping = group["weight_decay"], group["damping"]
+        rhs = [g.detach() + wd * p for g, p in zip(grads, params, strict=True) if g is not None]
+
+        def hvp(vec: list[torch.Tensor], last: bool) -> list[torch.Tensor]:
+            with torch.enable_grad():
+                hv = torch.autograd.grad(
+                    [g for g in grads if g is not None],
+                    params,
+                    grad_outputs=vec,
+                    retain_graph=not last,
+                    allow_unused=True,
+                )
+            return [
+                (h if h is not None else torch.zeros_like(v)) + (damping + wd) * v
+                for h, v in zip(hv, vec, strict=True)
+            ]
+
+        direction = _truncated_cg(hvp, rhs, iters=group["cg_iters"], tol=group["cg_tol"])
+        for p, d in zip(params, direction, strict=True):
+            p.add_(d, alpha=-group["lr"])
+        return loss
+
+
+def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([(x * y).sum() for x, y in zip(a, b, strict=True)]).sum()
+
+
+def _truncated_cg(
+    matvec: Callable[[list[torch.Tensor], bool], list[torch.Tensor]],
+    rhs: list[torch.Tensor],
+    *,
+    iters: int,
+    tol: float,
+) -> list[torch.Tensor]:
+    """Conjugate gradient for ``A x = rhs`` from ``x = 0``, stopping on non-positive curvature."""
+    x = [torch.zeros_like(r) for r in rhs]
+    r = [t.clone() for t in rhs]
+    p = [t.clone() for t in rhs]
+    rr = _dot(r, r)
+    stop = tol**2 * rr
+    for i in range(iters):
+        ap = matvec(p, i == iters - 1)
+        curvature = _dot(p, ap)
+        if not bool(curvature > 0):
+            return x if i > 0 else [t.clone() for t in rhs]
+        step = rr / curvature
+        x = [xi + step * pi for xi, pi in zip(x, p, strict=True)]
+        r = [ri - step * api for ri, api in zip(r, ap, strict=True)]
+        rr_new = _dot(r, r)
+        if bool(rr_new <= stop):
+            break
+        p = [ri + (rr_new / rr) * pi for ri, pi in zip(r, p, strict=True)]
+        rr = rr_new
+    return x
+
+
+def _torch(cls: Any, **fixed: Any) -> Callable[..., OptimizerLike]:
+    def build(params: NamedParams, *, lr: float, weight_decay: float, **kwargs: Any) -> Any:
+        return cls([p for _, p in params], lr=lr, weight_decay=weight_decay, **{**fixed, **kwargs})
+
+    return build
+
+
+def _pytorch_optimizer(class_name: str) -> Callable[..., OptimizerLike]:
+    def build(params: NamedParams, *, lr: float, weight_decay: float, **kwargs: Any) -> Any:
+        import pytorch_optimizer
+
+        cls = getattr(pytorch_optimizer, class_name)
+        return cls([p for _, p in params], lr=lr, weight_decay=weight_decay, **kwargs)
+
+    return build
+
+
+def _muon(
+    params: NamedParams,
+    *,
+    lr: float,
+    weight_decay: float,
+    matrices: frozenset[str] = frozenset(),
+    adamw_lr: float | None = None,
+    adamw_betas: tuple[float, float] = (0.9, 0.95),
+    **kwargs: Any,
+) -> CompositeOptimizer:
+    hidden = [p for n, p in params if n in matrices]
+    rest = [p for n, p in params if n not in matrices]
+    inner: list[torch.optim.Optimizer] = []
+    if hidden:
+        inner.append(torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay, **kwargs))
+    if rest:
+        inner.append(
+            torch.optim.AdamW(
+                rest, lr=adamw_lr if adamw_lr is not None else lr, betas=adamw_betas,
+                weight_decay=weight_decay,
+            )
+        )  # fmt: skip
+    return CompositeOptimizer(inner)
+
+
+def _newton_cg(params: NamedParams, *, lr: float, weight_decay: float, **kwargs: Any) -> NewtonCG:
+    return NewtonCG([p for _, p in params], lr=lr, weight_decay=weight_decay, **kwargs)
+
+
+OPTIMIZERS: dict[str, OptimizerEntry] = {
+    e.name: e
+    for e in (
+        OptimizerEntry("sgd", _torch(torch.optim.SGD), "plain SGD (torch.optim.SGD)"),
+        OptimizerEntry(
+            "sgd-momentum",
+            _torch(torch.optim.SGD, momentum=0.9),
+            "SGD with heavy-ball momentum 0.9",
+        ),
+        OptimizerEntry(
+            "nesterov",
+            _torch(torch.optim.SGD, momentum=0.9, nesterov=True),
+            "SGD with Nesterov momentum 0.9",
+        ),
+        OptimizerEntry("adam", _torch(torch.optim.Adam), "Adam (L2 weight decay)"),
+        OptimizerEntry("adamw", _torch(torch.optim.AdamW), "AdamW (decoupled weight decay)"),
+        OptimizerEntry("adagrad", _torch(torch.optim.Adagrad), "Adagrad"),
+        OptimizerEntry("rmsprop", _torch(torch.optim.RMSprop), "RMSprop"),
+        OptimizerEntry(
+            "muon",
+            _muon,
+            "torch.optim.Muon on hidden 2-D weights + AdamW on the rest",
+            splits_matrices=True,
+        ),
+        OptimizerEntry(
+            "adahessian",
+            _pytorch_optimizer("AdaHessian"),
+            "AdaHessian (pytorch_optimizer), Hutchinson Hessian diagonal every step",
+            needs_create_graph=True,
+            second_order=True,
+        ),
+        OptimizerEntry(
+            "sophiah",
+            _pytorch_optimizer("SophiaH"),
+            "SophiaH (pytorch_optimizer), clipped Hutchinson-preconditioned steps",
+            needs_create_graph=True,
+            second_order=True,
+        ),
+        OptimizerEntry(
+            "newton-cg",
+            _newton_cg,
+            "damped Newton step by truncated CG on Hessian-vector products (small models)",
+            defaults={"damping": 1.0, "cg_iters": 10},
+            needs_create_graph=True,
+            needs_closure=True,
+            second_order=True,
+        ),
+    )
+}
+
+
+def get_optimizer_entry(name: str) -> OptimizerEntry:
+    """The registry entry for ``name``; unknown names raise with a "did you mean"."""
+    if name not in OPTIMIZERS:
+        raise SpecdefError(did_you_mean(name, OPTIMIZERS, what="optimizer"))
+    return OPTIMIZERS[name]
+
+
+def hidden_matrices(model: nn.Module, params: NamedParams) -> frozenset[str]:
+    """Names of 2-D weights of ``nn.Linear`` layers, except a model's output embedding (a head
+    tied to or acting as an embedding), which Muon's authors leave to AdamW with all 1-D tensors."""
+    linear_weights = {
+        id(m.weight) for m in model.modules() if isinstance(m, nn.Linear) and m.weight is not None
+    }
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    excluded = {id(out.weight)} if isinstance(out, nn.Module) and hasattr(out, "weight") else set()
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return frozenset(
+        n
+        for n, p in params
+        if p.ndim == 2 and id(p) in linear_weights and id(p) not in excluded | embeddings
+    )
+
+
+def make_optimizer(
+    name: str,
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    kwargs: Mapping[str, Any] | None = None,
+) -> tuple[OptimizerLike, OptimizerEntry]:
+    """Build optimizer ``name`` over the trainable parameters of ``model``.
+
+    ``kwargs`` override the entry's defaults (e.g. ``{"betas": (0.9, 0.99)}``, or for newton-cg
+    ``{"damping": 1e-3, "cg_iters": 20}``). Each parameter group records ``initial_lr``.
+    """
+    entry = get_optimizer_entry(name)
+    params: NamedParams = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise SpecdefError(
+            "No trainable parameters: expected at least one with requires_grad; check --train / "
+            "--lora targets."
+        )
+    extra: dict[str, Any] = {**entry.defaults, **(kwargs or {})}
+    if entry.splits_matrices:
+        extra["matrices"] = hidden_matrices(model, params)
+    try:
+        optimizer = entry.build(params, lr=lr, weight_decay=weight_decay, **extra)
+    except TypeError as err:
+        raise SpecdefError(
+            f"Bad keyword arguments for optimizer {name!r}: {err}; expected those of "
+            f"{entry.description}."
+        ) from None
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]
+    return optimizer, entry
