@@ -14,7 +14,7 @@ from specdef.optim import OPTIMIZERS, CompositeOptimizer, NewtonCG, make_optimiz
 
 # A reasonable learning rate per optimizer (what a practitioner would try first).
 LR = {
-    "sgd": 0.2,
+    "sgd": 0.5,
     "sgd-momentum": 0.05,
     "nesterov": 0.05,
     "adam": 1e-2,
