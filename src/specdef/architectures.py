@@ -188,4 +188,7 @@ def build_architecture(name: str, **kwargs: Any) -> nn.Module:
     """Build an untrained model of a registered architecture (weights are loaded separately)."""
     if name not in ARCHITECTURES:
         raise SpecdefError(did_you_mean(name, ARCHITECTURES, what="architecture"))
-    return ARCHITECTURES[name](**kwargs)
+    model = ARCHITECTURES[name](**kwargs)
+    # the spec specdef.checkpoint stores beside the weights to rebuild the model without pickles
+    setattr(model, "specdef_architecture", {"name": name, "kwargs": dict(kwargs)})  # noqa: B010
+    return model
