@@ -1,0 +1,41 @@
+"""Curvature of the training loss: Hessian-vector products, the Hessian as a linear operator,
+eigenvalue / singular-value / trace estimators, certified lower bounds on σ₁(H), and learning-rate
+ceilings. Pure math: imports nothing from the rest of specdef except :mod:`specdef.errors`; the
+SpecDef-aware wrappers (which find the defended pairs) live in :mod:`specdef.bounds`.
+"""
+
+from specdef.curvature.estimators import (
+    EigenResult,
+    MatrixOperator,
+    SigmaResult,
+    TraceResult,
+    arpack_eigsh,
+    block_sigma_max,
+    dense_hessian,
+    hutchinson_trace,
+    lanczos,
+    power_iteration,
+)
+from specdef.curvature.hvp import (
+    HessianOperator,
+    double_backward_safe,
+    hessian_vector_product,
+    select_parameters,
+)
+
+__all__ = [
+    "EigenResult",
+    "HessianOperator",
+    "MatrixOperator",
+    "SigmaResult",
+    "TraceResult",
+    "arpack_eigsh",
+    "block_sigma_max",
+    "dense_hessian",
+    "double_backward_safe",
+    "hessian_vector_product",
+    "hutchinson_trace",
+    "lanczos",
+    "power_iteration",
+    "select_parameters",
+]
