@@ -1,0 +1,50 @@
+"""The offline zoo: real models and datasets by name, cached and licensed, never downloaded.
+
+>>> from specdef.zoo import load_model, load_tokenizer, load_task, load_prompts
+>>> model = load_model("smollm2-135m", attn_implementation="eager")  # doctest: +SKIP
+>>> task = load_task("harmful-qa", tokenizer=load_tokenizer("smollm2-135m"))  # doctest: +SKIP
+
+The cache lives in ``$SPECDEF_CACHE`` (default ``~/.cache/specdef``); see :mod:`specdef.zoo._cache`.
+"""
+
+from specdef.zoo._cache import cache_root
+from specdef.zoo.datasets import (
+    TASKS,
+    encode_pair,
+    encode_prompt,
+    load_task,
+    task_digest,
+    task_names,
+)
+from specdef.zoo.images import FashionMnistMissing
+from specdef.zoo.models import (
+    ModelInfo,
+    list_models,
+    load_model,
+    load_tokenizer,
+    model_info,
+    model_names,
+    prepare,
+)
+from specdef.zoo.text import PROMPT_SETS, Pair, load_prompts
+
+__all__ = [
+    "PROMPT_SETS",
+    "TASKS",
+    "FashionMnistMissing",
+    "ModelInfo",
+    "Pair",
+    "cache_root",
+    "encode_pair",
+    "encode_prompt",
+    "list_models",
+    "load_model",
+    "load_prompts",
+    "load_task",
+    "load_tokenizer",
+    "model_info",
+    "model_names",
+    "prepare",
+    "task_digest",
+    "task_names",
+]

