@@ -1,0 +1,197 @@
+"""Informed-attack transforms: each keeps the function (fp32 tolerance), reports its parameter delta
+(checked against a count from the layer shapes), and does what it claims to the spectra and to the
+gradients."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from specdef.adaptive import InjectedLinear, apply_adaptive, parse_adaptive
+from specdef.architectures import MLP
+from specdef.defense import (
+    DEFAULT_TOLERANCE,
+    SpecDefConfig,
+    apply_specdef_,
+    count_parameters,
+    defended_layers,
+    set_submodule,
+)
+from specdef.errors import SpecdefError
+from specdef.targets import candidate_layers, output_layer_names
+from specdef.zoo.models import load_model
+
+TRANSFORMS = ("fuse", "inject", "inject:all-linear", "factor:2", "factor:4", "untouched")
+FP32_TOL = DEFAULT_TOLERANCE[torch.float32]
+
+
+@functools.cache
+def _base(name: str) -> nn.Module:
+    return load_model(name)
+
+
+def _inputs(name: str) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    if name == "mlp-digits":
+        return {"x": torch.rand(16, 64, generator=gen)}
+    return {"input_ids": torch.randint(0, 49152, (2, 16), generator=gen)}
+
+
+def _out(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _defend(model: nn.Module, alpha: float, n: int | None, seed: int = 3) -> nn.Module:
+    model = copy.deepcopy(model)
+    apply_specdef_(model, SpecDefConfig(alpha=alpha, top_k=4, n_random=n, seed=seed))
+    return model
+
+
+def _expected_added(transform: str, original: nn.Module, defended: nn.Module) -> int:
+    """Parameter delta from the layer shapes alone (an independent count)."""
+    outs = [layer.out_features for layer in defended_layers(defended).values()]
+    if transform == "fuse":
+        return count_parameters(original) - count_parameters(defended)
+    if transform == "inject":
+        return sum(m * m + m for m in outs)
+    if transform == "inject:all-linear":
+        head = output_layer_names(original)
+        return sum(
+            m.weight.shape[0 if isinstance(m, nn.Linear) else 1] ** 2
+            + m.weight.shape[0 if isinstance(m, nn.Linear) else 1]
+            for n, m in candidate_layers(original).items()
+            if n not in head
+        )
+    if transform.startswith("factor:"):
+        return (int(transform.split(":")[1]) - 1) * sum(m * m for m in outs)
+    return 0
+
+
+@pytest.mark.parametrize("alpha", [1e2, 1e4])
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "mlp-digits"])
+def test_transform_preserves_function_and_reports_delta(name: str, transform: str, alpha: float):
+    original = _base(name)
+    model = _defend(original, alpha, 3)
+    inputs = _inputs(name)
+    with torch.no_grad():
+        ref, released = _out(original, inputs), _out(model, inputs)
+        params = count_parameters(model)
+        model, record = apply_adaptive(model, transform)
+        got = _out(model, inputs)
+    # rounding at α=1e2 is tiny; at α=1e4 within the defense's own fp32 tolerance
+    tol = 1e-4 if alpha == 1e2 else FP32_TOL
+    assert _gap(got, released) <= tol and _gap(got, ref) <= tol
+    assert record.params_before == params
+    assert record.params_after == count_parameters(model)
+    assert record.params_added == _expected_added(transform, original, _defend(original, alpha, 3))
+    assert record.source == "structure" and len(record.layers) >= 3
+
+
+def test_inject_grows_linearly_with_defended_layers():
+    torch.manual_seed(0)
+    base = MLP(32, (32, 32, 32, 32), 32)  # five 32×32 layers
+    added = []
+    for n in range(1, 6):
+        _, record = apply_adaptive(_defend(base, 1e4, n), "inject")
+        assert len(record.layers) == n
+        added.append(record.params_added)
+    assert added == [n * (32 * 32 + 32) for n in range(1, 6)]
+
+
+def test_factor_spectra_are_root_alpha_of_the_inflation():
+    """Each extra factor has singular values {α^(1/j) ×k, 1 ×(m−k)}; the first factor's top-k are
+    α^(1/j) times the original layer's (from an SVD of the undefended weight)."""
+    original = _base("mlp-digits")
+    name = "layers.2"
+    model = copy.deepcopy(original)
+    apply_specdef_(model, SpecDefConfig(alpha=1e4, top_k=4, targets=(name,)))
+    model, record = apply_adaptive(model, "factor:4")
+    chain = model.get_submodule(name)
+    assert isinstance(chain, nn.Sequential) and len(chain) == 5
+    root = 1e4 ** (1 / 4)
+    sigma = torch.linalg.svdvals(original.get_submodule(name).weight.double())
+    first = torch.linalg.svdvals(chain[0].weight.double())
+    assert torch.allclose(first[:4], root * sigma[:4], rtol=1e-4)
+    assert torch.allclose(first[4:], sigma[4:], rtol=1e-3, atol=1e-5)
+    for factor in chain[1:4]:
+        s = torch.linalg.svdvals(factor.weight.double())
+        assert torch.allclose(s[:4], torch.full((4,), root, dtype=torch.float64), rtol=1e-4)
+        assert torch.allclose(s[4:], torch.ones(len(s) - 4, dtype=torch.float64), atol=1e-5)
+    assert record.details["factor_alpha"][name] == pytest.approx(root, rel=1e-3)
+
+
+@pytest.mark.parametrize("transform", ["inject", "fuse"])
+def test_gradients_no_longer_see_the_inflation(transform: str):
+    """After inject (fuse), the trainable parameters get the gradients the same transform gives on
+    the undefended model: the defense is invisible to them. The inflated weights get none.
+    Float64, so that the comparison tests the algebra rather than fp32 rounding at scale α."""
+    original = copy.deepcopy(_base("mlp-digits")).double()
+    x = torch.rand(32, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = torch.arange(32) % 10
+    defended = _defend(original, 1e4, None)
+    names = list(defended_layers(defended))
+    attacked, _ = apply_adaptive(copy.deepcopy(defended), transform)
+    plain = copy.deepcopy(original)
+    if transform == "inject":
+        for n in names:
+            set_submodule(
+                plain, n, InjectedLinear(plain.get_submodule(n), 128 if n != "layers.4" else 10)
+            )
+    grads = {}
+    for label, model in (("attacked", attacked), ("plain", plain)):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        grads[label] = {
+            n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None
+        }
+    assert set(grads["attacked"]) == set(grads["plain"]) and grads["plain"]
+    for n, g in grads["plain"].items():
+        err = torch.linalg.vector_norm(grads["attacked"][n] - g) / torch.linalg.vector_norm(g)
+        assert float(err) <= 1e-8, (n, float(err))
+    if transform == "inject":
+        for n, p in attacked.named_parameters():
+            assert p.requires_grad == ("adapter" in n or not n.startswith("layers"))
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_transforms_work_from_detection_alone(transform: str):
+    """Defended layers unwrapped into plain nn.Sequential(inflated, compensation): no DefendedLinear
+    to read; the pairs come from the weights."""
+    original = _base("tiny-llama")
+    model = _defend(original, 1e4, 3)
+    for n, layer in defended_layers(model).items():
+        set_submodule(model, n, nn.Sequential(layer.inflated, layer.compensation))
+    inputs = _inputs("tiny-llama")
+    with torch.no_grad():
+        ref = _out(original, inputs)
+        model, record = apply_adaptive(model, transform)
+        assert _gap(_out(model, inputs), ref) <= FP32_TOL
+    if transform == "inject:all-linear":
+        assert record.source == "black-box"
+        return
+    assert record.source == "weights" and len(record.layers) == 3
+    if transform == "fuse":
+        assert record.params_after == count_parameters(original)
+    if transform in ("inject", "untouched"):
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        assert frozen and all(any(n.startswith(f + ".") for f in record.frozen) for n in frozen)
+
+
+def test_parse_errors():
+    assert parse_adaptive("factor:3") == ("factor", "3")
+    with pytest.raises(SpecdefError, match="Did you mean: fuse"):
+        parse_adaptive("fus")
+    with pytest.raises(SpecdefError, match="factor:2"):
+        parse_adaptive("factor")
+    with pytest.raises(SpecdefError, match="j ≥ 2"):
+        apply_adaptive(_defend(_base("mlp-digits"), 1e4, 1), "factor:1")
