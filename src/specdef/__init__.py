@@ -11,4 +11,29 @@ from specdef.errors import SpecdefError
 
 __version__ = "0.1.0"
 
-__all__ = ["SpecdefError", "__version__"]
+__all__ = [
+    "SpecDefConfig",
+    "SpecdefError",
+    "__version__",
+    "apply_specdef_",
+    "load_defended",
+    "save_defended",
+    "undo_specdef_",
+]
+
+_LAZY = {
+    "SpecDefConfig": "specdef.defense",
+    "apply_specdef_": "specdef.defense",
+    "undo_specdef_": "specdef.defense",
+    "load_defended": "specdef.checkpoint",
+    "save_defended": "specdef.checkpoint",
+}
+
+
+def __getattr__(name: str) -> object:
+    # lazy: `import specdef` stays light (no torch) until the defense API is used
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'specdef' has no attribute {name!r}")

@@ -1,0 +1,111 @@
+"""``specdef defend SRC -o OUT``: apply SpecDef to a model and save the defended checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from specdef.commands._common import print_json, print_table
+
+
+def register(sub: Any) -> None:
+    parser = sub.add_parser(
+        "defend",
+        help="apply SpecDef to a model and save the defended checkpoint",
+        description="Inflate the top-k singular values of the selected layers by ALPHA, insert the "
+        "exact compensation layers, check the function is preserved in the model's dtype (the "
+        "precision guard) and save OUT atomically (safetensors + config.json + manifest).",
+    )
+    parser.add_argument(
+        "src", metavar="SRC", help="Hugging Face model directory, specdef checkpoint or zoo name"
+    )
+    parser.add_argument("-o", "--out", required=True, metavar="OUT", help="output directory")
+    parser.add_argument("--alpha", type=float, required=True, help="inflation factor (> 1)")
+    parser.add_argument(
+        "--top-k", type=int, required=True, help="singular values inflated per layer"
+    )
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        default=["all-linear"],
+        metavar="T",
+        help="layer names or dotted suffixes (e.g. gate_proj v_proj o_proj), 'all-linear', "
+        "'preset:NAME' (llama, gpt2, bert, …) or 're:REGEX' (default: all-linear)",
+    )
+    parser.add_argument(
+        "--exclude", nargs="+", default=[], metavar="E", help="names/suffixes, or 're:REGEX'"
+    )
+    parser.add_argument("--n-random", type=int, help="defend only N of the matched layers")
+    parser.add_argument("--seed", type=int, default=0, help="seed (randomized method, --n-random)")
+    parser.add_argument("--method", choices=["exact", "randomized"], default="exact")
+    parser.add_argument(
+        "--dtype",
+        choices=["float64", "float32", "bfloat16", "float16"],
+        help="store and run the model in this dtype (default: the source's)",
+    )
+    parser.add_argument(
+        "--tolerance", type=float, help="precision-guard bound (default: per dtype)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="save even above the tolerance (recorded)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(func=run)
+
+
+def _selection(values: list[str]) -> str | tuple[str, ...]:
+    if len(values) == 1 and (values[0].lower() == "all-linear" or values[0].startswith("preset:")):
+        return values[0]
+    if len(values) == 1 and values[0].startswith("re:"):
+        return values[0][3:]
+    return tuple(values)
+
+
+def run(args: argparse.Namespace) -> int:
+    from specdef.defense import SpecDefConfig
+    from specdef.release import defend_to
+
+    config = SpecDefConfig(
+        alpha=args.alpha,
+        top_k=args.top_k,
+        targets=_selection(args.targets),
+        exclude=_selection(args.exclude) if args.exclude else (),
+        method=args.method,
+        seed=args.seed,
+        tolerance=args.tolerance,
+        force=args.force,
+        n_random=args.n_random,
+    )
+    report = defend_to(args.src, args.out, config, dtype=args.dtype, overwrite=args.overwrite)
+    if args.json:
+        print_json({"out": args.out, **report.to_dict()})
+        return 0
+    rows = [
+        (
+            layer.name,
+            f"{layer.shape[0]}×{layer.shape[1]}",
+            layer.sigma_before[0],
+            layer.sigma_after[0],
+            layer.sigma_before[min(config.top_k, len(layer.sigma_before) - 1)],
+            layer.sigma_after[min(config.top_k, len(layer.sigma_after) - 1)],
+            layer.reconstruction_error,
+            layer.output_gap if layer.output_gap is not None else float("nan"),
+        )
+        for layer in report.layers
+    ]
+    print_table(
+        f"SpecDef alpha={config.alpha:g} top_k={config.top_k} ({len(rows)} layers)",
+        ["layer", "m×n", "σ1 before", "σ1 after", "σk+1 before", "σk+1 after", "recon err", "gap"],
+        rows,
+    )
+    overhead = report.params_after / report.params_before - 1
+    gap = report.model_output_gap
+    print(
+        f"params {report.params_before:,} → {report.params_after:,} (+{overhead:.1%}); "
+        f"max reconstruction error {report.max_reconstruction_error:.3g}; "
+        f"model output gap {gap if gap is not None else float('nan'):.3g}"
+        + (" [FORCED past the precision guard]" if report.forced else "")
+    )
+    print(f"saved: {args.out}")
+    return 0

@@ -1,0 +1,79 @@
+"""``specdef verify SRC OUT``: check a defended checkpoint computes the source model's function."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from specdef.commands._common import fmt, print_json, print_table
+
+
+def register(sub: Any) -> None:
+    parser = sub.add_parser(
+        "verify",
+        help="compare a defended checkpoint with its source model",
+        description="Load SRC and OUT, compare their outputs on a probe batch (max absolute / "
+        "relative difference), for language models also greedy generations and perplexity on a "
+        "probe text; show spectra and parameter overhead. Exit 0 only within tolerance (1 if not).",
+    )
+    parser.add_argument("src", metavar="SRC", help="the original model (directory or zoo name)")
+    parser.add_argument("out", metavar="OUT", help="the defended checkpoint directory")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        help="bound on max |Δoutput| / max |output| (default: per dtype, as the guard)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of a random probe batch")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from specdef.checkpoint import read_manifest
+    from specdef.release import load_source, parse_dtype, verify
+
+    manifest = read_manifest(args.out)
+    defended = load_source(args.out)
+    original = load_source(args.src, dtype=parse_dtype(manifest.get("dtype")))
+    result = verify(original, defended, tolerance=args.tolerance, seed=args.seed)
+    if args.json:
+        print_json(result.to_dict())
+        return 0 if result.passed else 1
+    print_table(
+        "Spectra of the defended layers",
+        ["layer", "m×n", "k", "σ1 before", "σ1 after", "ratio", "σk+1 before", "σk+1 after"],
+        [
+            (
+                r["layer"],
+                r["shape"],
+                r["top_k"],
+                r.get("sigma1_before", float("nan")),
+                r["sigma1_after"],
+                r.get("ratio_sigma1", float("nan")),
+                r.get("sigma_k1_before", float("nan")),
+                r["sigma_k1_after"],
+            )
+            for r in result.spectra
+        ],
+    )
+    if result.perplexity:
+        p = result.perplexity
+        print(
+            f"perplexity (probe text): original {fmt(p['original'])}, defended {fmt(p['defended'])}"
+        )
+    if result.generations:
+        g = result.generations
+        same = "identical" if g["original"] == g["defended"] else "DIFFERENT"
+        print(f"greedy after {g['prompt']!r}: {same}\n  original: {g['original']!r}")
+        if g["original"] != g["defended"]:
+            print(f"  defended: {g['defended']!r}")
+    print(
+        f"params {result.params_original:,} → {result.params_defended:,} "
+        f"(+{result.overhead:.1%}); dtype {result.dtype}"
+    )
+    verdict = "PASS" if result.passed else "FAIL"
+    print(
+        f"{verdict}: max |Δ| {result.max_abs_diff:.3g}, max relative {result.max_rel_diff:.3g} "
+        f"(tolerance {result.tolerance:.3g}), relative Frobenius {result.rel_fro_diff:.3g}"
+    )
+    return 0 if result.passed else 1
