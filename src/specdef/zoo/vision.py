@@ -116,7 +116,7 @@ def _cache_key(name: str) -> str:
     return f"{name}-{_recipe(name).key()}"
 
 
-def prepare_vision_model(name: str, *, cache_dir: CacheDir = None) -> Path:
+def prepare_vision_model(name: str, *, cache_dir: CacheDir = None, verify: bool = False) -> Path:
     recipe = _recipe(name)
 
     def build(tmp: Path) -> dict[str, Any]:
@@ -133,7 +133,7 @@ def prepare_vision_model(name: str, *, cache_dir: CacheDir = None) -> Path:
             "provenance": provenance(),
         }
 
-    path, _ = ensure_entry("models", _cache_key(name), build, cache_dir=cache_dir)
+    path, _ = ensure_entry("models", _cache_key(name), build, cache_dir=cache_dir, verify=verify)
     return path
 
 
