@@ -5,7 +5,8 @@
 - a tuple of names: a module matches when its full name equals an entry or ends with ``"." + entry``
   (``("gate_proj", "v_proj")`` or ``("model.layers.0.mlp.gate_proj",)``);
 - ``"all-linear"``: every ``nn.Linear`` / ``Conv1D``, except a Hugging Face model's output
-  embeddings (the LM head, often tied to the input embeddings) — exactly peft's rule;
+  embeddings (the LM head, often tied to the input embeddings) or, for a sequence classifier, its
+  ``classifier`` / ``score`` head — peft's rule;
 - ``"preset:<name>"``: an architecture role preset, e.g. ``"preset:llama"`` = the paper's
   ``gate_proj``, ``v_proj``, ``o_proj`` (see :data:`PRESETS`);
 - any other string: a regular expression that must match the whole module name (``re.fullmatch``).
@@ -77,14 +78,25 @@ def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def output_layer_names(model: nn.Module) -> set[str]:
-    """Names of a Hugging Face model's output embeddings (LM head), which "all-linear" skips."""
+    """Names of a Hugging Face model's output layer (LM head or classification head), which
+    "all-linear" skips."""
     getter = getattr(model, "get_output_embeddings", None)
     if getter is None:
         return set()
     try:
         head = getter()
     except (AttributeError, NotImplementedError):
-        return set()
+        head = None
+    if head is None:
+        # peft's rule for sequence classifiers: skip the classification head ("classifier"/"score")
+        head = next(
+            (
+                getattr(model, n)
+                for n in ("classifier", "score")
+                if isinstance(getattr(model, n, None), nn.Module)
+            ),
+            None,
+        )
     if head is None:
         return set()
     return {name for name, module in model.named_modules() if module is head}

@@ -1,0 +1,248 @@
+"""specdef.defense on tiny Llama / GPT-2 (Conv1D) / BERT / Qwen2 and specdef's own architectures:
+the DefendedLinear contract, function preservation, undo, target selection and the precision guard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from _tiny import TINY, VOCAB, logits, tiny_gpt2, tiny_llama, token_batch
+from specdef.architectures import build_architecture
+from specdef.defense import (
+    DefendedLinear,
+    SpecDefConfig,
+    apply_specdef_,
+    defended_layers,
+    parameter_roles,
+    undo_specdef_,
+)
+from specdef.errors import SpecdefError
+from specdef.targets import select_targets
+
+FP32_TOL = 1e-2  # the documented default fp32 tolerance (docs/precision.md)
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_defense_preserves_function_and_inflates_spectra(arch: str) -> None:
+    model = TINY[arch]()
+    batch = token_batch()
+    ref = logits(model, batch)
+    originals = {
+        name: mod.weight.detach().clone()
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
+    }
+    report = apply_specdef_(model, SpecDefConfig(alpha=1e4, top_k=6), probe=batch)
+    out = logits(model, batch)
+    rel = float((out - ref).abs().max() / ref.abs().max())
+    assert rel < FP32_TOL
+    assert report.model_output_gap is not None and report.model_output_gap < FP32_TOL
+    layers = defended_layers(model)
+    assert len(layers) == len(report.layers) > 0
+    for rep in report.layers:
+        layer = layers[rep.name]
+        weight = originals[rep.name]
+        if rep.source == "conv1d":
+            weight = weight.T  # Conv1D stores n×m
+        # independent oracle: singular values of the original, by a separate SVD
+        sigma = torch.linalg.svdvals(weight.double())
+        after = torch.linalg.svdvals(layer.inflated.weight.double())
+        torch.testing.assert_close(after[:6], 1e4 * sigma[:6], rtol=1e-4, atol=0)
+        torch.testing.assert_close(after[6:9], sigma[6:9], rtol=0, atol=1e-3 * float(sigma[0]))
+        assert rep.reconstruction_error < FP32_TOL
+
+
+def test_defended_linear_contract() -> None:
+    model = tiny_llama()
+    bias_layer = model.model.layers[0].mlp.gate_proj
+    assert bias_layer.bias is None
+    apply_specdef_(model, SpecDefConfig(alpha=100, top_k=4, targets=("gate_proj",)))
+    layer = model.model.layers[0].mlp.gate_proj
+    assert isinstance(layer, DefendedLinear)
+    assert [n for n, _ in layer.named_children()] == ["inflated", "compensation"]
+    assert type(layer.inflated) is nn.Linear and type(layer.compensation) is nn.Linear
+    assert layer.inflated.bias is None
+    assert layer.compensation.weight.shape == (80, 80)
+    x = torch.randn(3, 48)
+    torch.testing.assert_close(layer(x), layer.compensation(layer.inflated(x)))
+    roles = parameter_roles(model)
+    assert roles["model.layers.0.mlp.gate_proj.inflated.weight"] == "inflated"
+    assert roles["model.layers.0.mlp.gate_proj.compensation.weight"] == "compensation"
+    assert roles["model.embed_tokens.weight"] == "untouched"
+    assert set(roles.values()) == {"inflated", "compensation", "untouched"}
+    assert sum(r == "inflated" for r in roles.values()) == 2
+
+
+def test_bias_moves_to_compensation_and_conv1d_round_trips() -> None:
+    model = tiny_gpt2()
+    conv = model.transformer.h[0].attn.c_attn
+    bias = conv.bias.detach().clone()
+    weight = conv.weight.detach().clone()
+    batch = token_batch(1)
+    ref = logits(model, batch)
+    apply_specdef_(model, SpecDefConfig(alpha=1e3, top_k=5, targets="preset:gpt2"))
+    layer = model.transformer.h[0].attn.c_attn
+    assert isinstance(layer, DefendedLinear) and layer.source == "conv1d"
+    torch.testing.assert_close(layer.compensation.bias, bias, rtol=0, atol=0)
+    assert layer.inflated.weight.shape == weight.T.shape  # Linear form of an n×m Conv1D weight
+    fused = undo_specdef_(model)
+    assert len(fused) == 6 and not defended_layers(model)
+    restored = model.transformer.h[0].attn.c_attn
+    assert type(restored).__name__ == "Conv1D"
+    torch.testing.assert_close(restored.weight, weight, rtol=0, atol=1e-4)
+    torch.testing.assert_close(logits(model, batch), ref, rtol=0, atol=1e-3)
+
+
+def test_float64_model_is_preserved_to_float64_precision() -> None:
+    model = tiny_llama().double()
+    batch = token_batch(2)
+    ref = logits(model, batch)
+    apply_specdef_(model, SpecDefConfig(alpha=1e4, top_k=6, method="randomized"), probe=batch)
+    rel = float((logits(model, batch) - ref).abs().max() / ref.abs().max())
+    assert rel < 1e-9
+
+
+def test_undo_is_the_exact_inverse_up_to_dtype_rounding() -> None:
+    model = tiny_llama().double()
+    before = _state(model)
+    apply_specdef_(model, SpecDefConfig(alpha=1e4, top_k=6))
+    undo_specdef_(model)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=1e-10)
+    assert not hasattr(model, "specdef_report")
+
+
+def test_architectures_mlp_and_vit() -> None:
+    for name, x in (("mlp", torch.randn(5, 64)), ("vit", torch.randn(5, 1, 8, 8))):
+        torch.manual_seed(0)
+        model = build_architecture(name).eval()
+        ref = model(x).detach()
+        apply_specdef_(model, SpecDefConfig(alpha=1e4, top_k=4), probe=x)
+        torch.testing.assert_close(model(x), ref, rtol=0, atol=FP32_TOL * float(ref.abs().max()))
+
+
+# ------------------------------------------------------------------ target selection
+
+
+def test_selection_conventions() -> None:
+    model = tiny_llama()
+    all_linear = select_targets(model, "all-linear")
+    assert "lm_head" not in all_linear and len(all_linear) == 14  # peft: output embedding skipped
+    preset = select_targets(model, "preset:llama")
+    assert [n.rsplit(".", 1)[1] for n in preset] == ["v_proj", "o_proj", "gate_proj"] * 2
+    assert select_targets(model, ("layers.1.mlp.gate_proj",)) == ["model.layers.1.mlp.gate_proj"]
+    assert select_targets(model, r".*\.1\..*_proj") == select_targets(model, r"model\.layers\.1.*")
+    with pytest.raises(SpecdefError, match="matches no linear layer"):
+        select_targets(model, "q_proj")
+    excluded = select_targets(model, "all-linear", exclude=("mlp.down_proj", "q_proj"))
+    assert len(excluded) == 10 and not any(n.endswith(("down_proj", "q_proj")) for n in excluded)
+    picked = select_targets(model, "all-linear", n_random=5, seed=3)
+    assert len(picked) == 5 and picked == select_targets(model, "all-linear", n_random=5, seed=3)
+    assert picked == [n for n in all_linear if n in picked]  # module order kept
+    others = {tuple(select_targets(model, "all-linear", n_random=5, seed=s)) for s in range(6)}
+    assert len(others) > 1
+
+
+@pytest.mark.parametrize(
+    ("targets", "kwargs", "match"),
+    [
+        (("gate_prj",), {}, r"Unknown target layer 'gate_prj'\. Did you mean: gate_proj"),
+        ("preset:lama", {}, r"Unknown target preset 'lama'\. Did you mean: llama"),
+        ("preset:bert", {}, r"Preset 'preset:bert' .* matches no layer"),
+        ("all-linear", {"n_random": 99}, r"n_random must be in \[1, 14\]"),
+        ("all-linear", {"exclude": ".*"}, "remove every selected layer"),
+        ("(", {}, "Invalid target regex"),
+    ],
+)
+def test_selection_errors(targets: str | tuple[str, ...], kwargs: dict, match: str) -> None:
+    with pytest.raises(SpecdefError, match=match):
+        select_targets(tiny_llama(), targets, **kwargs)
+
+
+def test_tied_lm_head_is_refused_not_untied() -> None:
+    model = tiny_llama()
+    with pytest.raises(SpecdefError, match=r"'lm_head' shares its weight .*embed_tokens"):
+        apply_specdef_(model, SpecDefConfig(alpha=10, top_k=2, targets=("lm_head",)))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+# ------------------------------------------------------------------ config and guard
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"alpha": 1.0, "top_k": 2}, "alpha must be a finite number > 1"),
+        ({"alpha": 0.5, "top_k": 2}, "alpha must be a finite number > 1"),
+        ({"alpha": float("nan"), "top_k": 2}, "alpha must be a finite number > 1"),
+        ({"alpha": 10, "top_k": 0}, "top_k must be an integer ≥ 1"),
+        ({"alpha": 10, "top_k": 2, "method": "svd"}, "method must be one of exact, randomized"),
+        ({"alpha": 10, "top_k": 2, "tolerance": -1.0}, "tolerance must be a positive number"),
+    ],
+)
+def test_config_validation(kwargs: dict, match: str) -> None:
+    with pytest.raises(SpecdefError, match=match):
+        SpecDefConfig(**kwargs)
+
+
+def test_top_k_above_rank_and_nan_weights_are_refused() -> None:
+    model = tiny_llama()
+    with pytest.raises(SpecdefError, match=r"top_k=49 exceeds the rank bound min\(m, n\)=48"):
+        apply_specdef_(model, SpecDefConfig(alpha=10, top_k=49, targets=("o_proj",)))
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[0, 0] = float("inf")
+    with pytest.raises(SpecdefError, match=r"layers\.1\.self_attn\.o_proj' has NaN or Inf"):
+        apply_specdef_(model, SpecDefConfig(alpha=10, top_k=2, targets=("o_proj",)))
+    assert not defended_layers(model)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "alpha"), [(torch.float32, 1e9), (torch.bfloat16, 1e4), (torch.float16, 1e4)]
+)
+def test_guard_refuses_and_leaves_the_model_unchanged(dtype: torch.dtype, alpha: float) -> None:
+    model = tiny_llama().to(dtype)
+    before = _state(model)
+    config = SpecDefConfig(alpha=alpha, top_k=4, targets="preset:llama")
+    short = str(dtype).removeprefix("torch.")
+    with pytest.raises(SpecdefError) as info:
+        apply_specdef_(model, config, probe=token_batch())
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert f"in {short} at alpha={alpha:g}" in msg and "above the tolerance" in msg
+    assert "model.layers." in msg and "largest alpha that fits" in msg and "--force" in msg
+    assert not defended_layers(model)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+    # the largest alpha the message names does pass the guard
+    safe = float(msg.split("≈")[1].split(".")[0].split()[0])
+    assert 1 < safe < alpha
+    apply_specdef_(
+        tiny_llama().to(dtype), SpecDefConfig(alpha=safe, top_k=4, targets="preset:llama")
+    )
+
+
+def test_force_overrides_and_is_recorded() -> None:
+    model = tiny_llama().to(torch.bfloat16)
+    config = SpecDefConfig(alpha=1e4, top_k=4, targets="preset:llama", force=True)
+    report = apply_specdef_(model, config, probe=token_batch())
+    assert report.forced and len(report.over_tolerance) == 6
+    assert report.to_dict()["forced"] is True
+
+
+def test_peft_lora_sees_the_inflated_layers() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_llama()
+    apply_specdef_(model, SpecDefConfig(alpha=1e3, top_k=4, targets="preset:llama"))
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["inflated"]))
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 12 and all(".inflated.lora_" in n for n in trainable)
+    ids = torch.randint(0, VOCAB, (1, 8))
+    assert peft_model(input_ids=ids).logits.shape == (1, 8, VOCAB)
