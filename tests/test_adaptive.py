@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -195,3 +197,48 @@ def test_parse_errors():
         parse_adaptive("factor")
     with pytest.raises(SpecdefError, match="j ≥ 2"):
         apply_adaptive(_defend(_base("mlp-digits"), 1e4, 1), "factor:1")
+
+
+def test_cli_transform_fuse_saves_a_plain_checkpoint(tmp_path: Path, capsys):
+    from specdef.checkpoint import save_defended
+    from specdef.cli import main
+    from specdef.release import load_source
+
+    original = _base("tiny-gpt2")
+    save_defended(_defend(original, 1e4, 3), tmp_path / "released")
+    out = tmp_path / "fused"
+    assert (
+        main(
+            [
+                "transform",
+                str(tmp_path / "released"),
+                "--adaptive",
+                "fuse",
+                "-o",
+                str(out),
+                "--json",
+            ]
+        )
+        == 0
+    )
+    record = json.loads(capsys.readouterr().out)
+    assert record["params_after"] == count_parameters(original) and record["probe_gap"] < FP32_TOL
+    fused = load_source(str(out)).model
+    assert not defended_layers(fused) and count_parameters(fused) == count_parameters(original)
+    inputs = _inputs("tiny-gpt2")
+    with torch.no_grad():
+        assert _gap(_out(fused, inputs), _out(original, inputs)) <= FP32_TOL
+    assert (
+        main(
+            [
+                "transform",
+                str(tmp_path / "released"),
+                "--adaptive",
+                "inject",
+                "-o",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
+    assert not (tmp_path / "x").exists()

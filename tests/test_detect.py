@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import random
 from pathlib import Path
 
@@ -160,3 +161,18 @@ def test_bad_inputs(tmp_path: Path):
         detect_checkpoint(tmp_path)
     with pytest.raises(SpecdefError, match="alignment_min"):
         DetectConfig(alignment_min=0)
+
+
+def test_cli_detect_on_a_defended_checkpoint_without_its_manifest(tmp_path: Path, capsys):
+    from specdef.checkpoint import MANIFEST, save_defended
+    from specdef.cli import main
+
+    model = defended("tiny-gpt2", 3, 1e4)
+    save_defended(model, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / MANIFEST).unlink()
+    assert main(["detect", str(tmp_path / "ckpt"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {(p["inflated"], p["compensation"]) for p in out["pairs"]} == truth(model)
+    assert main(["detect", "tiny-gpt2"]) == 0
+    assert "no sign of SpecDef" in capsys.readouterr().out
+    assert main(["detect", "no-such-model"]) == 2
