@@ -75,31 +75,71 @@ def deform_pair(
     """Inflate along the pair's symmetry (float64 in, float64 out); the function is unchanged."""
     w = t.inflated.to(torch.float64)
     b = None if t.bias is None else t.bias.to(torch.float64)
-    o = t.compensating.to(torch.float64).clone()
     if kind == "attention":
-        head_dim = _head_dim(t, heads, kv_heads, name)
-        if top_k > head_dim:
-            raise SpecdefError(
-                f"{name}: native attention inflates at most head_dim={head_dim} directions per "
-                f"head, found top_k={top_k}; choose --top-k ≤ {head_dim}."
-            )
-        new_w = w.clone()
-        new_b = None if b is None else b.clone()
-        for rows, cols in _heads(t, heads, kv_heads, name):
-            basis = top_subspace(w[rows], top_k, method=method, generator=generator)
-            new_w[rows], inverse = deform_with_basis(w[rows], alpha, basis)
-            if b is not None and new_b is not None:
-                new_b[rows] = b[rows] + (alpha - 1.0) * (basis @ (basis.T @ b[rows]))
-            for c in cols:
-                o[:, c] = o[:, c] @ inverse
-        return PairTensors(new_w, new_b, o)
-    if kind in ("gated_mlp", "relu_mlp"):
-        scale = diagonal_scale(w, b, alpha=alpha, top_k=top_k)
-        return PairTensors(
-            w * scale.unsqueeze(1), None if b is None else b * scale, o / scale.unsqueeze(0)
+        bases = attention_bases(
+            t,
+            top_k=top_k,
+            heads=heads,
+            kv_heads=kv_heads,
+            method=method,
+            generator=generator,
+            name=name,
         )
+        return apply_attention(t, bases, alpha=alpha, heads=heads, kv_heads=kv_heads)
+    if kind in ("gated_mlp", "relu_mlp"):
+        return apply_diagonal(t, diagonal_scale(w, b, alpha=alpha, top_k=top_k))
     raise SpecdefError(
         f"Unknown symmetry kind {kind!r}; expected attention, gated_mlp or relu_mlp."
+    )
+
+
+def attention_bases(
+    t: PairTensors,
+    *,
+    top_k: int,
+    heads: int,
+    kv_heads: int,
+    method: str = "exact",
+    generator: torch.Generator | None = None,
+    name: str = "attention",
+) -> list[torch.Tensor]:
+    """Per KV head, an orthonormal basis (head_dim × top_k) of V_h's top-k left singular subspace."""
+    head_dim = _head_dim(t, heads, kv_heads, name)
+    if top_k > head_dim:
+        raise SpecdefError(
+            f"{name}: native attention inflates at most head_dim={head_dim} directions per "
+            f"head, found top_k={top_k}; choose --top-k ≤ {head_dim}."
+        )
+    w = t.inflated.to(torch.float64)
+    return [
+        top_subspace(w[rows], top_k, method=method, generator=generator)
+        for rows, _ in _heads(t, heads, kv_heads, name)
+    ]
+
+
+def apply_attention(
+    t: PairTensors, bases: list[torch.Tensor], *, alpha: float, heads: int, kv_heads: int
+) -> PairTensors:
+    """``V_h → M_h·V_h``, ``b_h → M_h·b_h``, ``O_q → O_q·M_h⁻¹`` with ``M_h = I + (α−1)·U_hU_hᵀ``."""
+    w = t.inflated.to(torch.float64).clone()
+    b = None if t.bias is None else t.bias.to(torch.float64).clone()
+    o = t.compensating.to(torch.float64).clone()
+    for basis, (rows, cols) in zip(bases, _heads(t, heads, kv_heads), strict=True):
+        w[rows], inverse = deform_with_basis(w[rows], alpha, basis)
+        if b is not None:
+            b[rows] = b[rows] + (alpha - 1.0) * (basis @ (basis.T @ b[rows]))
+        for c in cols:
+            o[:, c] = o[:, c] @ inverse
+    return PairTensors(w, b, o)
+
+
+def apply_diagonal(t: PairTensors, scale: torch.Tensor) -> PairTensors:
+    """``(W₁, b₁) → D·(W₁, b₁)``, ``W₂ → W₂·D⁻¹`` for ``D = diag(scale)``."""
+    w = t.inflated.to(torch.float64)
+    b = None if t.bias is None else t.bias.to(torch.float64)
+    o = t.compensating.to(torch.float64)
+    return PairTensors(
+        w * scale.unsqueeze(1), None if b is None else b * scale, o / scale.unsqueeze(0)
     )
 
 

@@ -1,0 +1,173 @@
+"""Streaming defense of sharded safetensors checkpoints: same result as the in-memory paths, loads
+with ``load_defended`` (Algorithm 1) or stock ``from_pretrained`` (native), one tensor at a time."""
+
+from __future__ import annotations
+
+import json
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from specdef import _stream_io
+from specdef.checkpoint import INDEX, MANIFEST, load_defended
+from specdef.defense import DEFAULT_TOLERANCE, SpecDefConfig, apply_specdef_
+from specdef.errors import SpecdefError
+from specdef.native import apply_native_
+from specdef.streaming import defend_streaming
+from specdef.zoo import load_model
+
+ALPHA = 1e4
+IDS = torch.randint(5, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits.to(torch.float64)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _saved(tmp_path: Path, name: str) -> Path:
+    model = load_model(name)
+    folder = tmp_path / name
+    model.save_pretrained(folder, max_shard_size="1MB")  # several shards, HF index
+    assert (folder / INDEX).exists()
+    return folder
+
+
+@pytest.fixture
+def peak_live_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts how many tensors read from the checkpoint are alive at once."""
+    stats = {"live": 0, "peak": 0, "reads": 0}
+    original = _stream_io.read_tensor
+
+    def spy(source: _stream_io.Source, name: str) -> torch.Tensor:
+        tensor = original(source, name)
+        stats["live"] += 1
+        stats["reads"] += 1
+        stats["peak"] = max(stats["peak"], stats["live"])
+        weakref.finalize(tensor, lambda: stats.__setitem__("live", stats["live"] - 1))
+        return tensor
+
+    monkeypatch.setattr(_stream_io, "read_tensor", spy)
+    return stats
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_algorithm1_matches_in_memory_and_loads(
+    tmp_path: Path, name: str, peak_live_reads: dict[str, int]
+) -> None:
+    source = _saved(tmp_path, name)
+    result = defend_streaming(
+        source, tmp_path / "out", alpha=ALPHA, top_k=4, targets="all-linear", method="exact"
+    )
+    assert peak_live_reads["reads"] > 0 and peak_live_reads["peak"] == 1  # one tensor at a time
+    reference = load_model(name)
+    before = _logits(reference)
+    report = apply_specdef_(reference, SpecDefConfig(alpha=ALPHA, top_k=4, method="exact"))
+    defended = load_defended(tmp_path / "out")
+    assert _rel(_logits(defended), _logits(reference)) <= 1e-6
+    assert _rel(_logits(defended), before) <= DEFAULT_TOLERANCE[torch.float32]
+    assert sum(p.numel() for p in defended.parameters()) == report.params_after
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert [e["name"] for e in manifest["structure"]] == [r.name for r in report.layers]
+    index = json.loads((tmp_path / "out" / INDEX).read_text())["weight_map"]
+    assert len(index) == result.tensors_out
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_native_matches_in_memory_and_loads_stock(
+    tmp_path: Path, name: str, peak_live_reads: dict[str, int]
+) -> None:
+    source = _saved(tmp_path, name)
+    defend_streaming(source, tmp_path / "out", mode="native", alpha=ALPHA, top_k=4, method="exact")
+    assert (
+        peak_live_reads["reads"] > 0 and peak_live_reads["peak"] <= 3
+    )  # planning holds one pair (V, its bias, O) at most
+    reference = load_model(name)
+    before = _logits(reference)
+    apply_native_(reference, alpha=ALPHA, top_k=4, method="exact")
+    stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert _rel(_logits(stock), _logits(reference)) <= 1e-6
+    assert _rel(_logits(stock), before) <= DEFAULT_TOLERANCE[torch.float32]
+    assert sum(p.numel() for p in stock.parameters()) == sum(
+        p.numel() for p in reference.parameters()
+    )
+    old = {**_all_tensors(source)}
+    new = {**_all_tensors(tmp_path / "out")}
+    assert {k: v.shape for k, v in old.items()} == {k: v.shape for k, v in new.items()}
+
+
+def _all_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(shard)))
+    return out
+
+
+def test_randomized_default_preserves_function_with_tied_embeddings(tmp_path: Path) -> None:
+    config = transformers.LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "src")
+    before = _logits(model)
+    defend_streaming(tmp_path / "src", tmp_path / "a1", alpha=ALPHA, top_k=8)
+    loaded = load_defended(tmp_path / "a1")
+    assert _rel(_logits(loaded), before) <= DEFAULT_TOLERANCE[torch.float32]
+    manifest = json.loads((tmp_path / "a1" / MANIFEST).read_text())
+    assert manifest["weights"]["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    defend_streaming(tmp_path / "src", tmp_path / "nat", mode="native", alpha=ALPHA, top_k=8)
+    stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "nat").eval()
+    assert _rel(_logits(stock), before) <= DEFAULT_TOLERANCE[torch.float32]
+
+
+def test_shard_writer_is_read_back_by_safetensors(tmp_path: Path) -> None:
+    tensors = {
+        "a": torch.randn(3, 5),
+        "b": torch.randn(7).to(torch.bfloat16),
+        "c": torch.arange(6, dtype=torch.int64).view(2, 3),
+        "d": torch.randn(2, 2, dtype=torch.float64),
+    }
+    plan = [(k, _stream_io.CODES[v.dtype], tuple(v.shape)) for k, v in tensors.items()]
+    writer = _stream_io.ShardWriter(tmp_path / "x.safetensors", plan)
+    for key, value in tensors.items():
+        writer.write(key, value)
+    writer.close()
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert back.keys() == tensors.keys()
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())
+
+
+def test_bad_inputs_write_nothing(tmp_path: Path) -> None:
+    source = _saved(tmp_path, "tiny-llama")
+    with pytest.raises(SpecdefError, match=r"with config\.json"):
+        defend_streaming(tmp_path / "nowhere", tmp_path / "o1", alpha=ALPHA, top_k=4)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text((source / "config.json").read_text())
+    with pytest.raises(SpecdefError, match=r"neither model\.safetensors"):
+        defend_streaming(tmp_path / "empty", tmp_path / "o1", alpha=ALPHA, top_k=4)
+    with pytest.raises(SpecdefError, match="Unknown mode 'fast'"):
+        defend_streaming(source, tmp_path / "o2", mode="fast", alpha=ALPHA, top_k=4)
+    with pytest.raises(SpecdefError, match="has none"):
+        defend_streaming(source, tmp_path / "o3", mode="native", alpha=ALPHA, top_k=4,
+                         targets=("gate_proj",))  # fmt: skip
+    with pytest.raises(SpecdefError, match=r"above the tolerance.*--force"):
+        defend_streaming(source, tmp_path / "o4", alpha=1e9, top_k=4, targets=("v_proj",))
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(SpecdefError, match="already exists"):
+        defend_streaming(source, tmp_path / "exists", alpha=ALPHA, top_k=4)
+    shard = sorted(source.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(SpecdefError, match="truncated or corrupt"):
+        defend_streaming(source, tmp_path / "o5", alpha=ALPHA, top_k=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "exists", "tiny-llama"]
