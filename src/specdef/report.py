@@ -147,7 +147,7 @@ def normalize(row: Row) -> Row:
     if isinstance(evals, list) and evals:
         for name, index in (("before", 0), ("after", -1)):
             if name not in out:
-                out[name] = {k: v for k, v in evals[index].items() if k.startswith("benign_")}
+                out[name] = {k: v for k, v in evals[index].items() if k.startswith("benign")}
     if out.get("steps") is None and out.get("budget") is not None:
         out["steps"] = out["budget"]
     return out
@@ -303,7 +303,12 @@ def _attack_condition(rows: list[Row], label: str, out_dir: Path, stem: str, rep
     return "\n".join(lines)
 
 
-_BENIGN = ("benign_perplexity", "benign_accuracy", "benign_loss", "perplexity", "accuracy")
+_BENIGN = (
+    "benign-text_perplexity",
+    "benign_perplexity",
+    "benign_accuracy",
+    "benign_loss",
+)
 
 
 def _benign_value(block: Any, name: str) -> float | None:
@@ -326,7 +331,12 @@ def _utility_rows(rows: list[Row], names: dict[Variant, str]) -> list[list[Any]]
         _group(rows).items(), key=lambda kv: (kv[0][0], kv[0][1], _variant_sort(kv[0][2]))
     ):
         before = [x for r in group if (x := _benign_value(r.get("before"), name)) is not None]
-        after = [x for r in group if (x := _benign_value(r.get("after"), name)) is not None]
+        finished = [r for r in group if r.get("diverged_at") is None]
+        after = [x for r in finished if (x := _benign_value(r.get("after"), name)) is not None]
+        diverged = len(group) - len(finished)
+        shown = fmt_num(statistics.median(after)) if after else "—"
+        if diverged:
+            shown += f" ({diverged}/{len(group)} diverged)"
         if before or after:
             out.append(
                 [
@@ -334,7 +344,7 @@ def _utility_rows(rows: list[Row], names: dict[Variant, str]) -> list[list[Any]]
                     opt,
                     fmt_num(lr),
                     f"{fmt_num(statistics.median(before)) if before else '—'} ({name})",
-                    fmt_num(statistics.median(after)) if after else "—",
+                    shown,
                 ]
             )
     return out

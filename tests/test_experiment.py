@@ -1,0 +1,207 @@
+"""Experiment configs: load every shipped config, --set overrides, grid expansion, resumable runs,
+and every experiment end to end on a miniature override (real zoo models and data, tiny sizes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from specdef._io import read_jsonl
+from specdef.cli import main
+from specdef.errors import SpecdefError
+from specdef.experiment import (
+    apply_overrides,
+    config_from_mapping,
+    expand,
+    load_config,
+    run_experiment,
+    shipped_configs,
+)
+
+CONFIGS = shipped_configs()
+NAMES = [p.stem for p in CONFIGS]
+
+# Documented grid sizes (undefended runs are not repeated across defense-only axes).
+EXPECTED_RUNS = {
+    "E1-bound": 2 * 5,
+    "E2-vision": 4 * 3 * 5 * 3,
+    "E3-language": 2 * 2 * 4,
+    "E4-lora": 2 * 2 * 3,
+    "E5-second-order": 2 * 4 * 4 * 2,
+    "E6-informed": 7 * 4 * 3,
+    "E7-utility": 2 * 3 * 3,
+}
+
+
+def test_every_experiment_has_one_config() -> None:
+    assert sorted(n.split("-")[0] for n in NAMES) == [f"E{i}" for i in range(1, 8)]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=NAMES)
+def test_shipped_config_loads_and_expands(path: Path) -> None:
+    text = path.read_text()
+    assert "Measured wall time on 2 cores" in text.split("\nname:")[0]
+    config = load_config(path)
+    assert config.name == path.stem
+    runs = expand(config)
+    assert len(runs) == EXPECTED_RUNS[config.name]
+    assert len({r.run_id for r in runs}) == len(runs)
+    for run in runs:
+        if run.defense.get("alpha") is None:
+            assert run.defense == {"alpha": None}
+
+
+def test_yaml_floats_and_set_values() -> None:
+    data = {"name": "x", "kind": "attack", "model": "mlp-digits", "task": "digits-harmful"}
+    out = apply_overrides(
+        data, ["attack.lr=1e-3", "seeds=[0, 2]", "defense.alpha=null", "attack.train=lora"]
+    )
+    assert out["attack"]["lr"] == pytest.approx(1e-3) and isinstance(out["attack"]["lr"], float)
+    assert out["seeds"] == [0, 2] and out["defense"]["alpha"] is None
+    assert out["attack"]["train"] == "lora"
+
+
+def test_set_pins_a_grid_axis() -> None:
+    config = load_config("E2", ["attack.lr=0.01", "seeds=[0]"])
+    runs = expand(config)
+    assert {r.attack["lr"] for r in runs} == {0.01}
+    assert len(runs) == 4 * 3
+    # and inside `variants`: the override wins over each variant's value
+    e6 = expand(load_config("E6", ["defense.alpha=100", "grid.attack.lr=[1e-3]", "seeds=[0]"]))
+    assert {r.defense["alpha"] for r in e6} == {100}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("atack.steps=3", r"Unknown config key 'atack'. Did you mean: attack"),
+        ("attack.steps", r"Expected --set KEY=VALUE"),
+        ("name.x=1", r"'name' is a value, not a section"),
+    ],
+)
+def test_bad_overrides_are_user_errors(override: str, message: str) -> None:
+    with pytest.raises(SpecdefError, match=message):
+        load_config("E2", [override])
+
+
+def test_bad_configs_are_user_errors(tmp_path: Path) -> None:
+    base = {"name": "x", "kind": "attack", "model": "m", "task": "t"}
+    with pytest.raises(SpecdefError, match="Did you mean: attack"):
+        config_from_mapping({**base, "kind": "atack"})
+    with pytest.raises(SpecdefError, match="lacks required key 'task'"):
+        config_from_mapping({k: v for k, v in base.items() if k != "task"})
+    with pytest.raises(SpecdefError, match=r"Grid axis .attack\.lr."):
+        config_from_mapping({**base, "grid": {"attack": {"lr": []}}})
+    with pytest.raises(SpecdefError, match="No config file"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_resume_skips_finished_and_repairs_a_cut_line(tmp_path: Path) -> None:
+    config = load_config(
+        "E2",
+        [
+            "seeds=[0]",
+            "attack.steps=2",
+            "grid.attack.optimizer=[sgd]",
+            "grid.attack.lr=[0.1]",
+            "grid.defense.alpha=[null, 1e4]",
+        ],
+    )
+    first = run_experiment(config, run_dir=tmp_path, limit=1)
+    assert (first.ran, first.total) == (1, 2)
+    with open(tmp_path / "results.jsonl", "a") as handle:
+        handle.write('{"run_id": "half-writ')  # a kill mid-write
+    second = run_experiment(config, run_dir=tmp_path)
+    assert (second.ran, second.skipped) == (1, 1)
+    rows = read_jsonl(tmp_path / "results.jsonl")
+    assert sorted(r["run_id"] for r in rows) == sorted(r.run_id for r in expand(config))
+    assert all(line.startswith('{"run_id"') for line in (tmp_path / "results.jsonl").open())
+    assert run_experiment(config, run_dir=tmp_path).ran == 0
+    resolved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert resolved["attack"]["steps"] == 2
+    other = load_config("E2", ["seeds=[1]"])
+    with pytest.raises(SpecdefError, match="different resolved config"):
+        run_experiment(other, run_dir=tmp_path)
+
+
+_TINY_VIT = "{name: v, architecture: vit, image_size: 8, patch_size: 4, dim: 8, depth: 1, heads: 2, mlp_ratio: 2, num_classes: 10}"
+_TINY_MLP = "{name: m, architecture: mlp, in_features: 64, hidden: [8], out_features: 10}"
+MINIATURE = {
+    "E1-bound": [
+        f"grid.model=[{_TINY_MLP}, {_TINY_VIT}]",
+        "grid.defense.alpha=[null, 100]",
+        "data.pretrain.steps=5",
+        "measure.batch_size=16",
+        "measure.lanczos_iter=15",
+    ],
+    "E2-vision": [
+        "grid.attack.optimizer=[sgd, adam]",
+        "grid.attack.lr=[0.1]",
+        "grid.defense.alpha=[null, 1e4]",
+    ],
+    "E3-language": [
+        "model=tiny-llama",
+        "grid.attack.lr=[1e-4]",
+        "data.max_length=32",
+        "data.eval_limit=2",
+    ],
+    "E4-lora": [
+        "model=tiny-llama",
+        "grid.attack.lr=[1e-3]",
+        "data.max_length=32",
+        "data.eval_limit=2",
+    ],
+    "E5-second-order": ["grid.attack.lr=[0.01]", "attack.batch_size=16"],
+    "E6-informed": ["grid.attack.lr=[1e-3]"],
+    "E7-utility": [
+        "grid.variants=[{model: mlp-digits, task: digits}, {model: tiny-llama, task: benign-text,"
+        " defense.targets: 'preset:llama', defense.top_k: 4, measure.splits: [benign-text]}]",
+        "grid.defense.alpha=[1e3, 1e9]",
+        "grid.measure.dtype=[fp32, bf16]",
+        "data.max_length=32",
+        "data.eval_limit=2",
+    ],
+}
+COMMON = ["seeds=[0]", "attack.steps=2", "attack.eval_every=1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", CONFIGS, ids=NAMES)
+def test_every_experiment_runs_end_to_end_in_miniature(
+    path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    overrides = COMMON + MINIATURE[path.stem]
+    argv = ["run", str(path), "--out", str(tmp_path), "--report", "--json"]
+    for item in overrides:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    expected = len(expand(load_config(path, overrides)))
+    assert out["ran"] == expected > 0
+    rows = read_jsonl(tmp_path / "results.jsonl")
+    assert len(rows) == expected
+    kind = load_config(path).kind
+    for row in rows:
+        assert row["kind"] == kind and row["provenance"]["versions"]
+        if kind == "attack":
+            assert row["summary"]["steps_run"] >= 1 and row["evals"]
+        elif kind == "curvature":
+            exact, estimate = row["sigma1_exact"], row["sigma1"]
+            assert exact is not None and estimate <= exact * (1 + 1e-6)
+            assert row["bounds_hold"]
+        else:
+            assert row["function_gap"] >= 0 and isinstance(row["guard_accepted"], bool)
+    if kind == "curvature":  # σ₁(H) grows with α even in miniature (exact dense Hessian)
+        for model in {r["model"] for r in rows}:
+            by_alpha = {r["alpha"]: r["sigma1_exact"] for r in rows if r["model"] == model}
+            assert by_alpha[100] > 10 * by_alpha[None]
+    if kind == "utility":  # fp32 keeps α=1e3; bf16 at α=1e9 is refused by the guard
+        verdict = {(r["model"], r["dtype"], r["alpha"]): r["guard_accepted"] for r in rows}
+        assert verdict[("mlp-digits", "fp32", 1e3)] and not verdict[("mlp-digits", "bf16", 1e9)]
+    report = (tmp_path / "report.md").read_text()
+    assert "![" in report and list(tmp_path.glob("*.png"))
+    assert main(argv) == 0  # resume: nothing left to run
+    assert json.loads(capsys.readouterr().out)["ran"] == 0
