@@ -399,6 +399,12 @@ def make_row(run: RunSpec, outcome: Mapping[str, Any], seconds: float) -> dict[s
         "measure": _plain(run.measure),
         "data": _plain(run.data),
     }
+    if run.kind == "attack":  # the fields specdef.sweep.make_row puts at the top level
+        for key in ("optimizer", "lr", "train", "threshold"):
+            if key in run.attack:
+                row[key] = run.attack[key]
+        if run.attack.get("train") == "lora":
+            row["lora_targets"] = _plain(run.attack.get("lora_targets"))
     row.update(outcome)
     row["wall_s"] = round(seconds, 3)
     row["provenance"] = provenance()
@@ -459,8 +465,11 @@ def _run_resumable(
     progress: Callable[[list[RunSpec], int], Iterable[RunSpec]],
 ) -> _Done:
     """Run the items whose key has no row in ``results`` yet; append one row per finished item.
-    A line cut short by a kill is dropped first, so the file stays valid JSON Lines."""
-    _drop_partial_line(results)
+    Same resume contract as :func:`specdef.sweep.run_sweep` (which is specific to attack grids on
+    one task; experiments mix kinds and tasks): a line cut short by a kill is dropped first."""
+    from specdef.sweep import drop_partial_line
+
+    drop_partial_line(results)
     finished = {row.get("run_id") for row in read_jsonl(results)}
     todo = [item for item in items if key(item) not in finished]
     if limit is not None:
@@ -470,12 +479,3 @@ def _run_resumable(
     return _Done(
         skipped=len(items) - len([i for i in items if key(i) not in finished]), ran=len(todo)
     )
-
-
-def _drop_partial_line(path: Path) -> None:
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data[: data.rfind(b"\n") + 1]
-        write_text_atomic(path, keep.decode("utf-8"))
