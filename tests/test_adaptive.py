@@ -27,7 +27,16 @@ from specdef.errors import SpecdefError
 from specdef.targets import candidate_layers, output_layer_names
 from specdef.zoo.models import load_model
 
-TRANSFORMS = ("fuse", "inject", "inject:all-linear", "factor:2", "factor:4", "untouched")
+TRANSFORMS = (
+    "fuse",
+    "inject",
+    "inject:after",
+    "inject:before",
+    "inject:all-linear",
+    "factor:2",
+    "factor:4",
+    "untouched",
+)
 FP32_TOL = DEFAULT_TOLERANCE[torch.float32]
 
 
@@ -58,23 +67,31 @@ def _defend(model: nn.Module, alpha: float, n: int | None, seed: int = 3) -> nn.
     return model
 
 
+def _adapter(transform: str, m: int, n: int) -> int:
+    side = "after" if ":after" in transform else "before" if ":before" in transform else None
+    size = m if side == "after" else n if side == "before" else min(m, n)
+    return size * size + size
+
+
 def _expected_added(transform: str, original: nn.Module, defended: nn.Module) -> int:
     """Parameter delta from the layer shapes alone (an independent count)."""
-    outs = [layer.out_features for layer in defended_layers(defended).values()]
+    shapes = [
+        (layer.out_features, layer.in_features) for layer in defended_layers(defended).values()
+    ]
     if transform == "fuse":
         return count_parameters(original) - count_parameters(defended)
-    if transform == "inject":
-        return sum(m * m + m for m in outs)
-    if transform == "inject:all-linear":
+    if transform.startswith("inject") and "all-linear" not in transform:
+        return sum(_adapter(transform, m, n) for m, n in shapes)
+    if transform.startswith("inject"):
         head = output_layer_names(original)
-        return sum(
-            m.weight.shape[0 if isinstance(m, nn.Linear) else 1] ** 2
-            + m.weight.shape[0 if isinstance(m, nn.Linear) else 1]
-            for n, m in candidate_layers(original).items()
-            if n not in head
-        )
+        total = 0
+        for name, module in candidate_layers(original).items():
+            w = module.weight
+            m, n = w.shape if isinstance(module, nn.Linear) else w.shape[::-1]
+            total += 0 if name in head else _adapter(transform, m, n)
+        return total
     if transform.startswith("factor:"):
-        return (int(transform.split(":")[1]) - 1) * sum(m * m for m in outs)
+        return (int(transform.split(":")[1]) - 1) * sum(m * m for m, _ in shapes)
     return 0
 
 
@@ -144,11 +161,11 @@ def test_gradients_no_longer_see_the_inflation(transform: str):
     names = list(defended_layers(defended))
     attacked, _ = apply_adaptive(copy.deepcopy(defended), transform)
     plain = copy.deepcopy(original)
-    if transform == "inject":
-        for n in names:
-            set_submodule(
-                plain, n, InjectedLinear(plain.get_submodule(n), 128 if n != "layers.4" else 10)
-            )
+    if transform == "inject":  # 64→128: before (64×64); 128→128: after; 128→10: after (10×10)
+        sides = {"layers.0": ("before", 64), "layers.2": ("after", 128), "layers.4": ("after", 10)}
+        assert set(sides) == set(names)
+        for n, (side, size) in sides.items():
+            set_submodule(plain, n, InjectedLinear(plain.get_submodule(n), size, side=side))
     grads = {}
     for label, model in (("attacked", attacked), ("plain", plain)):
         model.zero_grad()
@@ -190,7 +207,10 @@ def test_transforms_work_from_detection_alone(transform: str):
 
 
 def test_parse_errors():
-    assert parse_adaptive("factor:3") == ("factor", "3")
+    assert parse_adaptive("factor:3") == ("factor", ("3",))
+    assert parse_adaptive("inject:before:all-linear") == ("inject", ("before", "all-linear"))
+    with pytest.raises(SpecdefError, match="inject takes options"):
+        parse_adaptive("inject:sideways")
     with pytest.raises(SpecdefError, match="Did you mean: fuse"):
         parse_adaptive("fus")
     with pytest.raises(SpecdefError, match="factor:2"):

@@ -5,9 +5,12 @@ Each transform works **in place**, returns ``(model, TransformRecord)`` and keep
 (up to rounding in the model's dtype):
 
 - ``fuse``: multiply each compensation pair back, ``W = C·W̃`` (no size increase);
-- ``inject``: freeze each suspect layer and insert a trainable identity-initialised ``nn.Linear``
-  (m×m, with bias) after it, so no gradient step touches an inflated parameter; ``inject:all-linear``
-  does so after every linear map without detection (black-box). Size grows by ``m² + m`` per layer;
+- ``inject``: freeze each suspect layer and put a trainable identity-initialised square
+  ``nn.Linear`` (with bias) beside it, so no gradient step touches an inflated parameter. The
+  paper's construction puts it after the layer (``inject:after``, m×m); the default ``auto`` uses
+  the smaller side (``before``, n×n, when n < m), which costs ``min(m, n)²`` and, for a full-rank
+  W, reaches every m×n weight (an m×m adapter after a wide 10×128 head can only mix its 10 rows).
+  ``inject:all-linear`` does this for every linear map without detection (black-box);
 - ``factor:j``: split ``W̃ = T·W`` (``T = I + (α−1)P``) into ``j`` factors ``R^{j−1}·(R^{1−j}·W̃)``
   with ``R = T^{1/j} = I + (α^{1/j}−1)P``: each factor is inflated by ``α^{1/j}`` instead of α; the
   compensation stays. Size grows by ``(j−1)·m²`` per layer;
@@ -42,6 +45,7 @@ from specdef.targets import candidate_layers, output_layer_names
 log = logging.getLogger(__name__)
 
 TRANSFORMS = ("fuse", "inject", "factor", "untouched")
+SIDES = ("auto", "after", "before")  # where inject puts its adapter; auto: the smaller side
 
 
 @dataclass(frozen=True)
@@ -86,22 +90,31 @@ class TransformRecord:
 
 
 class InjectedLinear(nn.Module):
-    """``forward(x) = adapter(frozen(x))``: a frozen layer followed by a trainable m×m ``adapter``
-    initialised to the identity (weight ``I``, bias 0), so the function is unchanged."""
+    """A frozen layer and a trainable square ``adapter`` initialised to the identity (weight ``I``,
+    bias 0), so the function is unchanged: ``adapter(frozen(x))`` for ``side="after"`` (m×m) or
+    ``frozen(adapter(x))`` for ``side="before"`` (n×n)."""
 
-    def __init__(self, frozen: nn.Module, out_features: int) -> None:
+    def __init__(self, frozen: nn.Module, features: int, *, side: str = "after") -> None:
         super().__init__()
+        if side not in SIDES[1:]:
+            raise SpecdefError(did_you_mean(side, SIDES[1:], what="adapter side"))
         ref = next(frozen.parameters())
+        self.side = side
         self.frozen = frozen
-        self.adapter = nn.Linear(out_features, out_features, dtype=ref.dtype, device=ref.device)
+        self.adapter = nn.Linear(features, features, dtype=ref.dtype, device=ref.device)
         with torch.no_grad():
-            self.adapter.weight.copy_(torch.eye(out_features, dtype=ref.dtype))
+            self.adapter.weight.copy_(torch.eye(features, dtype=ref.dtype))
             self.adapter.bias.zero_()
         for p in self.frozen.parameters():
             p.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.side == "before":
+            return self.frozen(self.adapter(x))
         return self.adapter(self.frozen(x))
+
+    def extra_repr(self) -> str:
+        return f"side={self.side!r}"
 
 
 @dataclass(frozen=True)
@@ -123,13 +136,22 @@ def find_pairs(model: nn.Module) -> tuple[list[_Pair], list[str], str, Detection
     return pairs, [s.name for s in found.suspects], "weights", found
 
 
-def _out_features(module: nn.Module) -> int:
+def _shape(module: nn.Module) -> tuple[int, int]:
+    """``(out, in)`` features of a linear map (nn.Linear, Conv1D, DefendedLinear)."""
     if isinstance(module, DefendedLinear | nn.Linear):
-        return int(module.out_features)
+        return int(module.out_features), int(module.in_features)
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.ndim == 2:  # transformers Conv1D: n×m
-        return int(getattr(module, "nf", weight.shape[1]))
-    raise SpecdefError(f"Cannot inject after a {type(module).__name__}: expected a linear layer.")
+        return int(weight.shape[1]), int(weight.shape[0])
+    raise SpecdefError(f"Cannot inject around a {type(module).__name__}: expected a linear layer.")
+
+
+def _side(side: str, out_features: int, in_features: int) -> str:
+    """``auto`` puts the adapter on the smaller side: it costs min(m, n)² and, for a full-rank W,
+    reaches every m×n matrix (``A·W`` needs rank n when after; ``W·A`` rank m when before)."""
+    if side != "auto":
+        return side
+    return "before" if in_features < out_features else "after"
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
@@ -192,45 +214,73 @@ def fuse_(model: nn.Module) -> tuple[nn.Module, TransformRecord]:
     return model, record
 
 
-def inject_(model: nn.Module, *, where: str = "suspects") -> tuple[nn.Module, TransformRecord]:
-    """Freeze layers and insert an identity-initialised trainable m×m layer after each, in place.
+def inject_(
+    model: nn.Module, *, where: str = "suspects", side: str = "auto"
+) -> tuple[nn.Module, TransformRecord]:
+    """Freeze layers and put a trainable identity-initialised square layer beside each, in place.
 
-    ``where="suspects"``: after each defended (or detected) layer; ``"all-linear"``: black-box,
-    after every outermost linear map (each defended layer counts as one map).
+    ``where="suspects"``: each defended (or detected) layer; ``"all-linear"``: black-box, every
+    outermost linear map (a defended layer counts as one map; the LM head is skipped). ``side``:
+    ``"after"`` (m×m, the paper's construction), ``"before"`` (n×n) or ``"auto"`` (the smaller).
+    Gradients reach the adapter only through the product ``C·W̃ = W``, never the inflated factor.
     """
     if where not in ("suspects", "all-linear"):
         raise SpecdefError(did_you_mean(where, ("suspects", "all-linear"), what="inject target"))
+    if side not in SIDES:
+        raise SpecdefError(did_you_mean(side, SIDES, what="adapter side"))
     before = count_parameters(model)
     frozen: list[str] = []
+    # (module to wrap, its other half to freeze or None, (out, in) of the whole linear map)
+    plan: list[tuple[str, str | None, tuple[int, int]]] = []
     if where == "all-linear":
         units = set(defended_layers(model))
         skip = output_layer_names(model)  # an adapter after the LM head would be vocab × vocab
         order = list(dict(model.named_modules()))
-        targets = sorted(
-            (set(candidate_layers(model)) | units) - skip,
-            key=order.index,
-        )
+        names = sorted((set(candidate_layers(model)) | units) - skip, key=order.index)
+        plan = [(n, None, _shape(model.get_submodule(n))) for n in names]
         source = "structure" if units else "black-box"
     else:
         pairs, suspects, source, _ = find_pairs(model)
-        targets = [p.unit or p.compensation for p in pairs] + suspects
-        frozen += [p.inflated for p in pairs if p.unit is None]
-    for name in targets:
+        for pair in pairs:
+            if pair.unit is not None:
+                plan.append((pair.unit, None, _shape(model.get_submodule(pair.unit))))
+                continue
+            out_f = _shape(model.get_submodule(pair.compensation))[0]
+            in_f = _shape(model.get_submodule(pair.inflated))[1]
+            if _side(side, out_f, in_f) == "after":
+                plan.append((pair.compensation, pair.inflated, (out_f, in_f)))
+            else:
+                plan.append((pair.inflated, pair.compensation, (out_f, in_f)))
+        plan += [(n, None, _shape(model.get_submodule(n))) for n in suspects]
+    sides: dict[str, str] = {}
+    for name, other, (out_f, in_f) in plan:
+        chosen = _side(side, out_f, in_f)
         module = model.get_submodule(name)
-        set_submodule(model, name, InjectedLinear(module, _out_features(module)))
+        features = out_f if chosen == "after" else in_f
+        if other is not None:  # a detected leaf pair: the adapter sits beside the whole pair
+            features = _shape(module)[0 if chosen == "after" else 1]
+            frozen.append(other)
+        set_submodule(model, name, InjectedLinear(module, features, side=chosen))
         frozen.append(f"{name}.frozen")
+        sides[name] = chosen
     for prefix in frozen:
         for p in model.get_submodule(prefix).parameters():
             p.requires_grad_(False)
+    label = (
+        "inject"
+        + (f":{side}" if side != "auto" else "")
+        + (":all-linear" if where == "all-linear" else "")
+    )
     record = TransformRecord(
-        f"inject:{where}" if where != "suspects" else "inject",
-        tuple(targets),
+        label,
+        tuple(sides),
         before,
         count_parameters(model),
         source,
         frozen=tuple(frozen),
+        details={"side": sides},
     )
-    log.info("inject: %d layers, %+d parameters", len(targets), record.params_added)
+    log.info("%s: %d layers, %+d parameters", label, len(sides), record.params_added)
     return model, record
 
 
@@ -308,28 +358,37 @@ def untouched_(model: nn.Module) -> tuple[nn.Module, TransformRecord]:
     return model, record
 
 
-def parse_adaptive(spec: str) -> tuple[str, str | None]:
-    """``"factor:4"`` → ``("factor", "4")``; validates the transform name."""
-    name, _, arg = spec.partition(":")
+def parse_adaptive(spec: str) -> tuple[str, tuple[str, ...]]:
+    """``"factor:4"`` → ``("factor", ("4",))``, ``"inject:after:all-linear"`` → ``("inject",
+    ("after", "all-linear"))``; validates names and arguments."""
+    name, *args = spec.split(":")
     if name not in TRANSFORMS:
         raise SpecdefError(did_you_mean(name, TRANSFORMS, what="adaptive transform"))
-    if name == "factor" and not arg.isdigit():
+    if name == "factor" and (len(args) != 1 or not args[0].isdigit()):
         raise SpecdefError(f"factor needs a number of factors, e.g. factor:2; found {spec!r}.")
-    if name == "inject" and arg not in ("", "all-linear", "suspects"):
-        raise SpecdefError(f"inject takes no argument or ':all-linear', found {spec!r}.")
-    if name in ("fuse", "untouched") and arg:
+    if name == "inject":
+        allowed = (*SIDES, "all-linear", "suspects")
+        for arg in args:
+            if arg not in allowed:
+                raise SpecdefError(
+                    f"inject takes options from {', '.join(allowed)} (e.g. inject:after or "
+                    f"inject:all-linear); found {arg!r} in {spec!r}."
+                )
+    if name in ("fuse", "untouched") and args:
         raise SpecdefError(f"{name} takes no argument, found {spec!r}.")
-    return name, arg or None
+    return name, tuple(args)
 
 
 def apply_adaptive(model: nn.Module, spec: str) -> tuple[nn.Module, TransformRecord]:
-    """Apply the transform named by ``spec`` (``fuse``, ``inject[:all-linear]``, ``factor:J``,
-    ``untouched``) in place; returns the model and the record."""
-    name, arg = parse_adaptive(spec)
+    """Apply the transform named by ``spec`` in place: ``fuse``, ``inject[:after|before|auto]
+    [:all-linear]``, ``factor:J`` or ``untouched``. Returns the model and the record."""
+    name, args = parse_adaptive(spec)
     if name == "fuse":
         return fuse_(model)
     if name == "inject":
-        return inject_(model, where=arg or "suspects")
+        where = "all-linear" if "all-linear" in args else "suspects"
+        side = next((a for a in args if a in SIDES), "auto")
+        return inject_(model, where=where, side=side)
     if name == "factor":
-        return factor_(model, int(arg or 0))
+        return factor_(model, int(args[0]))
     return untouched_(model)
