@@ -98,6 +98,9 @@ def load_source(
     src: str, *, dtype: torch.dtype | None = None, attn_implementation: str | None = None
 ) -> Source:
     """Load ``src``: a specdef checkpoint, a Hugging Face directory, or a zoo model name."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # library code never prints; specdef shows its own progress
     root = Path(src)
     if root.is_dir():
         if (root / MANIFEST).exists():
