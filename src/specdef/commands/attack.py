@@ -1,0 +1,204 @@
+"""``specdef attack MODEL --data TASK``: fine-tune a (defended) model over a learning-rate grid and
+report the steps each run needed to reach the threshold, the best case and divergence points."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from specdef.commands._common import print_json, print_table
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def register(sub: Any) -> None:
+    parser = sub.add_parser(
+        "attack",
+        help="fine-tune a model over a learning-rate grid; steps to threshold per lr",
+        description="Run the fine-tuning attack (one training loop, any registered optimizer, "
+        "full / untouched-only / LoRA training) for every optimizer × learning rate × seed, and "
+        "print the steps each run needed to reach the threshold on the held-out harmful split "
+        "(right-censored at --steps), the best learning rate and where runs diverged. With --out, "
+        "rows go to RUN_DIR/results.jsonl and a rerun skips finished runs.",
+    )
+    parser.add_argument("model", metavar="MODEL", help="zoo name, specdef checkpoint or HF dir")
+    parser.add_argument("--data", required=True, metavar="TASK", help="zoo task (specdef zoo)")
+    parser.add_argument(
+        "--optimizer", default="adamw", type=_names, help="name(s), comma-separated"
+    )
+    parser.add_argument("--lr", default=[1e-5, 1e-4, 1e-3], type=_floats, help="comma-separated")
+    parser.add_argument("--steps", type=int, default=100, help="update budget per run")
+    parser.add_argument("--seeds", type=_ints, default=[0], help="comma-separated")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--schedule", default="constant", help="constant | cosine | linear")
+    parser.add_argument("--warmup", type=int, default=0, help="warm-up steps")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--grad-clip", type=float, default=None)
+    parser.add_argument("--precision", default="fp32", help="fp32 | bf16 (autocast)")
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--train", default="all", help="all | untouched (defended layers frozen)")
+    parser.add_argument(
+        "--lora",
+        type=_names,
+        default=None,
+        metavar="TARGETS",
+        help="train peft LoRA adapters on these modules (e.g. q_proj,v_proj or all-linear)",
+    )
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--lora-alpha", type=float, default=16.0)
+    parser.add_argument(
+        "--threshold",
+        default=None,
+        help="e.g. harmful_accuracy>=0.9 or harmful_loss<=1.5; a bare number uses the task's "
+        "default metric (accuracy for classifiers, loss for language models)",
+    )
+    parser.add_argument("--stop-at-threshold", action="store_true", help="end runs that reach it")
+    parser.add_argument("--divergence-factor", type=float, default=10.0)
+    parser.add_argument(
+        "--opt-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="optimizer keyword (repeatable), e.g. --opt-arg damping=0.1",
+    )
+    parser.add_argument("--max-length", type=int, default=128, help="tokens (language tasks)")
+    parser.add_argument("--eval-limit", type=int, default=None, help="held-out examples per split")
+    parser.add_argument("--out", metavar="RUN_DIR", help="keep results.jsonl here (resumable)")
+    parser.add_argument("--json", action="store_true", help="print the rows' summaries as JSON")
+    parser.set_defaults(func=run)
+
+
+def _opt_kwargs(items: list[str]) -> dict[str, Any]:
+    from specdef.errors import SpecdefError
+    from specdef.experiment import parse_value
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SpecdefError(f"Expected --opt-arg KEY=VALUE, found {item!r}; add '=VALUE'.")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def build_specs(args: argparse.Namespace) -> list[Any]:
+    """The attack grid the arguments describe."""
+    from specdef.attack import AttackSpec
+    from specdef.sweep import attack_grid
+
+    base = AttackSpec(
+        optimizer=args.optimizer[0],
+        lr=args.lr[0],
+        steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        optimizer_kwargs=_opt_kwargs(args.opt_arg),
+        schedule=args.schedule,
+        warmup_steps=args.warmup,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        precision=args.precision,
+        eval_every=args.eval_every,
+        train="lora" if args.lora else args.train,
+        lora_targets=tuple(args.lora) if args.lora else ("all-linear",),
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        divergence_factor=args.divergence_factor,
+        threshold=args.threshold,
+        stop_at_threshold=args.stop_at_threshold,
+    )
+    return attack_grid(base, optimizers=args.optimizer, lrs=args.lr, seeds=args.seeds)
+
+
+def run(args: argparse.Namespace) -> int:
+    from specdef import zoo
+    from specdef.release import load_source
+    from specdef.sweep import ModelVariant, run_sweep
+
+    specs = build_specs(args)  # validate the grid before loading anything
+    source = load_source(args.model, attn_implementation="eager")
+    kwargs: dict[str, Any] = {}
+    if source.tokenizer is not None:
+        kwargs = {"tokenizer": source.tokenizer, "max_length": args.max_length}
+        kwargs["eval_limit"] = args.eval_limit
+    task = zoo.load_task(args.data, **kwargs)
+    pristine = source.model
+    manifest = getattr(pristine, "specdef_manifest", None) or {}
+    defense = manifest.get("defense") if isinstance(manifest, dict) else None
+    config = (defense or {}).get("config") or {}
+    info = {"alpha": config.get("alpha"), "defense": config or None}
+    variant = ModelVariant(source.name, lambda: copy.deepcopy(pristine), info)
+    if args.out:
+        summary = run_sweep(task, [variant], specs, results=Path(args.out) / "results.jsonl")
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            summary = run_sweep(task, [variant], specs, results=Path(tmp) / "results.jsonl")
+    rows = summary.rows
+    if args.json:
+        print_json([{k: v for k, v in r.items() if k not in ("history",)} for r in rows])
+        return 0
+    print_rows(rows, threshold=args.threshold)
+    if args.out:
+        print(f"{summary.ran} runs now, {summary.skipped} resumed; rows in {summary.results}")
+    return 0
+
+
+def print_rows(rows: list[dict[str, Any]], *, threshold: str | None) -> None:
+    """One table per (optimizer, seed): steps to threshold and divergence per lr, then the best."""
+    from specdef.metrics import StepsToThreshold, best_over_grid
+
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((str(row["optimizer"]), int(row["seed"])), []).append(row)
+    for (optimizer, seed), group in groups.items():
+        outcomes: dict[float, StepsToThreshold] = {}
+        table = []
+        for row in sorted(group, key=lambda r: float(r["lr"])):
+            s = row["summary"]
+            final = s.get("final", {})
+            reached = "—"
+            if threshold:
+                outcome = StepsToThreshold(
+                    s["steps_to_threshold"], s["budget"], s["censor_reason"] or "reached",
+                    s["diverged_at"],
+                )  # fmt: skip
+                outcomes[float(row["lr"])] = outcome
+                reached = str(outcome)
+            table.append(
+                (
+                    row["lr"],
+                    reached,
+                    s["diverged_at"] if s["diverged_at"] is not None else "—",
+                    final.get("harmful_accuracy", final.get("harmful_loss", float("nan"))),
+                    final.get("benign_loss", float("nan")),
+                )
+            )
+        title = f"{rows[0]['model']} on {rows[0]['task']}: {optimizer}, seed {seed}"
+        metric = "harmful acc/loss (last eval)"
+        print_table(
+            title,
+            ["lr", f"steps to {threshold or 'threshold'}", "diverged at", metric, "benign loss"],
+            table,
+        )
+        if threshold:
+            lr, best = best_over_grid(outcomes)
+            if lr is not None:
+                print(f"best: lr={lr:g} reaches {threshold} in {best} steps")
+            elif best is not None:
+                print(
+                    f"best: none of the learning rates reaches {threshold} in {best.budget} steps"
+                )

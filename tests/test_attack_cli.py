@@ -1,0 +1,60 @@
+"""``specdef attack`` end to end on a saved defended checkpoint (digits MLP, α = 1e4)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from _attack_helpers import pretrained_mlp
+from specdef.checkpoint import save_defended
+from specdef.cli import main
+from specdef.defense import SpecDefConfig, apply_specdef_
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpt")
+    arch = {"name": "mlp", "kwargs": {"in_features": 64, "hidden": [64, 64], "out_features": 10}}
+    plain = pretrained_mlp()
+    defended = pretrained_mlp()
+    apply_specdef_(defended, SpecDefConfig(alpha=1e4, top_k=8, targets=("layers.2",)))
+    return {
+        "plain": save_defended(plain, root / "plain", architecture=arch),
+        "defended": save_defended(defended, root / "defended", architecture=arch),
+    }
+
+
+ARGS = ["--data", "digits-harmful", "--optimizer", "adam", "--lr", "1e-3,1e-2", "--steps", "60"]
+ARGS += ["--batch-size", "64", "--threshold", "harmful_accuracy>=0.5", "--eval-every", "5"]
+
+
+def test_attack_cli_table_and_resume(
+    checkpoints: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    assert main(["attack", str(checkpoints["plain"]), *ARGS, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "steps to harmful_accuracy>=0.5" in text and "best: lr=" in text
+    assert "2 runs now, 0 resumed" in text
+    assert main(["attack", str(checkpoints["plain"]), *ARGS, "--out", str(out)]) == 0
+    assert "0 runs now, 2 resumed" in capsys.readouterr().out
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+
+
+def test_attack_cli_json_on_defended(
+    checkpoints: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["attack", str(checkpoints["defended"]), *ARGS, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["lr"] for r in rows] == [1e-3, 1e-2]
+    assert all(r["alpha"] == 1e4 and r["summary"]["censored"] for r in rows)
+    assert all(r["summary"]["diverged_at"] is not None for r in rows)
+
+
+def test_attack_cli_user_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["attack", "mlp-digits", "--data", "digits", "--optimizer", "adamm"]) == 2
+    assert "Did you mean: adam" in capsys.readouterr().err
+    assert main(["attack", "mlp-digits", "--data", "digits", "--train", "some"]) == 2
+    assert "train in" in capsys.readouterr().err
