@@ -460,7 +460,12 @@ def build_report(rows: list[Row], out_dir: str | Path, *, title: str = "specdef 
     out.mkdir(parents=True, exist_ok=True)
     report = Report(markdown="")
     experiments = sorted({str(r.get("experiment")) for r in rows})
-    sections = [f"# {title}\n", f"{len(rows)} runs from experiment(s) {', '.join(experiments)}.\n"]
+    wall = sum(float(r.get("wall_s") or 0.0) for r in rows)
+    sections = [
+        f"# {title}\n",
+        f"{len(rows)} runs from experiment(s) {', '.join(experiments)}; summed run time "
+        f"{wall / 60:.1f} min (per-run `wall_s`, excluding process start-up).\n",
+    ]
     by_kind: dict[str, list[Row]] = defaultdict(list)
     for r in rows:
         kind = str(r.get("kind", "attack"))

@@ -14,6 +14,7 @@ dense Hessian fits in memory), optionally pre-trained with ``data.pretrain`` (an
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import importlib
 import logging
@@ -79,11 +80,21 @@ def load_run_task(run: Any, *, name: str | None = None) -> Task:
     task_name = name or run.task
     kwargs = tuple(
         (k, run.data[k]) for k in ("max_length", "eval_limit", "fallback") if k in run.data
-    )
+    )  # data.eval_splits: keep only these held-out splits
     tokenizer = None
     if task_name in TASKS and TASKS[task_name].kind == "causal-lm":
         tokenizer = model_name(run.model)
-    return _cached_task(task_name, tokenizer, kwargs)
+    task = _cached_task(task_name, tokenizer, kwargs)
+    keep = run.data.get("eval_splits")
+    if keep and name is None:  # evaluate only these held-out splits (CPU budget)
+        heldout = getattr(task, "heldout", {})
+        missing = [k for k in keep if k not in heldout]
+        if missing:
+            raise SpecdefError(
+                f"eval_splits {missing} not in task {task_name!r}; available: {sorted(heldout)}."
+            )
+        task = dataclasses.replace(task, heldout={k: heldout[k] for k in keep})  # type: ignore[type-var]
+    return task
 
 
 @functools.lru_cache(maxsize=4)

@@ -34,6 +34,11 @@ def register(sub: Any) -> None:
     parser.add_argument(
         "--report", action="store_true", help="write RUN_DIR/report.md when the runs finish"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (1 is fastest for small models on a busy machine)",
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(func=run)
 
@@ -42,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
     from specdef.experiment import expand, load_config, run_experiment
 
     config = load_config(args.config, args.overrides)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.dry_run:
         runs = expand(config)
         if args.json:
