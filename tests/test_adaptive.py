@@ -32,6 +32,7 @@ TRANSFORMS = (
     "inject",
     "inject:after",
     "inject:before",
+    "inject:parallel",
     "inject:all-linear",
     "factor:2",
     "factor:4",
@@ -68,8 +69,10 @@ def _defend(model: nn.Module, alpha: float, n: int | None, seed: int = 3) -> nn.
 
 
 def _adapter(transform: str, m: int, n: int) -> int:
+    if ":parallel" in transform:
+        return m * n + m
     side = "after" if ":after" in transform else "before" if ":before" in transform else None
-    size = m if side == "after" else n if side == "before" else min(m, n)
+    size = m if side == "after" else n if side == "before" else max(m, n)
     return size * size + size
 
 
@@ -161,11 +164,18 @@ def test_gradients_no_longer_see_the_inflation(transform: str):
     names = list(defended_layers(defended))
     attacked, _ = apply_adaptive(copy.deepcopy(defended), transform)
     plain = copy.deepcopy(original)
-    if transform == "inject":  # 64→128: before (64×64); 128→128: after; 128→10: after (10×10)
-        sides = {"layers.0": ("before", 64), "layers.2": ("after", 128), "layers.4": ("after", 10)}
+    if transform == "inject":  # the larger side: 64→128 after, 128→128 after, 128→10 before
+        sides = {
+            "layers.0": ("after", 128),
+            "layers.2": ("after", 128),
+            "layers.4": ("before", 128),
+        }
         assert set(sides) == set(names)
         for n, (side, size) in sides.items():
-            set_submodule(plain, n, InjectedLinear(plain.get_submodule(n), size, side=side))
+            wrapped = InjectedLinear(
+                plain.get_submodule(n), out_features=size, in_features=size, side=side
+            )
+            set_submodule(plain, n, wrapped)
     grads = {}
     for label, model in (("attacked", attacked), ("plain", plain)):
         model.zero_grad()
@@ -191,6 +201,10 @@ def test_transforms_work_from_detection_alone(transform: str):
     for n, layer in defended_layers(model).items():
         set_submodule(model, n, nn.Sequential(layer.inflated, layer.compensation))
     inputs = _inputs("tiny-llama")
+    if transform == "inject:parallel":
+        with pytest.raises(SpecdefError, match="one module"):
+            apply_adaptive(model, transform)
+        return
     with torch.no_grad():
         ref = _out(original, inputs)
         model, record = apply_adaptive(model, transform)
@@ -262,3 +276,30 @@ def test_cli_transform_fuse_saves_a_plain_checkpoint(tmp_path: Path, capsys):
         == 2
     )
     assert not (tmp_path / "x").exists()
+
+
+def test_parallel_inject_trains_exactly_like_the_undefended_model():
+    """W·x + B·x with B = 0: Adam on B takes the steps Adam takes on W, so after a few steps the
+    attacked model equals the undefended model trained on all its parameters (float64)."""
+    original = copy.deepcopy(_base("mlp-digits")).double()
+    attacked, record = apply_adaptive(_defend(original, 1e4, None), "inject:parallel")
+    assert record.params_added == sum(
+        m.weight.numel() + m.bias.numel() for m in original.layers if isinstance(m, nn.Linear)
+    )
+    gen = torch.Generator().manual_seed(2)
+    batches = [
+        (
+            torch.rand(32, 64, generator=gen, dtype=torch.float64),
+            torch.randint(0, 10, (32,), generator=gen),
+        )
+        for _ in range(5)
+    ]
+    for model in (attacked, original):
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for x, y in batches:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    x = batches[0][0]
+    with torch.no_grad():
+        assert _gap(attacked(x), original(x)) <= 1e-8

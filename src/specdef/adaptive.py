@@ -5,12 +5,15 @@ Each transform works **in place**, returns ``(model, TransformRecord)`` and keep
 (up to rounding in the model's dtype):
 
 - ``fuse``: multiply each compensation pair back, ``W = C·W̃`` (no size increase);
-- ``inject``: freeze each suspect layer and put a trainable identity-initialised square
-  ``nn.Linear`` (with bias) beside it, so no gradient step touches an inflated parameter. The
-  paper's construction puts it after the layer (``inject:after``, m×m); the default ``auto`` uses
-  the smaller side (``before``, n×n, when n < m), which costs ``min(m, n)²`` and, for a full-rank
-  W, reaches every m×n weight (an m×m adapter after a wide 10×128 head can only mix its 10 rows).
-  ``inject:all-linear`` does this for every linear map without detection (black-box);
+- ``inject``: freeze each suspect layer and put a trainable layer beside it that leaves the function
+  unchanged, so no gradient step touches an inflated parameter. The paper's construction is an
+  identity-initialised m×m layer after it (``inject:after``); ``inject:before`` puts an n×n one
+  before it; the default ``auto`` takes the larger side, so that for a full-rank W the pair still
+  reaches every m×n weight (``A·W`` needs rank n, ``W·A`` rank m: an m×m adapter after a wide
+  10×128 head could only mix its 10 rows). ``inject:parallel`` adds a zero-initialised m×n layer
+  beside it (``W·x + B·x``): training B is training W, step for step. Size grows by ``s² + s``
+  (s = m, n or max(m, n)) or ``m·n + m`` per layer. ``inject:all-linear`` does this for every
+  linear map without detection (black-box);
 - ``factor:j``: split ``W̃ = T·W`` (``T = I + (α−1)P``) into ``j`` factors ``R^{j−1}·(R^{1−j}·W̃)``
   with ``R = T^{1/j} = I + (α^{1/j}−1)P``: each factor is inflated by ``α^{1/j}`` instead of α; the
   compensation stays. Size grows by ``(j−1)·m²`` per layer;
@@ -45,7 +48,7 @@ from specdef.targets import candidate_layers, output_layer_names
 log = logging.getLogger(__name__)
 
 TRANSFORMS = ("fuse", "inject", "factor", "untouched")
-SIDES = ("auto", "after", "before")  # where inject puts its adapter; auto: the smaller side
+SIDES = ("auto", "after", "before", "parallel")  # where inject puts its adapter (auto: larger side)
 
 
 @dataclass(frozen=True)
@@ -90,27 +93,37 @@ class TransformRecord:
 
 
 class InjectedLinear(nn.Module):
-    """A frozen layer and a trainable square ``adapter`` initialised to the identity (weight ``I``,
-    bias 0), so the function is unchanged: ``adapter(frozen(x))`` for ``side="after"`` (m×m) or
-    ``frozen(adapter(x))`` for ``side="before"`` (n×n)."""
+    """A frozen linear map ``frozen`` (m×n) and a trainable ``adapter`` that leaves the function
+    unchanged at initialisation: ``adapter(frozen(x))`` with an m×m identity for ``side="after"``,
+    ``frozen(adapter(x))`` with an n×n identity for ``"before"``, ``frozen(x) + adapter(x)`` with
+    an m×n zero layer for ``"parallel"`` (bias 0 in each case)."""
 
-    def __init__(self, frozen: nn.Module, features: int, *, side: str = "after") -> None:
+    def __init__(
+        self, frozen: nn.Module, *, out_features: int, in_features: int, side: str = "after"
+    ) -> None:
         super().__init__()
         if side not in SIDES[1:]:
             raise SpecdefError(did_you_mean(side, SIDES[1:], what="adapter side"))
         ref = next(frozen.parameters())
+        rows = in_features if side == "before" else out_features
+        cols = out_features if side == "after" else in_features
         self.side = side
         self.frozen = frozen
-        self.adapter = nn.Linear(features, features, dtype=ref.dtype, device=ref.device)
+        self.adapter = nn.Linear(cols, rows, dtype=ref.dtype, device=ref.device)
         with torch.no_grad():
-            self.adapter.weight.copy_(torch.eye(features, dtype=ref.dtype))
             self.adapter.bias.zero_()
+            if side == "parallel":
+                self.adapter.weight.zero_()
+            else:
+                self.adapter.weight.copy_(torch.eye(rows, dtype=ref.dtype))
         for p in self.frozen.parameters():
             p.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.side == "before":
             return self.frozen(self.adapter(x))
+        if self.side == "parallel":
+            return self.frozen(x) + self.adapter(x)
         return self.adapter(self.frozen(x))
 
     def extra_repr(self) -> str:
@@ -147,11 +160,11 @@ def _shape(module: nn.Module) -> tuple[int, int]:
 
 
 def _side(side: str, out_features: int, in_features: int) -> str:
-    """``auto`` puts the adapter on the smaller side: it costs min(m, n)² and, for a full-rank W,
-    reaches every m×n matrix (``A·W`` needs rank n when after; ``W·A`` rank m when before)."""
+    """``auto``: the larger side. For a full-rank W (m×n), ``A·W`` (after, m×m) reaches every m×n
+    matrix when n ≤ m and ``W·A`` (before, n×n) when m ≤ n; the smaller side would not."""
     if side != "auto":
         return side
-    return "before" if in_features < out_features else "after"
+    return "after" if out_features >= in_features else "before"
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
@@ -221,7 +234,8 @@ def inject_(
 
     ``where="suspects"``: each defended (or detected) layer; ``"all-linear"``: black-box, every
     outermost linear map (a defended layer counts as one map; the LM head is skipped). ``side``:
-    ``"after"`` (m×m, the paper's construction), ``"before"`` (n×n) or ``"auto"`` (the smaller).
+    ``"after"`` (m×m, the paper's construction), ``"before"`` (n×n), ``"auto"`` (the larger) or
+    ``"parallel"`` (a zero-initialised m×n layer added beside it).
     Gradients reach the adapter only through the product ``C·W̃ = W``, never the inflated factor.
     """
     if where not in ("suspects", "all-linear"):
@@ -247,6 +261,11 @@ def inject_(
                 continue
             out_f = _shape(model.get_submodule(pair.compensation))[0]
             in_f = _shape(model.get_submodule(pair.inflated))[1]
+            if side == "parallel":
+                raise SpecdefError(
+                    f"inject:parallel needs each pair as one module; {pair.inflated!r} and "
+                    f"{pair.compensation!r} are separate modules. Use inject:after or inject:before."
+                )
             if _side(side, out_f, in_f) == "after":
                 plan.append((pair.compensation, pair.inflated, (out_f, in_f)))
             else:
@@ -256,11 +275,11 @@ def inject_(
     for name, other, (out_f, in_f) in plan:
         chosen = _side(side, out_f, in_f)
         module = model.get_submodule(name)
-        features = out_f if chosen == "after" else in_f
         if other is not None:  # a detected leaf pair: the adapter sits beside the whole pair
-            features = _shape(module)[0 if chosen == "after" else 1]
+            out_f, in_f = _shape(module)
             frozen.append(other)
-        set_submodule(model, name, InjectedLinear(module, features, side=chosen))
+        wrapped = InjectedLinear(module, out_features=out_f, in_features=in_f, side=chosen)
+        set_submodule(model, name, wrapped)
         frozen.append(f"{name}.frozen")
         sides[name] = chosen
     for prefix in frozen:
