@@ -36,6 +36,7 @@ TRANSFORMS = (
     "inject:all-linear",
     "factor:2",
     "factor:4",
+    "factor:2:freeze",
     "untouched",
 )
 FP32_TOL = DEFAULT_TOLERANCE[torch.float32]
@@ -229,6 +230,8 @@ def test_parse_errors():
         parse_adaptive("fus")
     with pytest.raises(SpecdefError, match="factor:2"):
         parse_adaptive("factor")
+    with pytest.raises(SpecdefError, match="factor:2:freeze"):
+        parse_adaptive("factor:2:thaw")
     with pytest.raises(SpecdefError, match="j ≥ 2"):
         apply_adaptive(_defend(_base("mlp-digits"), 1e4, 1), "factor:1")
 

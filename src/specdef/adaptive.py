@@ -16,7 +16,7 @@ Each transform works **in place**, returns ``(model, TransformRecord)`` and keep
   linear map without detection (black-box);
 - ``factor:j``: split ``W̃ = T·W`` (``T = I + (α−1)P``) into ``j`` factors ``R^{j−1}·(R^{1−j}·W̃)``
   with ``R = T^{1/j} = I + (α^{1/j}−1)P``: each factor is inflated by ``α^{1/j}`` instead of α; the
-  compensation stays. Size grows by ``(j−1)·m²`` per layer;
+  compensation stays (``factor:j:freeze`` keeps it frozen). Size grows by ``(j−1)·m²`` per layer;
 - ``untouched``: no change; the attack trains only parameters outside defended layers.
 
 Pairs come from the defended structure (:class:`~specdef.defense.DefendedLinear` modules) when the
@@ -303,17 +303,22 @@ def inject_(
     return model, record
 
 
-def factor_(model: nn.Module, factors: int) -> tuple[nn.Module, TransformRecord]:
+def factor_(
+    model: nn.Module, factors: int, *, freeze_compensation: bool = False
+) -> tuple[nn.Module, TransformRecord]:
     """Split each inflated weight into ``factors`` layers, each inflated by ``α^(1/factors)``.
 
     ``W̃ = R^{j−1}·F₁`` with ``R = I + (a−1)P``, ``a = α^{1/j}``, ``F₁ = R^{1−j}·W̃ = T^{1/j}·W``;
-    exact in float64 for any estimate of α, because all factors share the projector P.
+    exact in float64 for any estimate of α, because all factors share the projector P. The
+    compensation C stays (trainable unless ``freeze_compensation``): it still receives activations
+    inflated by α in range(P), whatever j is.
     """
     if isinstance(factors, bool) or not isinstance(factors, int) or factors < 2:
         raise SpecdefError(f"factor needs j ≥ 2 factors (e.g. factor:2), found {factors!r}.")
     before = count_parameters(model)
     pairs, _, source, _ = find_pairs(model)
     alphas: dict[str, float] = {}
+    frozen: list[str] = []
     for pair in pairs:
         inflated = model.get_submodule(pair.inflated)
         comp = model.get_submodule(pair.compensation)
@@ -336,15 +341,23 @@ def factor_(model: nn.Module, factors: int) -> tuple[nn.Module, TransformRecord]
         if pair.unit is not None:
             set_submodule(model, pair.unit, nn.Sequential(*chain, comp))
             alphas[pair.unit] = sig.alpha
+            frozen.append(f"{pair.unit}.{factors}")
         else:
             set_submodule(model, pair.inflated, nn.Sequential(*chain))
             alphas[pair.inflated] = sig.alpha
+            frozen.append(pair.compensation)
+    if not freeze_compensation:
+        frozen = []
+    for prefix in frozen:
+        for p in model.get_submodule(prefix).parameters():
+            p.requires_grad_(False)
     record = TransformRecord(
-        f"factor:{factors}",
+        f"factor:{factors}" + (":freeze" if freeze_compensation else ""),
         tuple(alphas),
         before,
         count_parameters(model),
         source,
+        frozen=tuple(frozen),
         details={
             "alpha": alphas,
             "factor_alpha": {k: v ** (1 / factors) for k, v in alphas.items()},
@@ -380,11 +393,17 @@ def untouched_(model: nn.Module) -> tuple[nn.Module, TransformRecord]:
 def parse_adaptive(spec: str) -> tuple[str, tuple[str, ...]]:
     """``"factor:4"`` → ``("factor", ("4",))``, ``"inject:after:all-linear"`` → ``("inject",
     ("after", "all-linear"))``; validates names and arguments."""
-    name, *args = spec.split(":")
+    name, *rest = spec.split(":")
+    args = tuple(rest)
     if name not in TRANSFORMS:
         raise SpecdefError(did_you_mean(name, TRANSFORMS, what="adaptive transform"))
-    if name == "factor" and (len(args) != 1 or not args[0].isdigit()):
-        raise SpecdefError(f"factor needs a number of factors, e.g. factor:2; found {spec!r}.")
+    if name == "factor" and (
+        len(args) not in (1, 2) or not args[0].isdigit() or args[1:] not in ((), ("freeze",))
+    ):
+        raise SpecdefError(
+            f"factor needs a number of factors and optionally ':freeze' (keep the compensation "
+            f"frozen), e.g. factor:2 or factor:2:freeze; found {spec!r}."
+        )
     if name == "inject":
         allowed = (*SIDES, "all-linear", "suspects")
         for arg in args:
@@ -395,12 +414,13 @@ def parse_adaptive(spec: str) -> tuple[str, tuple[str, ...]]:
                 )
     if name in ("fuse", "untouched") and args:
         raise SpecdefError(f"{name} takes no argument, found {spec!r}.")
-    return name, tuple(args)
+    return name, args
 
 
 def apply_adaptive(model: nn.Module, spec: str) -> tuple[nn.Module, TransformRecord]:
-    """Apply the transform named by ``spec`` in place: ``fuse``, ``inject[:after|before|auto]
-    [:all-linear]``, ``factor:J`` or ``untouched``. Returns the model and the record."""
+    """Apply the transform named by ``spec`` in place: ``fuse``, ``inject[:after|before|auto|
+    parallel][:all-linear]``, ``factor:J[:freeze]`` or ``untouched``. Returns the model and the
+    record."""
     name, args = parse_adaptive(spec)
     if name == "fuse":
         return fuse_(model)
@@ -409,5 +429,5 @@ def apply_adaptive(model: nn.Module, spec: str) -> tuple[nn.Module, TransformRec
         side = next((a for a in args if a in SIDES), "auto")
         return inject_(model, where=where, side=side)
     if name == "factor":
-        return factor_(model, int(args[0]))
+        return factor_(model, int(args[0]), freeze_compensation=args[1:] == ("freeze",))
     return untouched_(model)
