@@ -240,8 +240,30 @@ def test_fashion_mnist_missing_is_one_clear_line(caplog):
 
 @pytest.mark.skipif(not images.fashion_mnist_available(), reason="needs dataset-fashion-mnist")
 def test_fashion_mnist_loads():
-    task = zoo.load_task("fashion-mnist-harmful")
-    assert task.train[0].shape == (30000, 1, 28, 28) or len(task.train[1]) > 25000
+    task = zoo.load_task("fashion-mnist-harmful", fallback=False)
+    assert task.train[0].shape == (30000, 1, 28, 28)
+    assert set(task.train[1].tolist()) == {5, 6, 7, 8, 9}
+    assert [len(y) for _, y in task.heldout.values()] == [5000, 5000]
+
+
+def test_idx_reader_on_a_synthetic_file(tmp_path):
+    """The idx.gz parser, checked on files written here in the documented idx format."""
+    import gzip
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(3, 28, 28), dtype=np.uint8)
+    labels = np.array([7, 0, 9], dtype=np.uint8)
+    for img_name, lab_name in images._FASHION_FILES.values():
+        with gzip.open(tmp_path / img_name, "wb") as f:
+            f.write(b"\x00\x00\x08\x03" + b"".join(d.to_bytes(4, "big") for d in (3, 28, 28)))
+            f.write(pixels.tobytes())
+        with gzip.open(tmp_path / lab_name, "wb") as f:
+            f.write(b"\x00\x00\x08\x01" + (3).to_bytes(4, "big") + labels.tobytes())
+    x, y = images.load_fashion_mnist_tensors("test", root=tmp_path)
+    assert x.shape == (3, 1, 28, 28) and y.tolist() == [7, 0, 9]
+    assert torch.equal(x[:, 0], torch.from_numpy(pixels.astype(np.float32) / 255))
 
 
 @pytest.mark.parametrize("name", list(vision.RECIPES))
