@@ -119,7 +119,7 @@ class ShardWriter:
         want, code, shape, _ = self._order[self._next]
         if name != want or CODES[tensor.dtype] != code or tuple(tensor.shape) != shape:
             raise RuntimeError(f"shard writer expected {want} {code} {shape}, got {name}")
-        self._handle.write(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+        self._handle.write(tensor.detach().contiguous().view(torch.uint8).numpy().data)
         self._next += 1
 
     def close(self) -> None:

@@ -134,7 +134,9 @@ def run_native(
             for r, x in stored.items()
         }
         rounded = sym.PairTensors(after["w"], after.get("b"), after["o"])
-        error = sym.product_error(pair.kind, t, rounded, heads=pair.heads, kv_heads=pair.kv_heads)
+        error = sym.product_error(
+            pair.kind, t, rounded, heads=pair.heads, kv_heads=pair.kv_heads, probe_columns=8
+        )
         bound = config.tolerance_for(dtype)
         if error > bound and not config.force:
             raise SpecdefError(
