@@ -230,6 +230,22 @@ def test_balance_solves_the_gram_equation() -> None:
         torch.testing.assert_close(aug @ aug.T, gram_o, rtol=1e-9, atol=1e-9)
 
 
+def test_cli_defend_mode_native(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from specdef.cli import main
+
+    out = tmp_path / "nat"
+    args = ["defend", "tiny-llama", "-o", str(out), "--alpha", "1e4", "--top-k", "4"]
+    assert main([*args, "--mode", "native", "--json"]) == 0
+    pairs = json.loads(capsys.readouterr().out)["pairs"]
+    assert len(pairs) == 4 and all(p["imbalance_log10"] > 3.5 for p in pairs)
+    assert (out / "model.safetensors").exists() and not (out / "specdef_manifest.json").exists()
+    bad = tmp_path / "bad"
+    assert (
+        main([*args[:3], str(bad), *args[4:], "--mode", "native", "--targets", "preset:llama"]) == 2
+    )
+    assert "gate_proj" in capsys.readouterr().err and not bad.exists()
+
+
 @pytest.mark.slow
 def test_smollm2_native_round_trip(tmp_path: Path) -> None:
     """Acceptance 1 on the real SmolLM2-135M (9 query / 3 KV heads, 30 layers)."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -182,7 +183,7 @@ def select_pairs(
     native mode cannot defend it, and silently skipping it would leave it undefended.
     """
     pairs = find_symmetric_pairs(model)
-    usable = sorted({p.inflated.rsplit(".", 1)[-1] for p in pairs})
+    usable = sorted({n.rsplit(".", 1)[-1] for p in pairs for n in (p.inflated, p.compensating)})
     if not pairs:
         raise SpecdefError(
             f"Native mode found no exact linear symmetry in {type(model).__name__} (expected "
@@ -393,3 +394,55 @@ def rebalance_(
         before = sym.imbalance(pair.kind, tensors, heads=pair.heads, kv_heads=pair.kv_heads)
         out[pair.name] = (before, after)
     return out
+
+
+def defend_native_to(
+    src: str,
+    out: str | os.PathLike[str],
+    *,
+    alpha: float,
+    top_k: int,
+    targets: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] = (),
+    method: str = "exact",
+    seed: int = 0,
+    tolerance: float | None = None,
+    force: bool = False,
+    dtype: str | None = None,
+    overwrite: bool = False,
+) -> list[PairRecord]:
+    """Load ``src`` (Hugging Face directory or zoo name), deform it natively and save it to ``out``
+    atomically with ``save_pretrained`` (plus tokenizer and a ``specdef_native.json`` record that
+    stock loaders ignore). Models without ``save_pretrained`` are saved with
+    :func:`specdef.checkpoint.save_defended` (their state-dict names are unchanged)."""
+    from specdef._io import atomic_directory, write_json_atomic
+    from specdef.checkpoint import save_defended
+    from specdef.provenance import provenance
+    from specdef.release import check_finite, load_source, parse_dtype, preflight_output
+
+    preflight_output(out, overwrite=overwrite)
+    source = load_source(src, dtype=parse_dtype(dtype))
+    if getattr(source.model, "specdef_manifest", None) is not None:
+        raise SpecdefError(
+            f"{src!r} is already a specdef (Algorithm 1) checkpoint; native mode needs the "
+            "undefended model."
+        )
+    check_finite(source.model)
+    records = apply_native_(
+        source.model, alpha=alpha, top_k=top_k, targets=targets, exclude=exclude,
+        method=method, seed=seed, tolerance=tolerance, force=force,
+    )  # fmt: skip
+    record = {
+        "mode": "native", "source": src, "alpha": alpha, "top_k": top_k, "method": method,
+        "seed": seed, "forced": force, "pairs": [r.as_dict() for r in records],
+        "provenance": provenance(),
+    }  # fmt: skip
+    if not hasattr(source.model, "save_pretrained"):
+        save_defended(source.model, out, overwrite=overwrite, extra={"native": record})
+        return records
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        source.model.save_pretrained(str(tmp))
+        if source.tokenizer is not None:
+            source.tokenizer.save_pretrained(str(tmp))
+        write_json_atomic(tmp / "specdef_native.json", record)
+    return records

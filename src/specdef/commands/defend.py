@@ -37,7 +37,13 @@ def register(sub: Any) -> None:
     )
     parser.add_argument("--n-random", type=int, help="defend only N of the matched layers")
     parser.add_argument("--seed", type=int, default=0, help="seed (randomized method, --n-random)")
-    parser.add_argument("--method", choices=["exact", "randomized"], default="exact")
+    parser.add_argument(
+        "--method",
+        choices=["exact", "randomized"],
+        default=None,
+        help="top-k subspace: exact SVD or randomized range finder (default: exact; randomized "
+        "with --streaming)",
+    )
     parser.add_argument(
         "--dtype",
         choices=["float64", "float32", "bfloat16", "float16"],
@@ -51,6 +57,20 @@ def register(sub: Any) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--mode",
+        choices=["algorithm1", "native"],
+        default="algorithm1",
+        help="algorithm1: inflated + compensation layers (the paper); native: fold the "
+        "compensation into existing symmetric layers (V/O, up/down, ReLU pairs) — same "
+        "architecture and parameter count, loads with stock from_pretrained (default: algorithm1)",
+    )
+    parser.add_argument(
+        "--streaming",
+        action="store_true",
+        help="defend a (sharded) safetensors directory tensor by tensor without loading the model "
+        "(randomized top-k unless --method exact)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -62,7 +82,61 @@ def _selection(values: list[str]) -> str | tuple[str, ...]:
     return tuple(values)
 
 
+def _run_native_or_streaming(args: argparse.Namespace) -> int:
+    """``--mode native`` and ``--streaming`` (issue 8): thin calls into specdef.native / streaming."""
+    targets = None if args.targets == ["all-linear"] else _selection(args.targets)
+    exclude = _selection(args.exclude) if args.exclude else ()
+    if args.streaming:
+        from specdef.streaming import defend_streaming
+
+        if args.n_random is not None or args.dtype is not None:
+            from specdef.errors import SpecdefError
+
+            raise SpecdefError(
+                "--streaming keeps the source dtype and defends every matched layer; drop "
+                "--n-random / --dtype."
+            )
+        result = defend_streaming(
+            args.src, args.out, mode=args.mode, alpha=args.alpha, top_k=args.top_k,
+            targets=targets, exclude=exclude,
+            method=args.method or "randomized",
+            seed=args.seed, tolerance=args.tolerance, force=args.force, overwrite=args.overwrite,
+        )  # fmt: skip
+        rows = [
+            (
+                layer.get("name", layer.get("pair")),
+                layer.get("reconstruction_error", layer.get("product_error")),
+            )
+            for layer in result.layers
+        ]
+        summary = {"out": args.out, "mode": args.mode, "seconds": result.seconds,
+                   "bytes_in": result.bytes_in, "bytes_out": result.bytes_out, "layers": list(result.layers)}  # fmt: skip
+    else:
+        from specdef.native import defend_native_to
+
+        records = defend_native_to(
+            args.src, args.out, alpha=args.alpha, top_k=args.top_k, targets=targets,
+            exclude=exclude, method=args.method or "exact", seed=args.seed, tolerance=args.tolerance,
+            force=args.force, dtype=args.dtype, overwrite=args.overwrite,
+        )  # fmt: skip
+        rows = [(r.pair, r.product_error) for r in records]
+        summary = {"out": args.out, "mode": "native", "pairs": [r.as_dict() for r in records]}
+    if args.json:
+        print_json(summary)
+        return 0
+    print_table(
+        f"SpecDef {args.mode}{' (streaming)' if args.streaming else ''} alpha={args.alpha:g} "
+        f"top_k={args.top_k} ({len(rows)} {'pairs' if args.mode == 'native' else 'layers'})",
+        ["layer / pair", "relative error in dtype"],
+        rows,
+    )
+    print(f"saved: {args.out}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "mode", "algorithm1") != "algorithm1" or getattr(args, "streaming", False):
+        return _run_native_or_streaming(args)
     from specdef.defense import SpecDefConfig
     from specdef.release import defend_to
 
@@ -71,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         targets=_selection(args.targets),
         exclude=_selection(args.exclude) if args.exclude else (),
-        method=args.method,
+        method=args.method or "exact",
         seed=args.seed,
         tolerance=args.tolerance,
         force=args.force,
