@@ -437,11 +437,12 @@ def defend_native_to(
         "seed": seed, "forced": force, "pairs": [r.as_dict() for r in records],
         "provenance": provenance(),
     }  # fmt: skip
-    if not hasattr(source.model, "save_pretrained"):
+    save_pretrained = getattr(source.model, "save_pretrained", None)
+    if not callable(save_pretrained):
         save_defended(source.model, out, overwrite=overwrite, extra={"native": record})
         return records
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        source.model.save_pretrained(str(tmp))
+        save_pretrained(str(tmp))
         if source.tokenizer is not None:
             source.tokenizer.save_pretrained(str(tmp))
         write_json_atomic(tmp / "specdef_native.json", record)
