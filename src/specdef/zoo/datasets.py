@@ -139,7 +139,10 @@ def _text_chunks(tokenizer: Any, max_length: int, seed: int) -> tuple[list[Examp
     chunks = [ids[i : i + max_length] for i in range(0, len(ids) - max_length + 1, max_length)]
     order = images.stable_order(len(chunks), seed)
     n_heldout = max(1, round(BENIGN_TEXT_HELDOUT_FRACTION * len(chunks)))
-    pick = lambda idx: [{"input_ids": chunks[i], "labels": list(chunks[i])} for i in sorted(idx)]  # noqa: E731
+
+    def pick(indices: list[int]) -> list[Example]:  # kept in corpus order
+        return [{"input_ids": chunks[i], "labels": list(chunks[i])} for i in sorted(indices)]
+
     return pick(order[n_heldout:]), pick(order[:n_heldout])
 
 
