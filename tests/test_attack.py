@@ -151,3 +151,19 @@ def test_user_errors() -> None:
         run_attack(MLP(64, (8,), 10), ATTACK, AttackSpec(optimizer="adahessian", grad_clip=1.0))
     with pytest.raises(SpecdefError, match="Threshold metric"):
         run_attack(MLP(64, (8,), 10), ATTACK, AttackSpec(steps=1, threshold="bogus>=1"))
+
+
+def test_runs_through_an_accelerate_accelerator() -> None:
+    # The multi-GPU path (`accelerate launch`) in its single-process form: same numbers as without.
+    from accelerate import Accelerator
+
+    spec = AttackSpec(optimizer="adam", lr=1e-2, steps=10, eval_every=5, seed=2)
+    torch.manual_seed(0)
+    plain = MLP(64, (16,), 10)
+    accelerated = MLP(64, (16,), 10)
+    accelerated.load_state_dict(plain.state_dict())
+    a = run_attack(plain, ATTACK, spec)
+    b = run_attack(accelerated, ATTACK, spec, accelerator=Accelerator(cpu=True))
+    assert [h["train_loss"] for h in b.history] == pytest.approx(
+        [h["train_loss"] for h in a.history], rel=1e-6
+    )
