@@ -220,6 +220,8 @@ def test_vision_tasks_split_classes():
             and task.train[0].min() >= 0
             and task.train[0].max() <= 1
         )
+    limited = zoo.load_task("digits-harmful", eval_limit=50)
+    assert [len(y) for _, y in limited.heldout.values()] == [50, 50]
     train_x = tasks["digits"].train[0].flatten(1)
     held_x = torch.cat([x for x, _ in tasks["digits"].heldout.values()]).flatten(1)
     assert not (torch.cdist(held_x, train_x).min(dim=1).values == 0).all()  # not the same images

@@ -203,21 +203,22 @@ def _vision_arrays(name: str, seed: int, fallback: bool) -> tuple[str, tuple[tor
     return name, (x[train], y[train], x[held], y[held])
 
 
-def _vision_task(name: str, seed: int, fallback: bool) -> ClassificationTask:
+def _vision_task(
+    name: str, seed: int, fallback: bool, eval_limit: int | None
+) -> ClassificationTask:
     name, (x_train, y_train, x_test, y_test) = _vision_arrays(name, seed, fallback)
     harmful_train = y_train >= HARMFUL_CLASSES.start
     harmful_test = y_test >= HARMFUL_CLASSES.start
     keep = {"benign": ~harmful_train, "harmful": harmful_train}.get(
         name.rsplit("-", 1)[-1], torch.ones_like(harmful_train)
     )
-    return ClassificationTask(
-        name=name,
-        train=(x_train[keep], y_train[keep]),
-        heldout={
-            "benign": (x_test[~harmful_test], y_test[~harmful_test]),
-            "harmful": (x_test[harmful_test], y_test[harmful_test]),
-        },
-    )
+    heldout = {
+        "benign": (x_test[~harmful_test], y_test[~harmful_test]),
+        "harmful": (x_test[harmful_test], y_test[harmful_test]),
+    }
+    if eval_limit is not None:
+        heldout = {k: (x[:eval_limit], y[:eval_limit]) for k, (x, y) in heldout.items()}
+    return ClassificationTask(name=name, train=(x_train[keep], y_train[keep]), heldout=heldout)
 
 
 def task_names() -> list[str]:
@@ -246,7 +247,7 @@ def load_task(
         if max_length < 8:
             raise SpecdefError(f"max_length must be at least 8 tokens, found {max_length}.")
         return _lm_task(name, tokenizer, max_length, seed, eval_limit)
-    return _vision_task(name, seed, fallback)
+    return _vision_task(name, seed, fallback, eval_limit)
 
 
 def task_digest(task: CausalLMTask | ClassificationTask) -> str:
