@@ -280,12 +280,13 @@ def _attack_condition(rows: list[Row], label: str, out_dir: Path, stem: str, rep
         md_table(["optimizer", "model variant", "best steps", "best lr", "slowdown"], best_rows)
     )
     report.tables.append(f"{stem}: best learning rate and slowdown")
-    utility = _utility_rows(rows, names)
+    utility = _utility_table(rows, variants, names)
     if utility:
-        lines.append("\n**Benign utility before → after the attack** (median over seeds):\n")
         lines.append(
-            md_table(["model variant", "optimizer", "lr", "benign before", "benign after"], utility)
+            "\n**Benign utility** before the attack (after the defense) and after it, median over "
+            "seeds (`diverged`: every seed diverged, so the model is destroyed):\n"
         )
+        lines.append(md_table(*utility))
         report.tables.append(f"{stem}: benign utility")
     informed = _informed_rows(rows)
     if informed:
@@ -322,32 +323,47 @@ def _benign_name(rows: Sequence[Row]) -> str | None:
     return next((k for k in _BENIGN if k in keys), None)
 
 
-def _utility_rows(rows: list[Row], names: dict[Variant, str]) -> list[list[Any]]:
+def _utility_table(
+    rows: list[Row], variants: list[Variant], names: dict[Variant, str]
+) -> tuple[list[str], list[list[Any]]] | None:
+    """Benign metric before the attack (step-0 evaluation, i.e. after the defense) and after it
+    (last evaluation; ``diverged`` when every seed diverged), median over seeds."""
     name = _benign_name(rows)
     if name is None:
-        return []
-    out = []
-    for (opt, lr, v), group in sorted(
-        _group(rows).items(), key=lambda kv: (kv[0][0], kv[0][1], _variant_sort(kv[0][2]))
-    ):
-        before = [x for r in group if (x := _benign_value(r.get("before"), name)) is not None]
-        finished = [r for r in group if r.get("diverged_at") is None]
-        after = [x for r in finished if (x := _benign_value(r.get("after"), name)) is not None]
-        diverged = len(group) - len(finished)
-        shown = fmt_num(statistics.median(after)) if after else "—"
-        if diverged:
-            shown += f" ({diverged}/{len(group)} diverged)"
-        if before or after:
-            out.append(
-                [
-                    names[v],
-                    opt,
-                    fmt_num(lr),
-                    f"{fmt_num(statistics.median(before)) if before else '—'} ({name})",
-                    shown,
+        return None
+    cells = _group(rows)
+    table: list[list[Any]] = []
+    before_row: list[Any] = ["before the attack", "—"]
+    for v in variants:
+        values = [
+            x
+            for (_, _, w), group in cells.items()
+            if w == v
+            for r in group
+            if (x := _benign_value(r.get("before"), name)) is not None
+        ]
+        before_row.append(fmt_num(statistics.median(values)) if values else "—")
+    table.append(before_row)
+    for opt in sorted({k[0] for k in cells}):
+        for lr in sorted({k[1] for k in cells if k[0] == opt}):
+            line: list[Any] = [opt, fmt_num(lr)]
+            for v in variants:
+                group = cells.get((opt, lr, v), [])
+                finished = [r for r in group if r.get("diverged_at") is None]
+                after = [
+                    x for r in finished if (x := _benign_value(r.get("after"), name)) is not None
                 ]
-            )
-    return out
+                if not group:
+                    line.append("—")
+                elif not finished:
+                    line.append("diverged")
+                else:
+                    text = fmt_num(statistics.median(after)) if after else "—"
+                    if len(finished) < len(group):
+                        text += f" ({len(group) - len(finished)}/{len(group)} diverged)"
+                    line.append(text)
+            table.append(line)
+    return [f"{name}: optimizer", "lr", *(names[v] for v in variants)], table
 
 
 def _informed_rows(rows: list[Row]) -> list[list[Any]]:
