@@ -129,6 +129,7 @@ def test_a_build_killed_midway_leaves_nothing_behind(tmp_path):
     calls: list[int] = []
     path, _ = _cache.ensure_entry("models", "k", _counting_builder(calls), cache_dir=tmp_path)
     assert path.name == "k" and len(calls) == 1
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["k"]  # the stale one is gone
 
 
 def test_cache_location(monkeypatch, tmp_path):

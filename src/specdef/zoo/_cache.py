@@ -153,6 +153,10 @@ def ensure_entry(
         if path.exists():
             log.warning("cache entry %s is incomplete or damaged; rebuilding it", path)
             _remove(path)
+        for stale in path.parent.glob(
+            f".{key}.*.tmp"
+        ):  # left by a killed builder (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent))
         try:
             meta = build(tmp)
