@@ -306,3 +306,29 @@ def test_parallel_inject_trains_exactly_like_the_undefended_model():
     x = batches[0][0]
     with torch.no_grad():
         assert _gap(attacked(x), original(x)) <= 1e-8
+
+
+def test_cli_attack_adaptive_restores_training(tmp_path: Path, capsys):
+    """`specdef attack --adaptive`: the defended digits MLP diverges at once; after fuse or
+    inject:parallel the same attack reaches 90 % on digits 5–9."""
+    from specdef.checkpoint import save_defended
+    from specdef.cli import main
+
+    model = copy.deepcopy(_base("mlp-digits"))
+    apply_specdef_(model, SpecDefConfig(alpha=1e4, top_k=8, targets=("layers.2",)))
+    save_defended(model, tmp_path / "released")
+    common = ["--data", "digits-harmful", "--optimizer", "adam", "--lr", "0.1", "--steps", "100"]
+    common += ["--batch-size", "64", "--eval-every", "5", "--stop-at-threshold", "--json"]
+    common += ["--threshold", "harmful_accuracy>=0.9"]
+    outcomes = {}
+    for adaptive in (None, "fuse", "inject:parallel"):
+        extra = ["--adaptive", adaptive] if adaptive else []
+        assert main(["attack", str(tmp_path / "released"), *common, *extra]) == 0
+        (row,) = json.loads(capsys.readouterr().out)
+        outcomes[adaptive] = row["summary"]
+    assert (
+        outcomes[None]["steps_to_threshold"] is None and outcomes[None]["diverged_at"] is not None
+    )
+    for adaptive in ("fuse", "inject:parallel"):
+        assert outcomes[adaptive]["steps_to_threshold"] is not None, outcomes[adaptive]
+    assert main(["attack", str(tmp_path / "released"), *common, "--adaptive", "fus"]) == 2

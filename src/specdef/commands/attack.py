@@ -75,6 +75,14 @@ def register(sub: Any) -> None:
         metavar="KEY=VALUE",
         help="optimizer keyword (repeatable), e.g. --opt-arg damping=0.1",
     )
+    parser.add_argument(
+        "--adaptive",
+        default=None,
+        metavar="T",
+        help="informed attacker: apply a function-preserving transform first — fuse, "
+        "inject[:after|before|parallel][:all-linear], factor:J[:freeze] or untouched "
+        "(see specdef transform and docs/results/informed_attacks.md)",
+    )
     parser.add_argument("--max-length", type=int, default=128, help="tokens (language tasks)")
     parser.add_argument("--eval-limit", type=int, default=None, help="held-out examples per split")
     parser.add_argument("--out", metavar="RUN_DIR", help="keep results.jsonl here (resumable)")
@@ -141,7 +149,11 @@ def run(args: argparse.Namespace) -> int:
     defense = manifest.get("defense") if isinstance(manifest, dict) else None
     config = (defense or {}).get("config") or {}
     info = {"alpha": config.get("alpha"), "defense": config or None}
-    variant = ModelVariant(source.name, lambda: copy.deepcopy(pristine), info)
+    name = source.name
+    if args.adaptive:
+        specs, info = _adaptive(pristine, specs, info, args.adaptive)
+        name = f"{source.name}+{args.adaptive}"
+    variant = ModelVariant(name, lambda: copy.deepcopy(pristine), info)
     if args.out:
         summary = run_sweep(task, [variant], specs, results=Path(args.out) / "results.jsonl")
     else:
@@ -155,6 +167,25 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         print(f"{summary.ran} runs now, {summary.skipped} resumed; rows in {summary.results}")
     return 0
+
+
+def _adaptive(
+    model: Any, specs: list[Any], info: dict[str, Any], transform: str
+) -> tuple[list[Any], dict[str, Any]]:
+    """Apply the informed transform to ``model`` in place; keep what it froze frozen in every run."""
+    import dataclasses
+
+    from specdef.adaptive import apply_adaptive, parse_adaptive
+
+    parse_adaptive(transform)
+    _, record = apply_adaptive(model, transform)
+    out = []
+    for spec in specs:
+        train = record.train if spec.train != "lora" and record.train != "all" else spec.train
+        frozen = (*spec.frozen, *record.frozen)
+        out.append(dataclasses.replace(spec, frozen=frozen, train=train))
+    cost = {k: v for k, v in record.to_dict().items() if k != "frozen"}
+    return out, {**info, "adaptive": transform, "cost": cost}
 
 
 def print_rows(rows: list[dict[str, Any]], *, threshold: str | None) -> None:
