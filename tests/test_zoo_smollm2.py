@@ -68,3 +68,22 @@ def test_it_predicts_benign_text_far_better_than_chance(smollm2, tokenizer):
     assert qa.evaluate(smollm2, qa.eval_splits()["benign"])["loss"] < 0.3 * chance
     prose = zoo.load_task("benign-text", tokenizer=tokenizer, max_length=96, eval_limit=2)
     assert prose.evaluate(smollm2, prose.eval_splits()["benign-text"])["loss"] < 0.4 * chance
+
+
+def test_a_truncated_conversion_is_rebuilt_not_used(smollm2, tmp_path):
+    """Acceptance: a prepared SmolLM2 cache corrupted mid-way is detected and rebuilt."""
+    import shutil
+
+    for sub in ("models", "tokenizers"):
+        src = hf.smollm2_dir() if sub == "models" else hf.smollm2_tokenizer_dir()
+        shutil.copytree(src, tmp_path / sub / src.name)
+    weights = tmp_path / "models" / hf.smollm2_dir().name / "model.safetensors"
+    with open(weights, "r+b") as handle:  # as if the copy or the disk failed half-way
+        handle.truncate(weights.stat().st_size // 2)
+    assert not hf.smollm2_prepared(tmp_path)
+    rebuilt = zoo.load_model("smollm2-135m", cache_dir=tmp_path)
+    assert hf.smollm2_prepared(tmp_path)
+    for (name, a), (_, b) in zip(
+        smollm2.state_dict().items(), rebuilt.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
