@@ -383,7 +383,9 @@ def apply_specdef_(
         weight, bias, source = linear_form(module)
         dtype, device = weight.dtype, weight.device
         m, n = weight.shape
-        basis = spectral.top_subspace(weight, config.top_k, method=config.method, generator=gen)
+        basis, sigma = spectral.top_subspace_and_values(
+            weight, config.top_k, method=config.method, generator=gen
+        )
         inflated, compensation = spectral.deform_with_basis(weight, config.alpha, basis)
         error = spectral.reconstruction_error(weight, inflated, compensation, dtype=dtype)
         layer = DefendedLinear(
@@ -397,8 +399,8 @@ def apply_specdef_(
         gap = None
         if name in inputs:
             gap = probing.relative_gap(layer(inputs[name]), module(inputs[name]))
-        count = min(config.top_k + 5, m, n)
-        sigma_b = spectral.top_singular_values(weight, count, method=config.method, generator=gen)
+        count = min(config.top_k + 5, len(sigma))
+        sigma_b = sigma[:count]
         sigma_a = spectral.top_singular_values(
             layer.inflated.weight, count, method=config.method, generator=gen
         )

@@ -62,14 +62,36 @@ def top_subspace(
     multiplication (stable against the ``σ^(2q+1)`` dynamic range), then an SVD of the small
     projected matrix. Cost O(m·n·(k + oversample)·(2·power_iters + 2)).
     """
+    return top_subspace_and_values(
+        weight,
+        top_k,
+        method=method,
+        oversample=oversample,
+        power_iters=power_iters,
+        generator=generator,
+    )[0]
+
+
+def top_subspace_and_values(
+    weight: torch.Tensor,
+    top_k: int,
+    *,
+    method: str = "exact",
+    oversample: int = 10,
+    power_iters: int = 4,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`top_subspace` and, from the same factorisation, singular values (float64,
+    descending): all of them for ``"exact"``, the top ``k + oversample`` estimates for
+    ``"randomized"`` (accurate to the power-iteration error)."""
     _check(weight, top_k)
     if method not in METHODS:
         raise SpecdefError(f"Unknown method {method!r}; expected one of {', '.join(METHODS)}.")
     w = weight.detach().to(dtype=torch.float64)
     m, n = w.shape
     if method == "exact" or top_k + oversample >= min(m, n):
-        u, _, _ = torch.linalg.svd(w, full_matrices=False)
-        return u[:, :top_k].contiguous()
+        u, s, _ = torch.linalg.svd(w, full_matrices=False)
+        return u[:, :top_k].contiguous(), s
     width = top_k + oversample
     omega = torch.randn(n, width, dtype=torch.float64, generator=generator, device="cpu")
     q, _ = torch.linalg.qr(w @ omega.to(w.device))
@@ -77,11 +99,11 @@ def top_subspace(
         z, _ = torch.linalg.qr(w.T @ q)
         q, _ = torch.linalg.qr(w @ z)
     small = q.T @ w  # (k+p)×n
-    u_small, _, _ = torch.linalg.svd(small, full_matrices=False)
+    u_small, s, _ = torch.linalg.svd(small, full_matrices=False)
     basis = q @ u_small[:, :top_k]
     # one more QR: keeps ‖UᵀU − I‖ at float64 eps, which C·W̃ = W relies on
     basis, r = torch.linalg.qr(basis)
-    return basis * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    return basis * torch.sign(torch.diagonal(r)).unsqueeze(0), s
 
 
 def deform_with_basis(
