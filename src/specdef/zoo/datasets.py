@@ -126,7 +126,7 @@ def _encode_pairs(
     kept = [e for e in out if e is not None]
     if len(kept) < len(out):
         log.warning(
-            "%s: dropped %d pairs whose prompt fills max_length=%d",
+            "%s: dropped %d pair(s) whose prompt alone fills max_length=%d",
             what,
             len(out) - len(kept),
             max_length,

@@ -28,7 +28,7 @@ def evaluate_zoo_model(
     task = task or DEFAULT_TASK.get(info.kind)
     if task is None:
         raise SpecdefError(
-            f"Model {name!r} is a {info.kind} without a zoo task to evaluate on; evaluate a "
+            f"Model {name!r} ({info.kind}) has no zoo task to evaluate on; evaluate a "
             "causal-lm or vision model instead."
         )
     wanted = "classification" if info.kind == "vision" else "causal-lm"
