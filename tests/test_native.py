@@ -164,6 +164,16 @@ def test_relu_mlp_positive_diagonal_and_overlapping_pairs(tmp_path: Path) -> Non
     fresh = MLP(64, (48, 32), 10).double()
     fresh.load_state_dict(load_file(str(tmp_path / "m.st")))  # plain state dict, no new keys
     torch.testing.assert_close(fresh(x), before, rtol=1e-9, atol=1e-12)
+    # overlapping pairs: rebalance sweeps to the network's unique balanced point, the same one
+    # it reaches from the undefended model
+    report = rebalance_(model)
+    assert max(after for _, after in report.values()) <= 1e-6
+    torch.testing.assert_close(model(x), before, rtol=1e-9, atol=1e-12)
+    torch.manual_seed(0)
+    original = MLP(64, (48, 32), 10).double()
+    rebalance_(original)
+    for (name, p), q in zip(model.named_parameters(), original.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-8, msg=name)
 
 
 def test_refuses_layers_without_symmetry() -> None:

@@ -370,7 +370,11 @@ def native_imbalance(
 
 
 def rebalance_(
-    model: nn.Module, *, targets: Sequence[str] | str | None = None
+    model: nn.Module,
+    *,
+    targets: Sequence[str] | str | None = None,
+    tol: float = 1e-6,
+    max_sweeps: int = 200,
 ) -> dict[str, tuple[float, float]]:
     """The informed attacker's undo: move every symmetric pair to its *balanced* representative,
     with no extra parameters and the function unchanged.
@@ -378,22 +382,39 @@ def rebalance_(
     Attention: per KV head, ``M = P^{1/2}`` with ``P`` the geometric mean solving ``P·A·P = B``
     (``A = [V_h b_h][V_h b_h]ᵀ``, ``B = Σ_q O_qᵀO_q``), so that ``M·V`` and ``O·M⁻¹`` have equal Gram
     matrices. Diagonal pairs: ``d_i = sqrt(‖column i of the compensating side‖ / ‖row i of the
-    inflated side‖)``. The balanced form is the same whatever deformation was applied before (it is
-    unique up to an orthogonal factor), so this removes any native deformation. Returns
-    ``{pair: (imbalance before, imbalance after)}`` in log10 units.
+    inflated side‖)``. For disjoint pairs (every transformers model) one sweep is exact and the
+    balanced form is the same whatever deformation was applied before (unique up to an orthogonal
+    factor). Pairs that share a layer (the middle layers of a deep ReLU MLP) disturb each other's
+    balance, so sweeps repeat (alternating scaling, as in Sinkhorn's matrix balancing) until every
+    pair's imbalance is below ``tol`` (log10 units) or ``max_sweeps``. Returns ``{pair: (imbalance
+    before, imbalance after)}``.
     """
     pairs = select_pairs(model, targets)
-    out: dict[str, tuple[float, float]] = {}
-    for pair in pairs:
-        tensors = read_pair(model, pair)
-        balanced = sym.balance_pair(pair.kind, tensors, heads=pair.heads, kv_heads=pair.kv_heads)
-        write_pair(model, pair, balanced)
-        after = sym.imbalance(
-            pair.kind, read_pair(model, pair), heads=pair.heads, kv_heads=pair.kv_heads
-        )
-        before = sym.imbalance(pair.kind, tensors, heads=pair.heads, kv_heads=pair.kv_heads)
-        out[pair.name] = (before, after)
-    return out
+
+    def scores() -> dict[str, float]:
+        return {
+            p.name: sym.imbalance(p.kind, read_pair(model, p), heads=p.heads, kv_heads=p.kv_heads)
+            for p in pairs
+        }
+
+    before = scores()
+    after = before
+    sweeps = 0
+    while sweeps < max_sweeps:
+        sweeps += 1
+        for pair in pairs:
+            tensors = read_pair(model, pair)
+            balanced = sym.balance_pair(
+                pair.kind, tensors, heads=pair.heads, kv_heads=pair.kv_heads
+            )
+            write_pair(model, pair, balanced)
+        after = scores()
+        if max(after.values()) <= tol:
+            break
+    if max(after.values()) > tol:
+        log.warning("rebalance: imbalance %.2e after %d sweeps", max(after.values()), sweeps)
+    log.info("rebalance: %d pairs in %d sweep(s)", len(pairs), sweeps)
+    return {name: (before[name], after[name]) for name in before}
 
 
 def defend_native_to(
