@@ -51,7 +51,9 @@ class VisionRecipe:
         return build_architecture(self.architecture, **self.kwargs)
 
     def params(self) -> int:
-        with torch.device("meta"):
+        # Built on the CPU (these models are tiny): the meta device would import torch._dynamo
+        # (seconds) at import time; fork_rng leaves the caller's random state untouched.
+        with torch.random.fork_rng(devices=[]):
             return sum(p.numel() for p in self.build().parameters())
 
 
