@@ -276,7 +276,7 @@ def detect(
     layers: list[LayerSpectrum] = []
     suspects: list[LayerSpectrum] = []
     for name, w in mats.items():
-        s = torch.linalg.svdvals(w.to(torch.float64))
+        s = torch.linalg.svdvals(w.float()).double()  # fp32 suffices for a gap ≥ suspect_gap
         gap, idx = _largest_gap(s)
         is_suspect = (
             gap >= cfg.suspect_gap
