@@ -200,7 +200,7 @@ def test_verify_fails_outside_tolerance(
 
 def test_demo_prints_spectra_and_a_gap_within_tolerance(capsys: pytest.CaptureFixture[str]) -> None:
     torch.set_num_threads(1)
-    rc, out, _ = _run(["demo"], capsys)
+    rc, out, _ = _run(["demo", "--no-attack"], capsys)
     assert rc == 0
     assert "Spectra" in out and "layers.0" in out and "PASS: function gap" in out
     assert "accuracy" in out

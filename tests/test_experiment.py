@@ -205,3 +205,25 @@ def test_every_experiment_runs_end_to_end_in_miniature(
     assert "![" in report and list(tmp_path.glob("*.png"))
     assert main(argv) == 0  # resume: nothing left to run
     assert json.loads(capsys.readouterr().out)["ran"] == 0
+
+
+@pytest.mark.slow
+def test_demo_ends_with_a_report_and_a_png(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    report = tmp_path / "demo" / "report.md"
+    assert f"report: {report}" in out and "PASS: function gap" in out
+    assert "SpecDef α=1e4" in out and "informed inject" in out
+    text = report.read_text()
+    assert "![loss curves" in text and (tmp_path / "demo" / "attack0_curves.png").exists()
+    rows = read_jsonl(tmp_path / "demo" / "results.jsonl")
+    assert len(rows) == 9
+    # the demo's headline: undefended reaches the threshold at some lr, plain-defended at none
+    reached = {
+        (r["alpha"], r.get("adaptive")): r["summary"]["steps_to_threshold"]
+        for r in rows
+        if r["summary"]["steps_to_threshold"]
+    }
+    assert (None, None) in reached and (1e4, None) not in reached

@@ -1,4 +1,6 @@
-"""``specdef demo``: train a digits MLP, defend it, verify it, print spectra and the function gap."""
+"""``specdef demo``: train a digits MLP, defend it, verify it, print spectra and the function gap;
+then attack a zoo model defended vs undefended over a small learning-rate sweep, run one informed
+attack, and write a report with a plot."""
 
 from __future__ import annotations
 
@@ -18,6 +20,12 @@ def register(sub: Any) -> None:
     parser.add_argument("--alpha", type=float, default=1e4, help="inflation factor (> 1)")
     parser.add_argument("--top-k", type=int, default=8, help="singular values inflated per layer")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out", default="runs/demo", help="folder for the attack demo's results and report"
+    )
+    parser.add_argument(
+        "--no-attack", action="store_true", help="stop after defending and verifying"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(func=run)
 
@@ -27,9 +35,24 @@ def run(args: argparse.Namespace) -> int:
     from specdef.demo import run_demo
 
     SpecDefConfig(alpha=args.alpha, top_k=args.top_k)  # validate before training
+    import torch
+
+    torch.set_num_threads(1)  # tiny models: more threads only add contention on a small CPU
     result = run_demo(alpha=args.alpha, top_k=args.top_k, seed=args.seed)
+    attack = None
+    if not args.no_attack:
+        from specdef.demo import run_attack_demo
+
+        attack = run_attack_demo(args.out)
     if args.json:
-        print_json(result.to_dict())
+        out = result.to_dict()
+        if attack is not None:
+            out["attack"] = {
+                "report": attack.report,
+                "figures": attack.figures,
+                "runs": attack.rows,
+            }
+        print_json(out)
         return 0 if result.passed else 1
     k = args.top_k
     rows = []
@@ -67,4 +90,42 @@ def run(args: argparse.Namespace) -> int:
         f"{result.max_abs_diff:.3g}, max relative {result.max_rel_diff:.3g} "
         f"(tolerance {result.tolerance:g}, float32)"
     )
+    if attack is not None:
+        _print_attack(attack)
     return 0 if result.passed else 1
+
+
+def _print_attack(attack: Any) -> None:
+    from specdef.report import normalize
+
+    rows = [normalize(r) for r in attack.rows]
+    label = {
+        (None, None): "undefended",
+        (1e4, None): "SpecDef α=1e4",
+        (1e4, "inject"): "α=1e4 + informed inject",
+    }
+    lrs = sorted({float(r["lr"]) for r in rows})
+    table = []
+    for key, name in label.items():
+        cells: list[Any] = [name]
+        for lr in lrs:
+            match = [
+                r for r in rows if (r.get("alpha"), r.get("adaptive")) == key and r["lr"] == lr
+            ]
+            r = match[0] if match else {}
+            if r.get("steps_to_threshold") is not None:
+                cells.append(str(r["steps_to_threshold"]))
+            elif r.get("diverged_at") is not None:
+                cells.append(f"diverged at {r['diverged_at']}")
+            else:
+                cells.append(f">{r.get('steps', '?')}" if r else "—")
+        cost = next((r.get("cost") for r in rows if r.get("adaptive") and r.get("cost")), None)
+        if key[1] and cost:
+            cells[0] += f" (+{cost['params_added']:,} params, {cost['params_added_pct']:.0f} %)"
+        table.append(cells)
+    print_table(
+        "Attack (Adam, mlp-digits on digits 5–9): steps to 90 % held-out harmful accuracy",
+        ["model", *(f"lr={lr:g}" for lr in lrs)],
+        table,
+    )
+    print(f"report: {attack.report}  (figure: {', '.join(attack.figures)}; {attack.seconds:.0f} s)")
