@@ -106,14 +106,15 @@ def test_hvp_matches_dense(case) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_top_eigenvalues_match_eigvalsh(case) -> None:  # type: ignore[no-untyped-def]
-    model, loss_fn, batches, dense, _ = case
+    model, loss_fn, batches, dense, name = case
     exact = torch.linalg.eigvalsh(dense)
     op = HessianOperator(model, loss_fn, batches)
-    top = lanczos(op, k=3, which="LA", tol=1e-10, max_iter=op.shape[0])
+    tol = 1e-10 if name != "llama" else 1e-7  # float32 casts inside HF Llama (see HVP_TOL)
+    top = lanczos(op, k=3, which="LA", tol=tol, max_iter=op.shape[0])
     for got, want in zip(top.eigenvalues, exact.flip(0)[:3].tolist(), strict=True):
         assert abs(got - want) <= 1e-6 * abs(want)
     assert top.converged and top.hvps == op.hvps < op.shape[0]
-    low = lanczos(op, k=1, which="SA", tol=1e-10, max_iter=op.shape[0])
+    low = lanczos(op, k=1, which="SA", tol=tol, max_iter=op.shape[0])
     assert abs(low.eigenvalues[0] - float(exact[0])) <= 1e-6 * float(exact.abs().max())
 
 

@@ -90,7 +90,7 @@ def double_backward_safe(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _grad_only_for(model: nn.Module, params: Sequence[nn.Parameter]) -> Iterator[None]:
+def hessian_mode(model: nn.Module, params: Sequence[nn.Parameter]) -> Iterator[None]:
     """Eval mode and ``requires_grad`` only on ``params`` (cheaper backward), restored afterwards."""
     keep = {id(p) for p in params}
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -161,7 +161,7 @@ class HessianOperator:
         pieces = [v.view_as(p).to(p.device) for v, p in zip(flat, ins, strict=True)]
         total = [torch.zeros_like(p) for p in outs]
         scale = 1.0 / len(self.batches)
-        with _grad_only_for(self.model, union):
+        with hessian_mode(self.model, union):
             for batch in self.batches:
                 loss = self.loss_fn(self.model, batch)
                 grads = torch.autograd.grad(loss, ins, create_graph=True, allow_unused=True)
