@@ -121,7 +121,8 @@ def test_randomized_default_preserves_function_with_tied_embeddings(tmp_path: Pa
     model = transformers.LlamaForCausalLM(config).eval()
     model.save_pretrained(tmp_path / "src")
     before = _logits(model)
-    defend_streaming(tmp_path / "src", tmp_path / "a1", alpha=ALPHA, top_k=8)
+    result = defend_streaming(tmp_path / "src", tmp_path / "a1", alpha=ALPHA, top_k=8)
+    assert result.tensors_out == result.tensors_in + 14  # 14 layers: + compensation weight each
     loaded = load_defended(tmp_path / "a1")
     assert _rel(_logits(loaded), before) <= DEFAULT_TOLERANCE[torch.float32]
     manifest = json.loads((tmp_path / "a1" / MANIFEST).read_text())

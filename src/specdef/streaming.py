@@ -21,7 +21,6 @@ sibling directory renamed into place at the end (atomic).
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
@@ -128,47 +127,27 @@ def defend_streaming(
         if mode == "algorithm1":
             layers, manifest = _run_algorithm1(source, model, tmp, config, generator, probe_columns)
             write_json_atomic(tmp / MANIFEST, manifest)
+            tensors_out = int(manifest["weights"]["tensors"])
         else:
             pairs = select_pairs(model, targets, exclude=exclude)
             layers = run_native(source, pairs, tmp, config, generator)
-            write_json_atomic(
-                tmp / NATIVE_RECORD,
-                {
-                    "mode": "native",
-                    "config": config.to_dict(),
-                    "pairs": layers,
-                    "provenance": provenance(),
-                },
-            )
+            record = {"mode": "native", "config": config.to_dict(), "pairs": layers}
+            write_json_atomic(tmp / NATIVE_RECORD, {**record, "provenance": provenance()})
+            tensors_out = len(source.specs)
+        skip = (INDEX, MANIFEST, NATIVE_RECORD)
         for item in source.root.iterdir():  # config, tokenizer, generation config …
-            if (
-                item.is_file()
-                and not item.name.endswith(".safetensors")
-                and item.name
-                not in (
-                    INDEX,
-                    MANIFEST,
-                    NATIVE_RECORD,
-                )
-            ):
+            if item.is_file() and not item.name.endswith(".safetensors") and item.name not in skip:
                 shutil.copy2(item, tmp / item.name)
-        written = [p for p in tmp.iterdir() if p.name.endswith(".safetensors")]
-        bytes_out = sum(p.stat().st_size for p in written)
-        tensors_out = (
-            len(json.loads((tmp / INDEX).read_text())["weight_map"])
-            if (tmp / INDEX).exists()
-            else None
-        )
-    bytes_in = sum((source.root / f).stat().st_size for f in source.files)
+        bytes_out = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
     return StreamingResult(
-        Path(out),
-        mode,
-        bytes_in,
-        bytes_out,
-        len(source.specs),
-        tensors_out if tensors_out is not None else len(source.specs),
-        time.perf_counter() - start,
-        tuple(layers),
+        path=Path(out),
+        mode=mode,
+        bytes_in=sum((source.root / f).stat().st_size for f in source.files),
+        bytes_out=bytes_out,
+        tensors_in=len(source.specs),
+        tensors_out=tensors_out,
+        seconds=time.perf_counter() - start,
+        layers=tuple(layers),
     )
 
 
