@@ -18,10 +18,10 @@ from safetensors.torch import load_file, save_file
 from _tiny import TINY, logits, tiny_llama, token_batch
 from specdef.architectures import build_architecture
 from specdef.checkpoint import INDEX, MANIFEST, WEIGHTS, load_defended, save_defended
-from specdef.defense import SpecDefConfig, apply_specdef_, defended_layers
+from specdef.defense import DEFAULT_TOLERANCE, SpecDefConfig, apply_specdef_, defended_layers
 from specdef.errors import SpecdefError
 
-FP32_TOL = 1e-2  # documented default fp32 tolerance (docs/precision.md), max |Δ| / max |logit|
+FP32_TOL = DEFAULT_TOLERANCE[torch.float32]  # documented default (docs/precision.md)
 ALPHA = 1e4
 
 _LOADER = """

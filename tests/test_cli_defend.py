@@ -115,9 +115,9 @@ BAD: list[tuple[str, Source, list[str], str]] = [
     ("unknown model", lambda h, d, t: Path("tiny-lama"), ["--alpha", "10", "--top-k", "2"],
      "Unknown model 'tiny-lama'. Did you mean: tiny-llama"),
     ("guard fp32 1e9", lambda h, d, t: h, ["--alpha", "1e9", "--top-k", "4"],
-     "in float32 at alpha=1e+09, above the tolerance 0.01; the largest alpha that fits float32"),
+     "in float32 at alpha=1e+09, above the tolerance 0.05; the largest alpha that fits float32"),
     ("guard bf16 1e4", lambda h, d, t: h, ["--alpha", "1e4", "--top-k", "4", "--dtype", "bfloat16"],
-     "in bfloat16 at alpha=10000, above the tolerance 0.03; the largest alpha that fits bfloat16"),
+     "in bfloat16 at alpha=10000, above the tolerance 0.05; the largest alpha that fits bfloat16"),
 ]  # fmt: skip
 
 
@@ -171,7 +171,12 @@ def test_defend_verify_inspect_round_trip(
 ) -> None:
     rc, out, _ = _run(["verify", str(hf_dir), str(defended_dir), "--json"], capsys)
     result = json.loads(out)
-    assert rc == 0 and result["passed"] and result["max_rel_diff"] < 1e-2
+    assert (
+        rc == 0
+        and result["passed"]
+        and result["max_rel_diff"] < 5e-2
+        and result["tolerance"] == 5e-2
+    )
     assert result["params_defended"] - result["params_original"] == 2 * (
         24**2 + 48**2 + 80**2
     )  # v, o, gate: m² each

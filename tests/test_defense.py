@@ -10,6 +10,7 @@ from torch import nn
 from _tiny import TINY, VOCAB, logits, tiny_gpt2, tiny_llama, token_batch
 from specdef.architectures import build_architecture
 from specdef.defense import (
+    DEFAULT_TOLERANCE,
     DefendedLinear,
     SpecDefConfig,
     apply_specdef_,
@@ -20,7 +21,7 @@ from specdef.defense import (
 from specdef.errors import SpecdefError
 from specdef.targets import select_targets
 
-FP32_TOL = 1e-2  # the documented default fp32 tolerance (docs/precision.md)
+FP32_TOL = DEFAULT_TOLERANCE[torch.float32]  # documented default (docs/precision.md)
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -173,7 +173,7 @@ def test_max_safe_alpha_fits_and_is_nearly_the_largest(dtype: torch.dtype) -> No
     gen = torch.Generator().manual_seed(5)
     w = torch.randn(64, 96, generator=gen, dtype=torch.float64) * 0.1
     basis = top_subspace(w, 8)
-    tol = 1e-2 if dtype == torch.float32 else 3e-2
+    tol = 5e-2
     safe = max_safe_alpha(w, basis, dtype=dtype, tolerance=tol, start=1e9)
     assert safe > 1.0
     assert reconstruction_error(w, *deform_with_basis(w, safe, basis), dtype=dtype) <= tol

@@ -27,15 +27,17 @@ from specdef.targets import linear_kinds, select_targets
 
 log = logging.getLogger(__name__)
 
-# Default precision-guard tolerance on the relative reconstruction error ‖C·W̃ − W‖/‖W‖ (and on the
-# relative output gap of each layer on the probe batch), per dtype. Chosen from the measured table
-# in docs/precision.md: a few hundred unit roundoffs for fp32 (α = 1e4 passes, 1e9 does not);
-# for bf16/fp16, a few unit roundoffs above the error of merely rounding W̃ into that dtype.
+# Default precision-guard tolerance on relative errors (each layer's ‖C·W̃ − W‖/‖W‖ and probe output
+# gap, the model's probe output gap, and `specdef verify`'s max |Δ output| / max |output|), per dtype.
+# From the measurements in docs/precision.md: SmolLM2-135M with the paper's setting (α = 1e4, k = 25,
+# gate/v/o of all 30 layers) in float32 moves its logits by ≈ 1e-2 relative, so 5e-2 accepts it with
+# margin while α = 1e9 (error ≈ 10–100) is refused; in bfloat16/float16 the same bound admits α of
+# order 10, and α = 1e4 (error ≈ 1–10) is refused.
 DEFAULT_TOLERANCE: dict[torch.dtype, float] = {
     torch.float64: 1e-8,
-    torch.float32: 1e-2,
-    torch.bfloat16: 3e-2,
-    torch.float16: 1e-2,
+    torch.float32: 5e-2,
+    torch.bfloat16: 5e-2,
+    torch.float16: 5e-2,
 }
 
 
@@ -95,7 +97,7 @@ class SpecDefConfig:
     def tolerance_for(self, dtype: torch.dtype) -> float:
         if self.tolerance is not None:
             return self.tolerance
-        return DEFAULT_TOLERANCE.get(dtype, 1e-2)
+        return DEFAULT_TOLERANCE.get(dtype, 5e-2)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
