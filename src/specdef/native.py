@@ -103,6 +103,8 @@ def _attention_pair(name: str, module: nn.Module) -> SymmetricPair | None:
     ):
         v, o = children["v_proj"], children["o_proj"]
         assert isinstance(v, nn.Linear) and isinstance(o, nn.Linear)
+        if "v_norm" in children:  # a norm on V (some recent models) breaks V → M·V
+            return None
         heads = int(getattr(config, "num_attention_heads", 0) or getattr(module, "heads", 0) or 0)
         kv_heads = int(getattr(config, "num_key_value_heads", 0) or 0) or heads
         if heads <= 0:
