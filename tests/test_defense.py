@@ -247,3 +247,10 @@ def test_peft_lora_sees_the_inflated_layers() -> None:
     assert len(trainable) == 12 and all(".inflated.lora_" in n for n in trainable)
     ids = torch.randint(0, VOCAB, (1, 8))
     assert peft_model(input_ids=ids).logits.shape == (1, 8, VOCAB)
+
+
+def test_probe_runs_in_eval_mode_and_keeps_the_callers_mode() -> None:
+    model = TINY["bert"]().train()  # BERT has dropout 0.1: a train-mode probe would be noise
+    report = apply_specdef_(model, SpecDefConfig(alpha=1e4, top_k=6), probe=token_batch())
+    assert model.training
+    assert report.model_output_gap is not None and report.model_output_gap < 1e-2

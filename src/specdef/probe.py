@@ -7,7 +7,8 @@ A probe batch is a tensor (passed positionally) or a mapping (passed as keyword 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -30,12 +31,24 @@ def output_tensor(out: Any) -> torch.Tensor:
     raise TypeError(f"Cannot find an output tensor in {type(out).__name__}.")
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Evaluate deterministically (dropout off), restoring the caller's train/eval mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def model_output(model: nn.Module, probe: Probe) -> torch.Tensor:
-    """``model`` applied to ``probe`` (no grad); the main output tensor."""
-    if isinstance(probe, Mapping):
-        return output_tensor(model(**probe))
-    return output_tensor(model(probe))
+    """``model`` applied to ``probe`` (no grad, eval mode); the main output tensor."""
+    with eval_mode(model):
+        if isinstance(probe, Mapping):
+            return output_tensor(model(**probe))
+        return output_tensor(model(probe))
 
 
 @torch.no_grad()
