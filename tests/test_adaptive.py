@@ -32,6 +32,7 @@ TRANSFORMS = (
     "inject",
     "inject:after",
     "inject:before",
+    "inject:auto",
     "inject:parallel",
     "inject:all-linear",
     "factor:2",
@@ -72,8 +73,8 @@ def _defend(model: nn.Module, alpha: float, n: int | None, seed: int = 3) -> nn.
 def _adapter(transform: str, m: int, n: int) -> int:
     if ":parallel" in transform:
         return m * n + m
-    side = "after" if ":after" in transform else "before" if ":before" in transform else None
-    size = m if side == "after" else n if side == "before" else max(m, n)
+    side = "before" if ":before" in transform else "auto" if ":auto" in transform else "after"
+    size = n if side == "before" else max(m, n) if side == "auto" else m
     return size * size + size
 
 
@@ -153,7 +154,17 @@ def test_factor_spectra_are_root_alpha_of_the_inflation():
     assert record.details["factor_alpha"][name] == pytest.approx(root, rel=1e-3)
 
 
-@pytest.mark.parametrize("transform", ["inject", "fuse"])
+SIDES = {  # layer → (side, adapter size) for the mlp-digits layers 64→128, 128→128, 128→10
+    "inject": {"layers.0": ("after", 128), "layers.2": ("after", 128), "layers.4": ("after", 10)},
+    "inject:auto": {  # the larger side
+        "layers.0": ("after", 128),
+        "layers.2": ("after", 128),
+        "layers.4": ("before", 128),
+    },
+}
+
+
+@pytest.mark.parametrize("transform", ["inject", "inject:auto", "fuse"])
 def test_gradients_no_longer_see_the_inflation(transform: str):
     """After inject (fuse), the trainable parameters get the gradients the same transform gives on
     the undefended model: the defense is invisible to them. The inflated weights get none.
@@ -165,12 +176,8 @@ def test_gradients_no_longer_see_the_inflation(transform: str):
     names = list(defended_layers(defended))
     attacked, _ = apply_adaptive(copy.deepcopy(defended), transform)
     plain = copy.deepcopy(original)
-    if transform == "inject":  # the larger side: 64→128 after, 128→128 after, 128→10 before
-        sides = {
-            "layers.0": ("after", 128),
-            "layers.2": ("after", 128),
-            "layers.4": ("before", 128),
-        }
+    if transform in SIDES:
+        sides = SIDES[transform]
         assert set(sides) == set(names)
         for n, (side, size) in sides.items():
             wrapped = InjectedLinear(
@@ -188,7 +195,7 @@ def test_gradients_no_longer_see_the_inflation(transform: str):
     for n, g in grads["plain"].items():
         err = torch.linalg.vector_norm(grads["attacked"][n] - g) / torch.linalg.vector_norm(g)
         assert float(err) <= 1e-8, (n, float(err))
-    if transform == "inject":
+    if transform in SIDES:
         for n, p in attacked.named_parameters():
             assert p.requires_grad == ("adapter" in n or not n.startswith("layers"))
 

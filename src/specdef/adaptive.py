@@ -6,14 +6,14 @@ Each transform works **in place**, returns ``(model, TransformRecord)`` and keep
 
 - ``fuse``: multiply each compensation pair back, ``W = C·W̃`` (no size increase);
 - ``inject``: freeze each suspect layer and put a trainable layer beside it that leaves the function
-  unchanged, so no gradient step touches an inflated parameter. The paper's construction is an
-  identity-initialised m×m layer after it (``inject:after``); ``inject:before`` puts an n×n one
-  before it; the default ``auto`` takes the larger side, so that for a full-rank W the pair still
-  reaches every m×n weight (``A·W`` needs rank n, ``W·A`` rank m: an m×m adapter after a wide
-  10×128 head could only mix its 10 rows). ``inject:parallel`` adds a zero-initialised m×n layer
-  beside it (``W·x + B·x``): training B is training W, step for step. Size grows by ``s² + s``
-  (s = m, n or max(m, n)) or ``m·n + m`` per layer. ``inject:all-linear`` does this for every
-  linear map without detection (black-box);
+  unchanged, so no gradient step touches an inflated parameter. The default is the paper's
+  construction, an identity-initialised m×m layer after it (``inject`` = ``inject:after``);
+  ``inject:before`` puts an n×n one before it; ``inject:auto`` takes the larger side, so that for a
+  full-rank W the pair still reaches every m×n weight (``A·W`` needs rank n, ``W·A`` rank m: an m×m
+  adapter after a wide 10×128 head can only mix its 10 rows). ``inject:parallel`` adds a
+  zero-initialised m×n layer beside it (``W·x + B·x``): training B is training W, step for step.
+  Size grows by ``s² + s`` (s = m, n or max(m, n)) or ``m·n + m`` per layer. ``inject:all-linear``
+  does this for every linear map without detection (black-box);
 - ``factor:j``: split ``W̃ = T·W`` (``T = I + (α−1)P``) into ``j`` factors ``R^{j−1}·(R^{1−j}·W̃)``
   with ``R = T^{1/j} = I + (α^{1/j}−1)P``: each factor is inflated by ``α^{1/j}`` instead of α; the
   compensation stays (``factor:j:freeze`` keeps it frozen). Size grows by ``(j−1)·m²`` per layer;
@@ -48,7 +48,7 @@ from specdef.targets import candidate_layers, output_layer_names
 log = logging.getLogger(__name__)
 
 TRANSFORMS = ("fuse", "inject", "factor", "untouched")
-SIDES = ("auto", "after", "before", "parallel")  # where inject puts its adapter (auto: larger side)
+SIDES = ("after", "before", "auto", "parallel")  # where inject puts its adapter (auto: larger side)
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,8 @@ class InjectedLinear(nn.Module):
         self, frozen: nn.Module, *, out_features: int, in_features: int, side: str = "after"
     ) -> None:
         super().__init__()
-        if side not in SIDES[1:]:
-            raise SpecdefError(did_you_mean(side, SIDES[1:], what="adapter side"))
+        if side not in ("after", "before", "parallel"):
+            raise SpecdefError(did_you_mean(side, ("after", "before", "parallel"), what="side"))
         ref = next(frozen.parameters())
         rows = in_features if side == "before" else out_features
         cols = out_features if side == "after" else in_features
@@ -228,13 +228,14 @@ def fuse_(model: nn.Module) -> tuple[nn.Module, TransformRecord]:
 
 
 def inject_(
-    model: nn.Module, *, where: str = "suspects", side: str = "auto"
+    model: nn.Module, *, where: str = "suspects", side: str = "after"
 ) -> tuple[nn.Module, TransformRecord]:
     """Freeze layers and put a trainable identity-initialised square layer beside each, in place.
 
     ``where="suspects"``: each defended (or detected) layer; ``"all-linear"``: black-box, every
     outermost linear map (a defended layer counts as one map; the LM head is skipped). ``side``:
-    ``"after"`` (m×m, the paper's construction), ``"before"`` (n×n), ``"auto"`` (the larger) or
+    ``"after"`` (m×m, the paper's construction; default), ``"before"`` (n×n), ``"auto"`` (the
+    larger) or
     ``"parallel"`` (a zero-initialised m×n layer added beside it).
     Gradients reach the adapter only through the product ``C·W̃ = W``, never the inflated factor.
     """
@@ -287,7 +288,7 @@ def inject_(
             p.requires_grad_(False)
     label = (
         "inject"
-        + (f":{side}" if side != "auto" else "")
+        + (f":{side}" if side != "after" else "")
         + (":all-linear" if where == "all-linear" else "")
     )
     record = TransformRecord(
@@ -426,7 +427,7 @@ def apply_adaptive(model: nn.Module, spec: str) -> tuple[nn.Module, TransformRec
         return fuse_(model)
     if name == "inject":
         where = "all-linear" if "all-linear" in args else "suspects"
-        side = next((a for a in args if a in SIDES), "auto")
+        side = next((a for a in args if a in SIDES), "after")
         return inject_(model, where=where, side=side)
     if name == "factor":
         return factor_(model, int(args[0]), freeze_compensation=args[1:] == ("freeze",))
