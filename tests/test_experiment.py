@@ -30,8 +30,8 @@ EXPECTED_RUNS = {
     "E2-vision": 4 * 3 * 5 * 3,
     "E3-language": 2 * 2 * 4,
     "E4-lora": 2 * 2 * 3,
-    "E5-second-order": 2 * 4 * 4 * 2,
-    "E6-informed": 7 * 4 * 3,
+    "E5-second-order": 2 * 4 * 6 * 2,
+    "E6-informed": 8 * 4 * 3,
     "E7-utility": 2 * 3 * 3,
 }
 
@@ -145,13 +145,13 @@ MINIATURE = {
     "E3-language": [
         "model=tiny-llama",
         "grid.attack.lr=[1e-4]",
-        "data.max_length=32",
+        "data.max_length=96",
         "data.eval_limit=2",
     ],
     "E4-lora": [
         "model=tiny-llama",
         "grid.attack.lr=[1e-3]",
-        "data.max_length=32",
+        "data.max_length=96",
         "data.eval_limit=2",
     ],
     "E5-second-order": ["grid.attack.lr=[0.01]", "attack.batch_size=16"],
@@ -161,7 +161,7 @@ MINIATURE = {
         " defense.targets: 'preset:llama', defense.top_k: 4, measure.splits: [benign-text]}]",
         "grid.defense.alpha=[1e3, 1e9]",
         "grid.measure.dtype=[fp32, bf16]",
-        "data.max_length=32",
+        "data.max_length=96",
         "data.eval_limit=2",
     ],
 }

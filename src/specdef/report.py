@@ -106,10 +106,15 @@ def variant(row: Row) -> Variant:
     defense fields of :data:`DEFENSE_EXTRAS`."""
     alpha = _alpha(row)
     defense = row.get("defense") or {}
-    train = row.get("train") or "all"
+    train = str(row.get("train") or "all")
     adaptive = row.get("adaptive") or None
+    frozen = (
+        (row.get("attack") or {}).get("frozen") if isinstance(row.get("attack"), dict) else None
+    )
+    if frozen:  # a subset chosen by the experiment (not by an informed transform)
+        train = f"{'all' if train == 'all' else train} but {','.join(map(str, frozen))}"
     extras = tuple(_hashable(defense.get(k)) if alpha is not None else None for k in DEFENSE_EXTRAS)
-    return (alpha, adaptive, None if train == "all" else str(train), *extras)
+    return (alpha, adaptive, None if train == "all" else train, *extras)
 
 
 def _variant_sort(v: Variant) -> tuple[Any, ...]:

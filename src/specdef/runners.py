@@ -84,6 +84,12 @@ def load_run_task(run: Any, *, name: str | None = None) -> Task:
     if task_name in TASKS and TASKS[task_name].kind == "causal-lm":
         tokenizer = model_name(run.model)
     task = _cached_task(task_name, tokenizer, kwargs)
+    train = getattr(task, "train", None)
+    if train is not None and len(train) == 0:  # an empty stream would never yield a batch
+        raise SpecdefError(
+            f"Task {task_name!r} has no training examples with {dict(kwargs)}; every example was "
+            "dropped (e.g. prompts longer than max_length): raise data.max_length."
+        )
     keep = run.data.get("eval_splits")
     if keep and name is None:  # evaluate only these held-out splits (CPU budget)
         heldout = getattr(task, "heldout", {})
