@@ -466,9 +466,11 @@ def apply_specdef_(
         over_tolerance=tuple(name for name, *_ in over),
     )
     if forced:
+        over_names = report_all.over_tolerance
         log.warning(
-            "precision guard overridden (force=True) for: %s",
-            ", ".join(report_all.over_tolerance) or "model output",
+            "precision guard overridden (force=True): %d layer(s) over tolerance%s",
+            len(over_names),
+            f" (first: {over_names[0]})" if over_names else " (model output gap)",
         )
     setattr(model, "specdef_report", report_all)  # noqa: B010 - plain attribute, not a Module
     return report_all
