@@ -70,6 +70,11 @@ def _defend(model: nn.Module, alpha: float, n: int | None, seed: int = 3) -> nn.
     return model
 
 
+@functools.cache
+def _released(name: str, alpha: float) -> nn.Module:
+    return _defend(_base(name), alpha, 3)
+
+
 def _adapter(transform: str, m: int, n: int) -> int:
     if ":parallel" in transform:
         return m * n + m
@@ -105,7 +110,7 @@ def _expected_added(transform: str, original: nn.Module, defended: nn.Module) ->
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "mlp-digits"])
 def test_transform_preserves_function_and_reports_delta(name: str, transform: str, alpha: float):
     original = _base(name)
-    model = _defend(original, alpha, 3)
+    model = copy.deepcopy(_released(name, alpha))
     inputs = _inputs(name)
     with torch.no_grad():
         ref, released = _out(original, inputs), _out(model, inputs)
@@ -117,7 +122,7 @@ def test_transform_preserves_function_and_reports_delta(name: str, transform: st
     assert _gap(got, released) <= tol and _gap(got, ref) <= tol
     assert record.params_before == params
     assert record.params_after == count_parameters(model)
-    assert record.params_added == _expected_added(transform, original, _defend(original, alpha, 3))
+    assert record.params_added == _expected_added(transform, original, _released(name, alpha))
     assert record.source == "structure" and len(record.layers) >= 3
 
 
