@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Attack overhead"
-STEPS, PAIRS, THREADS = 40, 5, 2
+STEPS, PAIRS, THREADS = 40, 5, 1
 TARGET = 0.95
 
 
