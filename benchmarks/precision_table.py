@@ -110,7 +110,9 @@ def model_table() -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--no-model", action="store_true", help="skip the SmolLM2 model rows")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)"
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     torch.set_num_threads(args.threads)
