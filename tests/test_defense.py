@@ -254,3 +254,37 @@ def test_probe_runs_in_eval_mode_and_keeps_the_callers_mode() -> None:
     report = apply_specdef_(model, SpecDefConfig(alpha=1e4, top_k=6), probe=token_batch())
     assert model.training
     assert report.model_output_gap is not None and report.model_output_gap < 1e-2
+
+
+class _Cancelling(nn.Module):
+    """out = a(x) − b(x) with b ≈ a: a tiny output that magnifies a's rounding (model-level check)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.a = nn.Linear(32, 32)
+        self.b = nn.Linear(32, 32)
+        with torch.no_grad():
+            self.b.weight.copy_(self.a.weight + 1e-3 * torch.randn(32, 32, generator=gen))
+            self.b.bias.copy_(self.a.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) - self.b(x)
+
+
+def test_model_level_gap_is_guarded_even_when_each_layer_passes() -> None:
+    model = _Cancelling()
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(1))
+    before = _state(model)
+    with pytest.raises(SpecdefError) as info:
+        apply_specdef_(model, SpecDefConfig(alpha=1e4, top_k=4, targets=("a",)), probe=x)
+    msg = str(info.value)
+    assert (
+        "the model output on the probe batch moved by" in msg and "in float32 at alpha=10000" in msg
+    )
+    assert "worst layer 'a'" in msg and "largest alpha that fits float32 for this model is ≈" in msg
+    assert not defended_layers(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    safe = float(msg.split("≈")[1].split(" ")[0])
+    report = apply_specdef_(model, SpecDefConfig(alpha=safe, top_k=4, targets=("a",)), probe=x)
+    assert report.model_output_gap is not None and report.model_output_gap <= FP32_TOL

@@ -448,11 +448,17 @@ def apply_specdef_(
             for name, original in originals.items():
                 set_submodule(model, name, original)
             worst = max(built, key=worst_ratio)
+            short = str(reference.dtype).removeprefix("torch.")
+            # the gap grows linearly in alpha (docs/precision.md): scale down, with a margin
+            ratio = tol / model_gap if math.isfinite(model_gap) and model_gap > 0 else 1e-3
+            safe = spectral.round_down(1.0 + (config.alpha - 1.0) * 0.8 * ratio)
             raise SpecdefError(
                 f"Precision guard: the model output on the probe batch moved by {model_gap:.3g} "
-                f"(relative) at alpha={config.alpha:g}, above the tolerance {tol:.3g} (worst layer "
-                f"{worst[0]!r}, reconstruction error {worst[2].reconstruction_error:.3g}). Lower "
-                "--alpha, use a wider dtype, raise --tolerance, or pass --force."
+                f"(relative) in {short} at alpha={config.alpha:g}, above the tolerance {tol:.3g} "
+                f"(worst layer {worst[0]!r}, reconstruction error "
+                f"{worst[2].reconstruction_error:.3g}); the largest alpha that fits {short} for this "
+                f"model is ≈{safe:g} (estimated). Lower --alpha, use a wider dtype, raise "
+                "--tolerance, or pass --force."
             )
     forced = bool(over) or (model_gap is not None and reference is not None
                             and model_gap > config.tolerance_for(reference.dtype))  # fmt: skip

@@ -204,10 +204,10 @@ def max_safe_alpha(
             alpha = max(1.0 + (alpha - 1.0) * 0.8 * ratio, 1.0 + 1e-3)
             if alpha <= 1.0 + 1e-3:
                 break
-    return _round_down(best)
+    return round_down(best)
 
 
-def _round_down(x: float) -> float:
+def round_down(x: float) -> float:
     """Round down to one significant digit (1.0 stays 1.0): a figure users can type."""
     if x <= 1.0:
         return 1.0
