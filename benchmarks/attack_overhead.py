@@ -15,6 +15,7 @@ Target: the harness runs at ≥ 95 % of the bare loop's steps/s. Prints a table 
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -25,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Attack overhead"
-STEPS, PAIRS, THREADS = 40, 5, 1
+STEPS, PAIRS, THREADS = 40, 6, 1
 TARGET = 0.95
 
 
@@ -89,13 +90,18 @@ def main() -> int:
     from specdef._io import write_text_atomic
 
     torch.set_num_threads(THREADS)
+    load = os.getloadavg()[0]
     task = build_task()
     harness(build_model(), task, 5)  # warm-up (allocator, kernels, imports)
     bare_loop(build_model(), task, 5)
     pairs = []
-    for _ in range(PAIRS):
-        h = STEPS / harness(build_model(), task, STEPS)
-        b = STEPS / bare_loop(build_model(), task, STEPS)
+    for i in range(PAIRS):  # alternate which loop goes first, so order effects cancel
+        if i % 2:
+            b = STEPS / bare_loop(build_model(), task, STEPS)
+            h = STEPS / harness(build_model(), task, STEPS)
+        else:
+            h = STEPS / harness(build_model(), task, STEPS)
+            b = STEPS / bare_loop(build_model(), task, STEPS)
         pairs.append((h, b))
     ratio = statistics.median(h / b for h, b in pairs)
     h_med = statistics.median(h for h, _ in pairs)
@@ -106,7 +112,8 @@ def main() -> int:
         "Steps/s of the attack harness (`specdef.attack.run_attack`) vs a bare PyTorch loop doing "
         f"the same work (`benchmarks/attack_overhead.py`): a 2-layer Llama (hidden 128, vocabulary "
         f"512), batch 16 × 64 tokens, AdamW, {STEPS} steps plus the evaluations at the start and "
-        f"the end, {THREADS} threads, {PAIRS} alternating pairs after a warm-up.\n\n"
+        f"the end, {THREADS} thread(s), {PAIRS} pairs (alternating which runs first) after a "
+        f"warm-up; load average {load:.1f} on {os.cpu_count()} CPUs at the start.\n\n"
         "| loop | steps/s (median) |\n|---|---|\n"
         f"| bare PyTorch (baseline) | {b_med:.2f} |\n"
         f"| specdef harness | {h_med:.2f} |\n\n"
