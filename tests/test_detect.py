@@ -176,3 +176,34 @@ def test_cli_detect_on_a_defended_checkpoint_without_its_manifest(tmp_path: Path
     assert main(["detect", "tiny-gpt2"]) == 0
     assert "no sign of SpecDef" in capsys.readouterr().out
     assert main(["detect", "no-such-model"]) == 2
+
+
+def test_stripped_checkpoint_is_rebuilt_and_fused_from_the_tensors(tmp_path: Path, capsys):
+    """A defended HF checkpoint without its manifest: `specdef transform --adaptive fuse` rebuilds
+    the pairs from the tensors (not from_pretrained's random init of the missing weights) and writes
+    a plain model equal to the original."""
+    from specdef.checkpoint import MANIFEST, save_defended
+    from specdef.cli import main
+    from specdef.detect import load_detected
+    from specdef.release import load_source
+
+    original = _base("tiny-llama")
+    model = defended("tiny-llama", 3, 1e4)
+    save_defended(model, tmp_path / "stripped")
+    (tmp_path / "stripped" / MANIFEST).unlink()
+    rebuilt, found = load_detected(tmp_path / "stripped")
+    assert set(defended_layers(rebuilt)) == set(defended_layers(model)) and len(found.pairs) == 3
+    ids = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = original(input_ids=ids).logits
+        assert torch.allclose(rebuilt(input_ids=ids).logits, model(input_ids=ids).logits)
+    out = tmp_path / "fused"
+    assert (
+        main(["transform", str(tmp_path / "stripped"), "--adaptive", "fuse", "-o", str(out)]) == 0
+    )
+    capsys.readouterr()
+    fused = load_source(str(out)).model
+    assert not defended_layers(fused)
+    with torch.no_grad():
+        gap = (fused(input_ids=ids).logits - ref).abs().max() / ref.abs().max()
+    assert float(gap) < 1e-2

@@ -377,3 +377,68 @@ def checkpoint_weights(path: str | Path) -> dict[str, torch.Tensor]:
 def detect_checkpoint(path: str | Path, *, config: DetectConfig | None = None) -> Detection:
     """Detect on a checkpoint's raw tensors (both layouts tried; nothing trusted but the numbers)."""
     return detect(checkpoint_weights(path), oriented=False, config=config)
+
+
+def load_detected(path: str | Path) -> tuple[nn.Module, Detection]:
+    """Rebuild a defended Hugging Face checkpoint whose manifest is gone: the base model from its
+    ``config.json`` (a ``transformers`` class, no remote code), a
+    :class:`~specdef.defense.DefendedLinear` at every detected pair named ``X.inflated`` /
+    ``X.compensation``, then every tensor loaded strictly. Nothing is unpickled."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from specdef.defense import DefendedLinear, linear_form, set_submodule
+
+    root = Path(path)
+    if not (root / "config.json").exists():
+        raise SpecdefError(
+            f"Expected a Hugging Face directory with config.json at {str(root)!r}, found none; "
+            "without a config the architecture cannot be rebuilt (specdef detect still works)."
+        )
+    found = detect_checkpoint(root)
+    files = sorted(root.glob("*.safetensors"))
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    config = transformers.AutoConfig.from_pretrained(str(root), trust_remote_code=False)
+    names = list(getattr(config, "architectures", None) or [])
+    cls = getattr(transformers, names[0], None) if names else None
+    model: nn.Module
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+        model = cls(config)
+    else:  # no architectures recorded: a causal LM if the config maps to one, else the base model
+        try:
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        except ValueError:
+            model = transformers.AutoModel.from_config(config)
+    dtype = next(iter(state.values())).dtype if state else torch.float32
+    for pair in found.pairs:
+        prefix, _, leaf = pair.inflated.rpartition(".")
+        if leaf != "inflated" or pair.compensation != f"{prefix}.compensation":
+            raise SpecdefError(
+                f"Detected pair {pair.inflated!r} → {pair.compensation!r} does not follow the "
+                "'X.inflated' / 'X.compensation' naming, so it cannot be mapped onto the "
+                "architecture; transform it from a live model instead."
+            )
+        weight, _, source = linear_form(model.get_submodule(prefix))
+        layer = DefendedLinear(
+            weight.shape[1],
+            weight.shape[0],
+            bias=f"{pair.compensation}.bias" in state,
+            alpha=pair.alpha,
+            top_k=pair.top_k,
+            source=source,
+        )
+        set_submodule(model, prefix, layer)
+    model = model.to(dtype)
+    result = model.load_state_dict(state, strict=False)
+    tied = {k for k in result.missing_keys if k.endswith("lm_head.weight")}
+    if set(result.missing_keys) - tied or result.unexpected_keys:
+        raise SpecdefError(
+            f"Tensors in {str(root)!r} do not match the rebuilt model (missing "
+            f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}); the checkpoint "
+            "is not a defended copy of this architecture."
+        )
+    if tied:
+        getattr(model, "tie_weights")()  # noqa: B009  (a transformers method, not on nn.Module)
+    return model.eval(), found

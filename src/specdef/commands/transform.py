@@ -53,6 +53,12 @@ def run(args: argparse.Namespace) -> int:
         preflight_output(args.out, overwrite=args.overwrite)
     source = load_source(args.model)
     model = source.model
+    if source.kind == "transformers-dir":  # a manifest may have been stripped: trust the tensors
+        from specdef.detect import load_detected
+
+        rebuilt, found = load_detected(args.model)
+        if found.pairs:
+            model = rebuilt
     probe = probe_batch(model, source.tokenizer)
     with torch.no_grad():
         before = probing.model_output(model, probe)
