@@ -243,7 +243,8 @@ def run_attack(
         )
     threshold = Threshold.parse(spec.threshold, task_kind=task.kind) if spec.threshold else None
     device = accelerator.device if accelerator is not None else _model_device(model)
-    with torch.random.fork_rng(devices=[]):
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(spec.seed)
         model = select_trainable_(model, spec)
         optimizer, entry = make_optimizer(
@@ -335,6 +336,7 @@ def run_attack(
                 ):
                     break
         seconds = time.perf_counter() - start
+        model.eval()
     if diverged_at is not None:
         log.info("attack %s lr=%g diverged at step %d", spec.optimizer, spec.lr, diverged_at)
     outcome = (
