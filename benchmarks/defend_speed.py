@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import sys
 import time
@@ -92,7 +93,7 @@ def _same_class(a: float, b: float) -> bool:
     return max(a, b) <= 10 * max(min(a, b), 1e-15)
 
 
-def render(rows: list[dict[str, object]], threads: int) -> str:
+def render(rows: list[dict[str, object]], threads: int, load: float) -> str:
     lines = [
         SECTION,
         "",
@@ -100,7 +101,9 @@ def render(rows: list[dict[str, object]], threads: int) -> str:
         f"float64) at α = {ALPHA:g}, best of 1–3 runs, {threads} thread(s) on "
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}. Errors are "
         "‖C·W̃ − W‖/‖W‖ with W̃ and C cast to the dtype; *inflated* is min over the top k of "
-        "σ_i(W̃)/(α·σ_i(W)) (1 = exactly the top-k subspace).",
+        "σ_i(W̃)/(α·σ_i(W)) (1 = exactly the top-k subspace). Load average when the run started: "
+        f"{load:.1f} on {os.cpu_count()} CPUs (absolute timings scale with it; the ratios are from "
+        "the same run).",
         "",
         "| shape | exact SVD (s) | randomized (s) | speed-up | err fp64 exact / rand | "
         "err fp32 exact / rand | inflated exact / rand |",
@@ -143,12 +146,15 @@ def write_section(text: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)"
+    )
     parser.add_argument("--quick", action="store_true", help="first two shapes only; no doc write")
     args = parser.parse_args()
     shapes = SHAPES[:2] if args.quick else SHAPES
+    load = os.getloadavg()[0]
     rows = run(shapes, args.threads)
-    text = render(rows, args.threads)
+    text = render(rows, args.threads, load)
     print(text)
     if not args.quick:
         write_section(text)
