@@ -199,6 +199,7 @@ def measure_curvature(
     tol: float = 1e-3,
     bounds: bool = True,
     max_pairs: int = 4,
+    bound_iters: int = 15,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Top eigenvalues of the Hessian block by Lanczos, the GD learning-rate ceiling, and — for a
@@ -226,7 +227,9 @@ def measure_curvature(
         "dtype": str(op.dtype).removeprefix("torch."),
     }
     if bounds and defended_layers(model):
-        spectral = spectral_lower_bound(model, loss_fn, batches, max_pairs=max_pairs)
+        spectral = spectral_lower_bound(
+            model, loss_fn, batches, max_pairs=max_pairs, max_iter=bound_iters
+        )
         cert = defense_certificate(model, loss_fn, batches, max_pairs=max_pairs, spectral=spectral)
         out["spectral_bound"] = {
             "value": spectral.value,

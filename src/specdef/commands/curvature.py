@@ -49,6 +49,12 @@ def register(sub: Any) -> None:
     parser.add_argument(
         "--compare", action="store_true", help="with --alpha: also measure the undefended model"
     )
+    parser.add_argument(
+        "--max-pairs", type=int, default=4, help="defended pairs used by the bounds (largest σ₁(W̃))"
+    )
+    parser.add_argument(
+        "--bound-iters", type=int, default=15, help="Lanczos steps for each pair's κ (activations)"
+    )
     parser.add_argument("--no-bounds", action="store_true", help="skip the certified bounds")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(func=run)
@@ -76,6 +82,13 @@ def run(args: argparse.Namespace) -> int:
     if source.tokenizer is not None:
         kwargs = {"tokenizer": source.tokenizer, "max_length": args.max_length}
     task = zoo.load_task(args.data, **kwargs)
+    train = getattr(task, "train", None)
+    size = len(train[1]) if isinstance(train, tuple) else len(train or [])
+    if size == 0:
+        raise SpecdefError(
+            f"Task {args.data!r} has no training examples at --max-length {args.max_length} "
+            "(every prompt fills it); raise --max-length."
+        )
     stream = task.train_batches(batch_size=args.batch_size, seed=args.seed)
     batches = [next(stream) for _ in range(args.batches)]
     models = {"model": source.model}
@@ -93,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     for label, model in models.items():
         results[label] = measure_curvature(
             model, task.loss, batches, block=args.block, top=args.top, max_hvps=args.max_hvps,
-            tol=args.tol, bounds=not args.no_bounds, seed=args.seed,
+            tol=args.tol, bounds=not args.no_bounds, max_pairs=args.max_pairs,
+            bound_iters=args.bound_iters, seed=args.seed,
         )  # fmt: skip
     if args.compare:
         slow = predicted_slowdown(
