@@ -209,3 +209,22 @@ def test_demo_prints_spectra_and_a_gap_within_tolerance(capsys: pytest.CaptureFi
     assert rc == 0
     assert "Spectra" in out and "layers.0" in out and "PASS: function gap" in out
     assert "accuracy" in out
+
+
+def test_verify_language_model_generations_and_perplexity(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "tiny"
+    argv = ["defend", "tiny-llama", "-o", str(out), "--alpha", "1e4", "--top-k", "8"]
+    rc, _, err = _run([*argv, "--targets", "preset:llama", "--method", "randomized"], capsys)
+    assert rc == 0, err
+    assert (out / "tokenizer.json").exists()  # saved beside the weights for verify
+    rc, text, _ = _run(["verify", "tiny-llama", str(out), "--json"], capsys)
+    result = json.loads(text)
+    assert rc == 0 and result["passed"]
+    gen = result["generations"]
+    # a random-init model's logits are nearly flat, so greedy decoding can flip on a near-tie; the
+    # trained SmolLM2's generations are compared in test_defense_smollm2.py
+    assert gen["prompt"] and gen["original"] and gen["defended"]
+    ppl = result["perplexity"]
+    assert ppl["defended"] == pytest.approx(ppl["original"], rel=1e-3)

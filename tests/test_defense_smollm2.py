@@ -19,7 +19,7 @@ from specdef import zoo
 from specdef.checkpoint import save_defended
 from specdef.defense import DEFAULT_TOLERANCE, SpecDefConfig, apply_specdef_, defended_layers
 from specdef.errors import SpecdefError
-from specdef.release import probe_batch
+from specdef.release import greedy, probe_batch
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,12 @@ def smollm2() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     return model, dict(batch)
 
 
-def test_defend_save_load_in_new_process(smollm2, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module")
+def tokenizer():  # type: ignore[no-untyped-def]
+    return zoo.load_tokenizer("smollm2-135m")
+
+
+def test_defend_save_load_in_new_process(smollm2, tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     base, batch = smollm2
     with torch.no_grad():
         before = base(**batch).logits
@@ -71,8 +76,9 @@ def test_defend_save_load_in_new_process(smollm2, tmp_path: Path) -> None:  # ty
     scale = float(before.abs().max())
     assert float((reloaded - before).abs().max()) / scale < FP32_TOL
     assert float((reloaded - defended).abs().max()) / scale < 1e-6
-    # the next-token predictions on the probe text are unchanged
+    # the next-token predictions on the probe text, and a greedy continuation, are unchanged
     assert torch.equal(reloaded.argmax(-1), before.argmax(-1))
+    assert greedy(model, tokenizer, n=12) == greedy(base, tokenizer, n=12)
 
 
 @pytest.mark.parametrize(("dtype", "alpha"), [(torch.float32, 1e9), (torch.bfloat16, 1e4)])
