@@ -15,6 +15,7 @@ to skip the SmolLM2 model-level rows).
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
 from pathlib import Path
@@ -116,6 +117,10 @@ def main() -> int:
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    logging.getLogger("specdef.defense").setLevel(logging.ERROR)  # force=True is intended here
     from specdef._io import write_text_atomic
 
     weights: dict[str, torch.Tensor] = {}
