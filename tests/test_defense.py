@@ -288,3 +288,13 @@ def test_model_level_gap_is_guarded_even_when_each_layer_passes() -> None:
     safe = float(msg.split("≈")[1].split(" ")[0])
     report = apply_specdef_(model, SpecDefConfig(alpha=safe, top_k=4, targets=("a",)), probe=x)
     assert report.model_output_gap is not None and report.model_output_gap <= FP32_TOL
+
+
+def test_defending_twice_and_undefendable_models_are_clear_errors() -> None:
+    torch.manual_seed(0)
+    model = build_architecture("mlp", in_features=8, hidden=[8], out_features=4)
+    apply_specdef_(model, SpecDefConfig(alpha=10, top_k=2))
+    with pytest.raises(SpecdefError, match="every linear layer is already defended"):
+        apply_specdef_(model, SpecDefConfig(alpha=10, top_k=2))
+    with pytest.raises(SpecdefError, match="SpecDef defends linear layers only"):
+        select_targets(nn.Sequential(nn.ReLU()), "all-linear")

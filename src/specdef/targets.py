@@ -121,14 +121,23 @@ def select_targets(
     (or some listed name) matches, listing the available layer names with "did you mean"."""
     layers = candidate_layers(model)
     if not layers:
+        from specdef.defense import DefendedLinear
+
+        already = any(isinstance(m, DefendedLinear) for m in model.modules())
         raise SpecdefError(
-            f"No nn.Linear or Conv1D layer found in {type(model).__name__}; SpecDef defends linear "
-            "layers only."
-        )
+            f"No nn.Linear or Conv1D layer left to defend in {type(model).__name__}"
+            + ("; every linear layer is already defended." if already else "; SpecDef defends "
+               "linear layers only.")
+        )  # fmt: skip
     leaves = sorted({n.rsplit(".", 1)[-1] for n in layers})
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         heads = output_layer_names(model)
         chosen = [n for n in layers if n not in heads]
+        if not chosen:
+            raise SpecdefError(
+                f"'all-linear' matches no layer of {type(model).__name__} besides its output layer "
+                f"({', '.join(sorted(heads))}); name the layers to defend explicitly."
+            )
     elif isinstance(targets, str) and targets.startswith(PRESET_PREFIX):
         keys = resolve_preset(targets)
         chosen = [n for n in layers if _matches(n, keys)]
