@@ -8,7 +8,7 @@ Both defenses inflate the same layers with the same α and k: the inflated side 
 ``docs/results/native_vs_algorithm1.md`` from them.
 
     .venv/bin/python scripts/native_vs_algorithm1.py digits    # ≈ 3 min on 2 shared cores
-    .venv/bin/python scripts/native_vs_algorithm1.py smollm2   # ≈ 15 min on 2 shared cores
+    .venv/bin/python scripts/native_vs_algorithm1.py smollm2   # ≈ 30–60 min on 2 shared cores
     .venv/bin/python scripts/native_vs_algorithm1.py render
 """
 
@@ -68,14 +68,15 @@ SMOL = {
     "top_k": 16,
     "alg1_targets": ("v_proj", "up_proj"),
     "optimizers": ("adamw",),
-    "lrs": (1e-5, 1e-4),
-    "steps": 8,
+    "lrs": (1e-4,),
+    "steps": 6,
     "batch_size": 2,
     "eval_every": 2,
     "max_length": 64,
     "eval_limit": 8,
     "hessian_batch": 2,
-    "lanczos_iter": 6,
+    "lanczos_iter": 4,
+    "hessian_dtype": "float32",  # float64 double backward on SmolLM2 needs > 7 GB here
     # CPU budget: the fuse undo and the balanced undefended model are shown on the digits MLP
     "variants": ("undefended", "algorithm1", "native", "native→rebalance"),
 }
@@ -108,13 +109,21 @@ def make_variant(
 
 
 def sigma1(model: nn.Module, task: Any, cfg: dict[str, Any]) -> dict[str, Any]:
-    """Largest |eigenvalue| of the float64 training-loss Hessian on one fixed batch (Lanczos)."""
-    model = copy.deepcopy(model).double()
+    """Largest |eigenvalue| of the training-loss Hessian on one fixed batch (Lanczos), in float64
+    unless the part says otherwise."""
+    dtype = getattr(torch, cfg.get("hessian_dtype", "float64"))
+    model = copy.deepcopy(model).to(dtype)
     batch = next(task.train_batches(batch_size=cfg["hessian_batch"], seed=0))
-    batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+    batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
     op = HessianOperator(model, task.loss, [batch])
     res = lanczos(op, k=1, which="LM", max_iter=cfg["lanczos_iter"], tol=1e-6, seed=0)
-    return {"sigma1": float(abs(res.eigenvalues[0])), "hvps": res.hvps, "converged": res.converged}
+    del model, op
+    return {
+        "sigma1": float(abs(res.eigenvalues[0])),
+        "hvps": res.hvps,
+        "converged": res.converged,
+        "hessian_dtype": str(dtype).removeprefix("torch."),
+    }
 
 
 def attack_grid(model: nn.Module, task: Any, cfg: dict[str, Any], threshold: str) -> dict[str, Any]:
@@ -193,7 +202,7 @@ def render() -> str:
         "Produced by `.venv/bin/python scripts/native_vs_algorithm1.py {digits,smollm2,render}` "
         "from `runs/native_vs_algorithm1/*.jsonl`. α = 1e4 for both; both inflate the same layers "
         "with the same k (the inflated side of every native pair). *σ₁(H)*: largest |eigenvalue| of "
-        "the float64 training-loss Hessian on one fixed batch (Lanczos; with few iterations a Ritz "
+        "the training-loss Hessian (float64; SmolLM2: float32) on one fixed batch (Lanczos; with few iterations a Ritz "
         "value is a lower bound on it). *Steps*: the attacker's fewest steps to the threshold over "
         "the learning-rate grid (`> N` = not reached within N steps at any rate). *Gap*: max "
         "|Δlogit| / max |logit| vs the undefended model on a held-out batch, in fp32. *Imbalance*: "
@@ -216,16 +225,33 @@ def render() -> str:
             f"Lanczos ≤ {cfg['lanczos_iter']} Hessian-vector products on a batch of {cfg['hessian_batch']}."
         )
         lines.append("")
-        head = ["variant", "parameters", "gap", "σ₁(H)", "converged", "imbalance"]
+        undefended = next(r["sigma1"] for r in rows if r["variant"] == "undefended")
+        head = [
+            "variant",
+            "parameters",
+            "gap",
+            "σ₁(H)",
+            "σ₁ / undefended",
+            "converged",
+            "imbalance",
+        ]
         head += [f"{o}: steps (best lr)" for o in opts]
+        single = len(cfg["lrs"]) == 1
+        if single:
+            head += [f"{o}: final held-out harmful loss" for o in opts]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
             cells = [r["variant"], f"{r['parameters']:,}", f"{r['function_gap']:.1e}",
-                     f"{r['sigma1']:.3e}", "yes" if r["converged"] else "no",
+                     f"{r['sigma1']:.3e}", f"{r['sigma1'] / undefended:.3g}",
+                     "yes" if r["converged"] else "no",
                      f"{r['imbalance_log10']:.2f}" if "imbalance_log10" in r else "—"]  # fmt: skip
             for o in opts:
                 a = r["attacks"][o]
                 cells.append(f"{a['best']} ({a['best_lr']:g})" if a["best_lr"] else a["best"])
+            if single:
+                for o in opts:
+                    final = next(iter(r["attacks"][o]["final"].values()))
+                    cells.append(f"{final.get('harmful_loss', float('nan')):.3f}")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         for o in opts:
@@ -240,15 +266,17 @@ def render() -> str:
 
 def _reading() -> str:
     return (
-        "## Reading\n\n"
-        "Rows are measured, not edited; this paragraph is the only hand-written part and says "
-        "what to look for. Native mode reaches the curvature of Algorithm 1 with no extra "
-        "parameters when its σ₁(H) is of the same order; it is *weaker against an informed "
-        "attacker* by construction: `rebalance` needs neither the original model nor any new "
-        "parameter, while undoing Algorithm 1 (`fuse`) needs the pairs identified. Both undos "
-        "return the function exactly and the curvature to the undefended order, which is the "
-        "paper's limit in its sharpest form for native mode. `native_imbalance` flags a native "
-        "deformation at ≈log10(α) against a small baseline for trained pairs."
+        "## How to read this\n\n"
+        "Every figure above comes from the rows. The comparison to make: *σ₁ / undefended* of "
+        "`native` against `algorithm1` (same α, same layers, same k; native uses a diagonal on the "
+        "MLP side and per-head subspaces on V, Algorithm 1 the layer's top-k subspace with an m×m "
+        "compensation), and of `native→rebalance` against `undefended→rebalance` where present. "
+        "`rebalance` needs neither the original weights nor a manifest nor any new parameter — "
+        "only the architecture — while undoing Algorithm 1 (`fuse`) needs the compensation pairs "
+        "identified; so native mode gives zero overhead but *no* protection against an informed "
+        "attacker, which is the paper's limit in its sharpest form. The balanced point is not the "
+        "original parameterisation, so rebalance restores the curvature of the *balanced* "
+        "undefended model, which can differ from the undefended one."
     )
 
 
