@@ -109,13 +109,15 @@ What the digits runs show (all numbers in the tables above):
 - **`fuse` undoes the defense at no size cost** (it removes the compensation parameters): steps at
   lr\* are 1.0–1.2× the undefended ones, the spread of seeds at this high learning rate (the fused
   weights equal the original up to fp32 rounding of `C·W̃`).
-- **The paper's `inject` (identity m×m after each frozen layer) restores trainability at every
-  learning rate where the undefended model trains, but not its speed**: 2.4× the undefended steps
+- **The paper's `inject` (identity m×m after each frozen layer) restores trainability — at every
+  learning rate with the middle layer defended, at 0.01–0.1 with all three — but not the
+  undefended speed**: 2.4× the undefended steps
   at lr\* with the middle layer defended, 5.4× with all three (there the 10×10 adapter after the
   head can only mix the head's 10 rows). It does **not** meet the 1.5× bar here. A reparametrised
   layer `A·W` trains with different geometry from `W` (an Adam step on A moves `W_eff` by `ΔA·W`),
   which is the likely cause; not measured further. **`inject:parallel`** (frozen pair plus a
-  zero-initialised m×n layer beside it) trains exactly as the undefended model does (1.0× at lr\*),
+  zero-initialised m×n layer beside it) trains as the undefended model does (step for step in
+  exact arithmetic, a float64 test; 1.0× at lr\* here in fp32),
   at a cost of `m·n + m` per defended layer — the linear size increase of the paper's theorem.
 - **`factor` does not help while the compensation trains**: it still receives activations inflated
   by α in range(P), whatever j, and every run diverges at step 2. With the compensation frozen,
