@@ -167,3 +167,13 @@ def test_runs_through_an_accelerate_accelerator() -> None:
     assert [h["train_loss"] for h in b.history] == pytest.approx(
         [h["train_loss"] for h in a.history], rel=1e-6
     )
+
+
+def test_empty_training_set_is_a_user_error_not_a_hang() -> None:
+    from specdef.tasks import CausalLMTask
+
+    task = CausalLMTask(
+        "empty", [], {"harmful": [{"input_ids": [1, 2], "labels": [1, 2]}]}, pad_id=0
+    )
+    with pytest.raises(SpecdefError, match="no training examples"):
+        run_attack(MLP(64, (8,), 10), task, AttackSpec(steps=1))

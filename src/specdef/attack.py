@@ -242,6 +242,11 @@ def run_attack(
             "gradients inside step(); drop grad_clip."
         )
     threshold = Threshold.parse(spec.threshold, task_kind=task.kind) if spec.threshold else None
+    if _train_size(task) == 0:
+        raise SpecdefError(
+            f"Task {task.name!r} has no training examples (e.g. every example was longer than "
+            "max_length and dropped); expected at least one: raise --max-length or pick a task."
+        )
     device = accelerator.device if accelerator is not None else _model_device(model)
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
@@ -357,6 +362,14 @@ def _grad_norm(params: list[nn.Parameter], clip: float | None) -> float:
     return float(
         torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     )
+
+
+def _train_size(task: Task) -> int | None:
+    """Training examples of the stock tasks (``None`` when a task does not say)."""
+    train = getattr(task, "train", None)
+    if isinstance(train, tuple) and len(train) == 2:
+        return len(train[1])
+    return len(train) if isinstance(train, list) else None
 
 
 def _model_device(model: nn.Module) -> torch.device:
