@@ -85,6 +85,7 @@ def register(sub: Any) -> None:
     )
     parser.add_argument("--max-length", type=int, default=128, help="tokens (language tasks)")
     parser.add_argument("--eval-limit", type=int, default=None, help="held-out examples per split")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", metavar="RUN_DIR", help="keep results.jsonl here (resumable)")
     parser.add_argument("--json", action="store_true", help="print the rows' summaries as JSON")
     parser.set_defaults(func=run)
@@ -138,6 +139,10 @@ def run(args: argparse.Namespace) -> int:
     from specdef.sweep import ModelVariant, run_sweep
 
     specs = build_specs(args)  # validate the grid before loading anything
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     source = load_source(args.model, attn_implementation="eager")
     kwargs: dict[str, Any] = {}
     if source.tokenizer is not None:
