@@ -47,3 +47,16 @@ def test_did_you_mean() -> None:
     msg = did_you_mean("adamww", ["adam", "adamw", "sgd"], what="optimizer")
     assert msg.startswith("Unknown optimizer 'adamww'. Did you mean: adamw")
     assert "Available: adam, adamw, sgd" in msg
+
+
+def test_empty_training_set_is_a_user_error_not_an_endless_loop() -> None:
+    import torch
+
+    from specdef.tasks import CausalLMTask, ClassificationTask
+
+    empty = ClassificationTask("e", (torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)), {})
+    with pytest.raises(SpecdefError, match="no training examples"):
+        next(empty.train_batches(batch_size=4, seed=0))
+    lm = CausalLMTask("lm", [], {}, pad_id=0)
+    with pytest.raises(SpecdefError, match="no training examples"):
+        next(lm.train_batches(batch_size=4, seed=0))

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specdef.errors import SpecdefError
+
 Batch = dict[str, torch.Tensor]
 
 
@@ -42,6 +44,14 @@ class Task(Protocol):
         ...
 
 
+def _require_examples(name: str, count: int) -> None:
+    if count == 0:
+        raise SpecdefError(
+            f"Task {name!r} has no training examples (e.g. max_length dropped every pair); "
+            "raise max_length or choose another task."
+        )
+
+
 def _chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
@@ -58,6 +68,7 @@ class ClassificationTask:
 
     def train_batches(self, *, batch_size: int, seed: int) -> Iterator[Batch]:
         x, y = self.train
+        _require_examples(self.name, len(y))
         gen = torch.Generator().manual_seed(seed)
         while True:
             order = torch.randperm(len(y), generator=gen)
@@ -118,6 +129,7 @@ class CausalLMTask:
     def train_batches(self, *, batch_size: int, seed: int) -> Iterator[Batch]:
         gen = torch.Generator().manual_seed(seed)
         n = len(self.train)
+        _require_examples(self.name, n)
         while True:
             order = torch.randperm(n, generator=gen).tolist()
             for sl in _chunks(n, batch_size):
