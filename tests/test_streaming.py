@@ -172,3 +172,21 @@ def test_bad_inputs_write_nothing(tmp_path: Path) -> None:
     with pytest.raises(SpecdefError, match="truncated or corrupt"):
         defend_streaming(source, tmp_path / "o5", alpha=ALPHA, top_k=4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "exists", "tiny-llama"]
+
+
+def test_bf16_checkpoint_native_mlp_pairs(tmp_path: Path) -> None:
+    """Releases are often bf16: the diagonal MLP symmetry passes the guard there and the written
+    shards keep the BF16 dtype; the V/O subspace scaling at α = 1e4 is refused in bf16."""
+    model = load_model("tiny-llama", dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "src")
+    defend_streaming(tmp_path / "src", tmp_path / "out", mode="native", alpha=ALPHA, top_k=8,
+                     targets=("up_proj",))  # fmt: skip
+    reference = load_model("tiny-llama", dtype=torch.bfloat16)
+    apply_native_(reference, alpha=ALPHA, top_k=8, targets=("up_proj",))
+    written = _all_tensors(tmp_path / "out")
+    assert all(v.dtype == torch.bfloat16 for v in written.values())
+    for name, param in reference.state_dict().items():
+        if name in written:
+            assert torch.equal(written[name], param), name
+    with pytest.raises(SpecdefError, match="tolerance"):
+        defend_streaming(tmp_path / "src", tmp_path / "o2", mode="native", alpha=ALPHA, top_k=8)
