@@ -212,3 +212,26 @@ def test_user_errors_are_one_line() -> None:
         HessianOperator(model, loss_fn, batches, rows=lambda n, p: False)
     with pytest.raises(SpecdefError, match="length"):
         HessianOperator(model, loss_fn, batches).matvec(torch.zeros(3, dtype=torch.float64))
+
+
+def test_curvature_is_pure_math() -> None:
+    """``specdef.curvature`` imports nothing from the rest of specdef except ``errors``."""
+    import ast
+    from pathlib import Path
+
+    import specdef.curvature
+
+    root = Path(specdef.curvature.__file__).parent
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                if name.startswith("specdef"):
+                    assert name == "specdef.errors" or name.startswith("specdef.curvature"), (
+                        path.name,
+                        name,
+                    )

@@ -4,6 +4,13 @@ ceilings. Pure math: imports nothing from the rest of specdef except :mod:`specd
 SpecDef-aware wrappers (which find the defended pairs) live in :mod:`specdef.bounds`.
 """
 
+from specdef.curvature.certificates import (
+    Certificate,
+    SpectralBound,
+    compensation_directions,
+    pair_spectral_bound,
+    rayleigh_certificate,
+)
 from specdef.curvature.estimators import (
     EigenResult,
     MatrixOperator,
@@ -22,20 +29,29 @@ from specdef.curvature.hvp import (
     hessian_vector_product,
     select_parameters,
 )
+from specdef.curvature.lr import Slowdown, lr_ceiling, predicted_slowdown
 
 __all__ = [
+    "Certificate",
     "EigenResult",
     "HessianOperator",
     "MatrixOperator",
     "SigmaResult",
+    "Slowdown",
+    "SpectralBound",
     "TraceResult",
     "arpack_eigsh",
     "block_sigma_max",
+    "compensation_directions",
     "dense_hessian",
     "double_backward_safe",
     "hessian_vector_product",
     "hutchinson_trace",
     "lanczos",
+    "lr_ceiling",
+    "pair_spectral_bound",
     "power_iteration",
+    "predicted_slowdown",
+    "rayleigh_certificate",
     "select_parameters",
 ]

@@ -167,7 +167,7 @@ def pair_spectral_bound(
             f"Expected compensation input size {inflated.out_features} (the inflated layer's "
             f"output), found {compensation.in_features}; pass a matching inflated/compensation pair."
         )
-    _, sigmas, right = top_singular_triplets(inflated.weight, top)
+    left, sigmas, right = top_singular_triplets(inflated.weight, top)
     graphs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     captured: dict[str, Any] = {}
 
@@ -220,7 +220,5 @@ def pair_spectral_bound(
         terms=tuple(terms),
         products=op.hvps,
         output_directions=tuple(outs),
-        input_directions=tuple(
-            u for u in top_singular_triplets(inflated.weight, top)[0].T.contiguous()
-        ),
+        input_directions=tuple(left.T.contiguous()),
     )
