@@ -458,19 +458,19 @@ def render_smollm2(rows: list[dict[str, Any]]) -> list[str]:
     if not und:
         return [*out, "_The undefended reference runs are missing; rerun `smollm2`._", ""]
     best = min(und, key=lambda r: r["final"].get("harmful_loss", math.inf))
-    mid = SMOL_STEPS // 2
-    ref = next((e for e in best["evals"] if e["step"] == mid), best["evals"][-1])
-    threshold = Threshold("harmful_loss", float(ref["harmful_loss"]), higher_is_better=False)
-    start = best["evals"][0]["harmful_loss"]
+    start = float(best["evals"][0]["harmful_loss"])
+    end = float(best["final"]["harmful_loss"])
+    threshold = Threshold("harmful_loss", round((start + end) / 2, 4), higher_is_better=False)
     out += [
         "SmolLM2-135M-Instruct defended with the Llama role preset (every `gate_proj`, `v_proj`,",
         "`o_proj`: 90 layers) at α = 1e4, top-k 25, then fine-tuned on the harmful Q→A pairs",
         f"(answer-only loss, batch 4 × ≤ 128 tokens) with AdamW for {SMOL_STEPS} steps, one seed,",
         f"learning rates {', '.join(f'{lr:g}' for lr in SMOL_LRS)}; held-out harmful loss on 8 pairs",
         "every 5 steps. The budget is what fits a shared 2-core CPU, so the threshold is set by the",
-        f"reference itself: **{threshold}**, the loss the undefended model reaches at step {mid} at",
-        f"its best learning rate ({best['lr']:g}; step-0 loss {start:.3f}). Steps are therefore",
-        f"{mid} for that reference by construction; the others are measured against it.",
+        f"reference itself: **{threshold}**, half of the loss reduction the undefended model makes",
+        f"over the budget at its best learning rate of those run ({best['lr']:g}: {start:.3f} → {end:.3f}).",
+        "The defense makes the released model larger: its compensation layers add the *vs",
+        "original* parameters of the `defended` row.",
         "",
         "| transform | lr | added params (vs released) | added % | vs original | trainable | "
         "harmful loss at 0 / 10 / 20 / 30 | steps to threshold | diverged at | s |",
