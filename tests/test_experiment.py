@@ -31,7 +31,7 @@ EXPECTED_RUNS = {
     "E3-language": 2 * 2 * 4,
     "E4-lora": 2 * 2 * 3,
     "E5-second-order": 2 * 4 * 6 * 2,
-    "E6-informed": 8 * 4 * 3,
+    "E6-informed": 9 * 4 * 3,
     "E7-utility": 2 * 3 * 3,
 }
 
@@ -215,7 +215,7 @@ def test_demo_ends_with_a_report_and_a_png(
     out = capsys.readouterr().out
     report = tmp_path / "demo" / "report.md"
     assert f"report: {report}" in out and "PASS: function gap" in out
-    assert "SpecDef α=1e4" in out and "informed inject" in out
+    assert "SpecDef α=1e4" in out and "informed fuse" in out
     text = report.read_text()
     assert "![loss curves" in text and (tmp_path / "demo" / "attack0_curves.png").exists()
     rows = read_jsonl(tmp_path / "demo" / "results.jsonl")
@@ -227,3 +227,5 @@ def test_demo_ends_with_a_report_and_a_png(
         if r["summary"]["steps_to_threshold"]
     }
     assert (None, None) in reached and (1e4, None) not in reached
+    # and fusing the pairs back (the informed attacker) is exactly as fast as undefended
+    assert reached[(1e4, "fuse")] == reached[(None, None)]

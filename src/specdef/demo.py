@@ -117,7 +117,7 @@ ATTACK_DEMO: dict[str, Any] = {
     "kind": "attack",
     "claim": "3 and 6: first-order attacks fail; an informed attacker restores convergence",
     "description": "mlp-digits (zoo) attacked on digits 5–9 with Adam: undefended, SpecDef α=1e4, "
-    "and SpecDef α=1e4 after the informed 'inject' transform.",
+    "and SpecDef α=1e4 after the informed 'fuse' transform.",
     "model": "mlp-digits",
     "task": "digits-harmful",
     "defense": {"alpha": None, "top_k": 8, "targets": "all-linear"},
@@ -134,7 +134,7 @@ ATTACK_DEMO: dict[str, Any] = {
         "variants": [
             {"defense.alpha": None},
             {"defense.alpha": 1e4},
-            {"defense.alpha": 1e4, "attack.adaptive": "inject"},
+            {"defense.alpha": 1e4, "attack.adaptive": "fuse"},
         ],
         "attack": {"lr": [1e-3, 1e-2, 1e-1]},
     },

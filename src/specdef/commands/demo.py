@@ -102,7 +102,7 @@ def _print_attack(attack: Any) -> None:
     label = {
         (None, None): "undefended",
         (1e4, None): "SpecDef α=1e4",
-        (1e4, "inject"): "α=1e4 + informed inject",
+        (1e4, "fuse"): "α=1e4 + informed fuse",
     }
     lrs = sorted({float(r["lr"]) for r in rows})
     table = []
@@ -121,7 +121,7 @@ def _print_attack(attack: Any) -> None:
                 cells.append(f">{r.get('steps', '?')}" if r else "—")
         cost = next((r.get("cost") for r in rows if r.get("adaptive") and r.get("cost")), None)
         if key[1] and cost:
-            cells[0] += f" (+{cost['params_added']:,} params, {cost['params_added_pct']:.0f} %)"
+            cells[0] += f" ({cost['params_added']:+,} params, {cost['params_added_pct']:+.0f} %)"
         table.append(cells)
     print_table(
         "Attack (Adam, mlp-digits on digits 5–9): steps to 90 % held-out harmful accuracy",
