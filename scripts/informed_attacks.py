@@ -279,6 +279,15 @@ def smollm2() -> None:
          "optimizer": "adamw", "lr": lr, "seed": 0, "steps": SMOL_STEPS}
         for lr in SMOL_LRS for v in SMOL_VARIANTS
     ]  # fmt: skip
+    # after the first learning rate, the runs that say most first (the budget may end mid-grid)
+    priority = ("undefended", "inject", "defended", "inject:parallel", "untouched", "fuse")
+    specs.sort(
+        key=lambda x: (
+            SMOL_LRS.index(x["lr"]),
+            x["lr"] != SMOL_LRS[0]
+            and (priority.index(x["variant"]) if x["variant"] in priority else 99),
+        )
+    )
     todo = pending(path, specs)
     print(f"smollm2: {len(todo)} of {len(specs)} runs to do", flush=True)
     if not todo:
