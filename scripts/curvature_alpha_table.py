@@ -23,7 +23,7 @@ from sklearn.datasets import load_digits
 
 from specdef.architectures import MLP
 from specdef.bounds import defense_certificate, spectral_lower_bound
-from specdef.curvature import HessianOperator, dense_hessian
+from specdef.curvature import HessianOperator, dense_hessian, select_parameters
 from specdef.curvature.certificates import rayleigh_certificate, top_singular_triplets
 from specdef.defense import DefendedLinear, SpecDefConfig, apply_specdef_, set_submodule
 
@@ -102,6 +102,11 @@ def measure() -> list[dict[str, float]]:
         dense = dense_hessian(model, classify, batches)
         eig = torch.linalg.eigvalsh(dense)
         exact = float(eig.abs().max())
+        index, start = {}, 0
+        for pname, p in select_parameters(model):
+            index[pname] = slice(start, start + p.numel())
+            start += p.numel()
+        cross = dense[index[f"{LAYER}.compensation.weight"], index["layers.0.weight"]]
         spectral = spectral_lower_bound(model, classify, batches, top=TOP_K)
         cert = defense_certificate(model, classify, batches, top=TOP_K, spectral=spectral)
         rows.append({
@@ -110,6 +115,7 @@ def measure() -> list[dict[str, float]]:
             "bound": spectral.value, "bound_products": spectral.products,
             "kappa": spectral.pairs[0].bound.kappas[0],
             "sigma_inflated": spectral.pairs[0].sigma_inflated, **probe_directions(model, batches),
+            "cross": float(torch.linalg.svdvals(cross)[0]),
         })  # fmt: skip
     return rows
 
@@ -117,17 +123,17 @@ def measure() -> list[dict[str, float]]:
 def render(rows: list[dict[str, float]]) -> str:
     head = (
         "| α | exact σ₁(H) | certificate (HVPs) | weight-spectrum bound | σ₁(W̃) | κ₁ "
-        "| \\|Hv·v\\| C ũ₁ũ₁ᵀ | \\|Hv·v\\| W̃ ũ₁ṽ₁ᵀ | \\|Hv·v\\| C ũ₁w⊥ᵀ |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
+        "| \\|Hv·v\\| C ũ₁ũ₁ᵀ | \\|Hv·v\\| W̃ ũ₁ṽ₁ᵀ | \\|Hv·v\\| C ũ₁w⊥ᵀ | σ₁(H[C, W₀]) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     body = "".join(
         f"| {r['alpha']:g} | {r['exact']:.4g} | {r['certificate']:.4g} ({r['certificate_hvps']}) "
         f"| {r['bound']:.4g} | {r['sigma_inflated']:.4g} | {r['kappa']:.4g} | {r['C_u1u1']:.4g} "
-        f"| {r['Wt_u1v1']:.3g} | {r['C_u1wperp']:.3g} |\n"
+        f"| {r['Wt_u1v1']:.3g} | {r['C_u1wperp']:.3g} | {r['cross']:.4g} |\n"
         for r in rows
     )
     ratios = []
-    for key in ("exact", "certificate", "bound"):
+    for key in ("exact", "certificate", "bound", "cross"):
         growth = [rows[i + 1][key] / rows[i][key] for i in range(len(rows) - 1)]
         ratios.append(f"{key}: " + ", ".join(f"{g:.3g}" for g in growth))
     note = "\nGrowth per ×10 in α — " + "; ".join(ratios) + ".\n"
