@@ -87,7 +87,7 @@ def harness(model: torch.nn.Module, task: object, steps: int) -> float:
 
 def main() -> int:
     sys.path.insert(0, str(ROOT / "src"))
-    from specdef._io import write_text_atomic
+    from specdef._io import replace_markdown_section
 
     torch.set_num_threads(THREADS)
     load = os.getloadavg()[0]
@@ -122,15 +122,7 @@ def main() -> int:
         f"{'met' if holds else '**missed**'}.\n"
     )
     print(text)
-    old = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Benchmarks\n\n"
-    if SECTION in old:
-        start = old.index(SECTION)
-        rest = old[start + len(SECTION) :]
-        nxt = rest.find("\n## ")
-        new = old[:start] + text + (rest[nxt:] if nxt >= 0 else "")
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    write_text_atomic(DOC, new)
+    replace_markdown_section(DOC, SECTION, text)
     return 0 if holds else 1
 
 

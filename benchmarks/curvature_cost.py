@@ -9,7 +9,6 @@ accuracy on the top eigenvalue (Lanczos must need fewer). Prints a table and rew
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import sys
 import time
@@ -199,13 +198,9 @@ def render(cost: list[dict[str, Any]], conv: list[dict[str, Any]]) -> str:
 
 
 def write_section(section: str) -> None:
-    text = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(re.escape(HEADING) + r"\n.*?(?=^## |\Z)", flags=re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
+    from specdef._io import replace_markdown_section
+
+    replace_markdown_section(DOC, HEADING, section)
 
 
 def main(argv: list[str] | None = None) -> int:

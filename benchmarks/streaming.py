@@ -272,17 +272,9 @@ def _report(rows: list[dict[str, float]]) -> str:
 
 def _write_section(text: str) -> None:
     sys.path.insert(0, str(ROOT / "src"))
-    from specdef._io import write_text_atomic
+    from specdef._io import replace_markdown_section
 
-    old = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Benchmarks\n\n"
-    if SECTION in old:
-        start = old.index(SECTION)
-        rest = old[start + len(SECTION) :]
-        nxt = rest.find("\n## ")
-        new = old[:start] + text + (rest[nxt + 1 :] if nxt >= 0 else "")
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    write_text_atomic(DOC, new)
+    replace_markdown_section(DOC, SECTION, text)
 
 
 if __name__ == "__main__":

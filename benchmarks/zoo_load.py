@@ -57,7 +57,7 @@ def _child(mode: str) -> list[float]:
 def main() -> int:
     sys.path.insert(0, str(ROOT / "src"))
     from specdef import zoo
-    from specdef._io import write_text_atomic
+    from specdef._io import replace_markdown_section
 
     zoo.prepare("smollm2-135m")
     load_before = os.getloadavg()[0]
@@ -79,15 +79,7 @@ def main() -> int:
         f"on {os.cpu_count()} CPUs (timings scale with it).\n"
     )
     print(text)
-    old = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Benchmarks\n\n"
-    if SECTION in old:
-        start = old.index(SECTION)
-        rest = old[start + len(SECTION) :]
-        nxt = rest.find("\n## ")
-        new = old[:start] + text + (rest[nxt + 1 :] if nxt >= 0 else "")
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    write_text_atomic(DOC, new)
+    replace_markdown_section(DOC, SECTION, text)
     return 0 if holds else 1
 
 

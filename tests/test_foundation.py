@@ -60,3 +60,15 @@ def test_empty_training_set_is_a_user_error_not_an_endless_loop() -> None:
     lm = CausalLMTask("lm", [], {}, pad_id=0)
     with pytest.raises(SpecdefError, match="no training examples"):
         next(lm.train_batches(batch_size=4, seed=0))
+
+
+def test_replace_markdown_section_touches_only_its_section(tmp_path: Path) -> None:
+    from specdef._io import replace_markdown_section
+
+    doc = tmp_path / "b.md"
+    doc.write_text("# Benchmarks\n\n## A\n\nold a\n\n## B\n\nb stays\n")
+    replace_markdown_section(doc, "## A", "## A\n\nnew a\n")
+    assert doc.read_text() == "# Benchmarks\n\n## A\n\nnew a\n\n## B\n\nb stays\n"
+    replace_markdown_section(doc, "## B", "## B\n\nnew b\n")
+    replace_markdown_section(doc, "## C", "## C\n\nc\n")
+    assert doc.read_text() == "# Benchmarks\n\n## A\n\nnew a\n\n## B\n\nnew b\n\n## C\n\nc\n"

@@ -96,3 +96,19 @@ def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_markdown_section(path: str | os.PathLike[str], heading: str, text: str) -> None:
+    """Atomically put ``text`` (which starts with the ``## heading`` line) in place of that section
+    of a Markdown file — from the heading to the next ``## `` heading — or append it. Benchmarks
+    sharing one page each rewrite only their own section this way."""
+    target = Path(path)
+    old = target.read_text(encoding="utf-8") if target.exists() else "# Benchmarks\n"
+    block = text.rstrip("\n") + "\n"
+    if heading in old:
+        start = old.index(heading)
+        nxt = old.find("\n## ", start + len(heading))
+        new = old[:start] + block + ("\n" + old[nxt + 1 :] if nxt >= 0 else "")
+    else:
+        new = old.rstrip("\n") + "\n\n" + block
+    write_text_atomic(target, new)
