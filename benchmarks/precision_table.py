@@ -121,7 +121,7 @@ def main() -> int:
 
     hf_logging.disable_progress_bar()
     logging.getLogger("specdef.defense").setLevel(logging.ERROR)  # force=True is intended here
-    from specdef._io import write_text_atomic
+    from specdef._io import replace_marked_region
 
     weights: dict[str, torch.Tensor] = {}
     try:
@@ -142,13 +142,7 @@ def main() -> int:
     if not args.no_model:
         lines += model_table()
     lines.append(END)
-    text = "\n".join(lines)
-    old = DOC.read_text(encoding="utf-8")
-    if START not in old or END not in old:
-        print(f"{DOC} lacks the {START} … {END} markers", file=sys.stderr)
-        return 1
-    new = old[: old.index(START)] + text + old[old.index(END) + len(END) :]
-    write_text_atomic(DOC, new)
+    replace_marked_region(DOC, START, END, "\n".join(["", *lines[1:-1], ""]))
     print(f"wrote the table into {DOC.relative_to(ROOT)}")
     return 0
 

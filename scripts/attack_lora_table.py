@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from specdef._io import write_text_atomic
+from specdef._io import replace_marked_region
 from specdef.attack import AttackSpec, run_attack
 from specdef.defense import SpecDefConfig, apply_specdef_
 from specdef.metrics import StepsToThreshold, best_over_grid, slowdown
@@ -124,20 +124,12 @@ def main() -> int:
     rows = run_sweep(harmful, variants, specs, results=RESULTS, experiment="lora").rows
     text = render(rows)
     print(text)
-    old = DOC.read_text(encoding="utf-8")
-    if START not in old or END not in old:
-        print(f"{DOC} lacks the {START} … {END} markers", file=sys.stderr)
-        return 1
-    head, rest = old.split(START, 1)
-    write_text_atomic(DOC, head + START + "\n" + text + END + rest.split(END, 1)[1])
+    replace_marked_region(DOC, START, END, "\n" + text)
     return 0
 
 
 def _outcome(row: dict[str, Any]) -> StepsToThreshold:
-    s = row["summary"]
-    return StepsToThreshold(
-        s["steps_to_threshold"], s["budget"], s["censor_reason"] or "reached", s["diverged_at"]
-    )
+    return StepsToThreshold.from_dict(row["summary"])
 
 
 def render(rows: list[dict[str, Any]]) -> str:

@@ -72,3 +72,14 @@ def test_replace_markdown_section_touches_only_its_section(tmp_path: Path) -> No
     replace_markdown_section(doc, "## B", "## B\n\nnew b\n")
     replace_markdown_section(doc, "## C", "## C\n\nc\n")
     assert doc.read_text() == "# Benchmarks\n\n## A\n\nnew a\n\n## B\n\nnew b\n\n## C\n\nc\n"
+
+
+def test_replace_marked_region_keeps_markers_and_surroundings(tmp_path: Path) -> None:
+    from specdef._io import replace_marked_region
+
+    doc = tmp_path / "p.md"
+    doc.write_text("intro\n<!-- a -->\nold\n<!-- /a -->\noutro\n")
+    replace_marked_region(doc, "<!-- a -->", "<!-- /a -->", "\nnew\n")
+    assert doc.read_text() == "intro\n<!-- a -->\nnew\n<!-- /a -->\noutro\n"
+    with pytest.raises(SpecdefError, match="lacks the markers"):
+        replace_marked_region(doc, "<!-- b -->", "<!-- /b -->", "x")

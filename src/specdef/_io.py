@@ -112,3 +112,17 @@ def replace_markdown_section(path: str | os.PathLike[str], heading: str, text: s
     else:
         new = old.rstrip("\n") + "\n\n" + block
     write_text_atomic(target, new)
+
+
+def replace_marked_region(path: str | os.PathLike[str], start: str, end: str, text: str) -> None:
+    """Atomically replace what lies between the ``start`` and ``end`` marker lines of a file (the
+    markers stay), so a script regenerates its table inside a hand-written page."""
+    target = Path(path)
+    old = target.read_text(encoding="utf-8")
+    if start not in old or end not in old:
+        raise SpecdefError(
+            f"{str(target)!r} lacks the markers {start!r} … {end!r}; add them where the "
+            "generated text belongs."
+        )
+    head, rest = old.split(start, 1)
+    write_text_atomic(target, head + start + text + end + rest.split(end, 1)[1])

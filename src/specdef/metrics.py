@@ -95,6 +95,16 @@ class StepsToThreshold:
             "diverged_at": self.diverged_at,
         }
 
+    @classmethod
+    def from_dict(cls, row: Mapping[str, Any]) -> StepsToThreshold:
+        """Inverse of :meth:`to_dict` (e.g. a result row's ``summary``)."""
+        return cls(
+            row["steps_to_threshold"],
+            row["budget"],
+            row["censor_reason"] or "reached",
+            row["diverged_at"],
+        )
+
 
 def steps_to_threshold(
     evals: Sequence[Mapping[str, Any]],

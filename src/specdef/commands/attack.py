@@ -208,10 +208,7 @@ def print_rows(rows: list[dict[str, Any]], *, threshold: str | None) -> None:
             final = s.get("final", {})
             reached = "—"
             if threshold:
-                outcome = StepsToThreshold(
-                    s["steps_to_threshold"], s["budget"], s["censor_reason"] or "reached",
-                    s["diverged_at"],
-                )  # fmt: skip
+                outcome = StepsToThreshold.from_dict(s)
                 outcomes[float(row["lr"])] = outcome
                 reached = str(outcome)
             table.append(
