@@ -84,9 +84,9 @@ fine-tuned loses the two-value spectrum; and a defended checkpoint's tensor name
 | transform | what it does | added parameters per defended m×n layer |
 |---|---|---|
 | `fuse` | `W = C·W̃` in float64, one layer again (the defense's exact undo) | −m² (the compensation goes) |
-| `inject:after` | freeze the pair, identity-initialised m×m layer after it (the paper's construction) | m² + m |
+| `inject` (= `inject:after`) | freeze the pair, identity-initialised m×m layer after it (the paper's construction) | m² + m |
 | `inject:before` | same, n×n layer before it | n² + n |
-| `inject` (auto) | the larger side: for a full-rank W, `A·W` reaches every m×n weight iff n ≤ m, `W·A` iff m ≤ n | max(m, n)² + max(m, n) |
+| `inject:auto` | the larger side: for a full-rank W, `A·W` reaches every m×n weight iff n ≤ m, `W·A` iff m ≤ n | max(m, n)² + max(m, n) |
 | `inject:parallel` | freeze the pair, add a zero-initialised m×n layer beside it: `W·x + B·x`; Adam on B takes exactly the steps Adam takes on W (tested) | m·n + m |
 | `factor:j` | `W̃ = R^{j−1}·(T^{1/j}·W)`, `R = I + (α^{1/j} − 1)P`: j factors each inflated by α^{1/j}; C kept, trainable | (j − 1)·m² |
 | `factor:j:freeze` | same, compensation frozen | (j − 1)·m² |
@@ -365,8 +365,8 @@ def render_detection(rows: list[dict[str, Any]]) -> list[str]:
     recall = tp / (tp + fn) if tp + fn else math.nan
     out += [
         "`specdef detect` reads only tensors: it never opens the manifest and trusts no module name.",
-        "Each case below was checked twice: on the live model's linear layers (`model`), and with",
-        "every weight renamed `w0, w1, …` in a shuffled order (`renamed`) so that neither names nor",
+        "The tiny-model cases were checked twice: on the live model's linear layers (`model`), and",
+        "with every weight renamed `w0, w1, …` in a shuffled order (`renamed`) so that neither names nor",
         "module order can help. A false positive is any reported pair, unpaired compensation or",
         "suspect that is not a defended layer.",
         "",
