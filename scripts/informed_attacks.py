@@ -514,7 +514,7 @@ def render_smollm2(rows: list[dict[str, Any]]) -> list[str]:
         "",
         "What the SmolLM2 runs show (one seed, 30 steps; the rows above): the release carries",
         "+82 M compensation parameters (+61 %) and diverges at step 2 at both learning rates, as does",
-        "`factor:2` at 1e-4 (its compensation still sees α-inflated activations). `fuse` restores the",
+        "`factor:2` (its compensation still sees α-inflated activations). `fuse` restores the",
         "original model (−82 M parameters) and its loss curve to three decimals. `inject:parallel`",
         "(+40 M over the release) tracks the undefended curve (10 steps at 1e-4, like the",
         "undefended model). The paper's `inject` (+82 M) does not work at the undefended model's",
