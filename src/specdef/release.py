@@ -81,16 +81,41 @@ def _load_transformers_dir(root: Path, dtype: torch.dtype | None) -> nn.Module:
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         cls = transformers.AutoModel
     from safetensors import SafetensorError
+    from transformers.utils import logging as hf_logging
 
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # mismatches are reported below, as one specdef error
     try:
-        model = cls.from_pretrained(
-            str(root), dtype=dtype, use_safetensors=True, trust_remote_code=False
+        model, info = cls.from_pretrained(  # type: ignore[misc]  # returns a pair with loading info
+            str(root),
+            dtype=dtype,
+            use_safetensors=True,
+            trust_remote_code=False,
+            output_loading_info=True,
         )
     except (SafetensorError, OSError) as err:
         raise SpecdefError(
             f"Cannot read the weights in {str(root)!r} ({str(err).splitlines()[0]}); the "
             "safetensors file is missing or truncated."
         ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if any(".compensation." in key or ".inflated." in key for key in unexpected):
+        # a defended checkpoint whose manifest is gone: from_pretrained would silently put
+        # random weights where the defended layers were; rebuild the pairs from the weights
+        from specdef.detect import load_detected
+
+        detected, _ = load_detected(root)
+        return (detected.to(dtype) if dtype is not None else detected).eval()
+    missing = sorted(info.get("missing_keys") or [])
+    if missing or unexpected:
+        raise SpecdefError(
+            f"{str(root)!r} does not match its config.json: missing weights "
+            f"{missing[:3]}{' …' if len(missing) > 3 else ''}, unexpected weights "
+            f"{unexpected[:3]}{' …' if len(unexpected) > 3 else ''}; fix the checkpoint (a "
+            "defended checkpoint needs its specdef_manifest.json)."
+        )
     return model.eval()
 
 
