@@ -13,9 +13,11 @@ from specdef.commands._common import print_json, print_table
 def register(sub: Any) -> None:
     parser = sub.add_parser(
         "demo",
-        help="train a small digits classifier, defend it and verify it (seconds, offline)",
+        help="defend, verify, attack and informed-attack a digits classifier; write a report",
         description="Train a 64-64-64-10 MLP on scikit-learn's digits, apply SpecDef to every "
-        "linear layer, save and reload the checkpoint, and compare it with the original.",
+        "linear layer, save and reload the checkpoint and compare it with the original; then "
+        "(unless --no-attack) attack the zoo's mlp-digits undefended, defended and defended+fused "
+        "over a small learning-rate sweep and write a report with a plot (about a minute, offline).",
     )
     parser.add_argument("--alpha", type=float, default=1e4, help="inflation factor (> 1)")
     parser.add_argument("--top-k", type=int, default=8, help="singular values inflated per layer")
