@@ -5,13 +5,14 @@ a JSON header of names, dtypes, shapes and byte offsets, then the raw little-end
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 
@@ -19,6 +20,9 @@ from specdef._io import write_json_atomic
 from specdef.checkpoint import INDEX, WEIGHTS
 from specdef.errors import SpecdefError
 from specdef.progress import track
+
+if TYPE_CHECKING:
+    from specdef._stream_resume import Staging
 
 DTYPES = {
     "F64": torch.float64,
@@ -93,7 +97,8 @@ def nbytes(code: str, shape: tuple[int, ...]) -> int:
 
 class ShardWriter:
     """Writes a safetensors file tensor by tensor: the header (names, dtypes, shapes, offsets) is
-    known up front, so only the tensor being written is in memory."""
+    known up front, so only the tensor being written is in memory. ``sha256`` and ``size`` describe
+    the bytes written (hashed on the way out, so a resumed run can verify the file later)."""
 
     def __init__(self, path: Path, plan: list[tuple[str, str, tuple[int, ...]]]) -> None:
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
@@ -112,14 +117,25 @@ class ShardWriter:
         raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data section
         self.data_bytes = offset
         self._handle: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self._handle.write(struct.pack("<Q", len(raw)) + raw)
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self._put(struct.pack("<Q", len(raw)) + raw)
         self._next = 0
+
+    def _put(self, data: bytes | memoryview) -> None:
+        self._handle.write(data)
+        self._hash.update(data)
+        self.size += memoryview(data).nbytes
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         want, code, shape, _ = self._order[self._next]
         if name != want or CODES[tensor.dtype] != code or tuple(tensor.shape) != shape:
             raise RuntimeError(f"shard writer expected {want} {code} {shape}, got {name}")
-        self._handle.write(tensor.detach().contiguous().view(torch.uint8).numpy().data)
+        self._put(tensor.detach().contiguous().view(torch.uint8).numpy().data)
         self._next += 1
 
     def close(self) -> None:
@@ -142,27 +158,45 @@ class Item:
     produce: Any = None  # Callable[[], dict[str, torch.Tensor]]
 
 
-def write_shards(source: Source, tmp: Path, items: dict[str, Item]) -> int:
-    """Write one output shard per input shard, tensor by tensor, plus the index when the input
-    had one; returns the number of output tensors. ``items`` maps input names to replacements."""
+def write_shards(
+    source: Source, staging: Staging, items: dict[str, Item], *, reports: list[dict[str, Any]]
+) -> tuple[int, list[dict[str, Any]]]:
+    """Write one output shard per input shard into ``staging.out``, tensor by tensor, plus the index
+    when the input had one. ``items`` maps input names to replacements; the ``produce`` callables
+    append what they learn to ``reports``. Shards finished by an earlier run (verified) are skipped
+    and their reports read back from their records. Returns the number of output tensors and the
+    reports in shard order."""
     weight_map: dict[str, str] = {}
     total = 0
+    ordered: list[dict[str, Any]] = []
     for fname in track(source.files, "defending shards", total=len(source.files)):
-        names = [n for n, f in source.weight_map.items() if f == fname]
-        plan = [items.get(n) or Item(n, [(n, *source.specs[n])]) for n in names]
-        writer = ShardWriter(tmp / fname, [o for item in plan for o in item.outputs])
-        for item in plan:
-            produced = (
-                item.produce() if item.produce else {item.origin: read_tensor(source, item.origin)}
-            )
-            for out_name, _, _ in item.outputs:
-                writer.write(out_name, produced.pop(out_name))
-                weight_map[out_name] = fname
-            del produced
-        writer.close()
-        total += writer.data_bytes
+        record = staging.finished(fname)
+        if record is None:
+            names = [n for n, f in source.weight_map.items() if f == fname]
+            plan = [items.get(n) or Item(n, [(n, *source.specs[n])]) for n in names]
+            writer = ShardWriter(staging.out / fname, [o for item in plan for o in item.outputs])
+            first = len(reports)
+            for item in plan:
+                produced = (
+                    item.produce()
+                    if item.produce
+                    else {item.origin: read_tensor(source, item.origin)}
+                )
+                for out_name, _, _ in item.outputs:
+                    writer.write(out_name, produced.pop(out_name))
+                del produced
+            writer.close()
+            record = {
+                "tensors": [o[0] for item in plan for o in item.outputs],
+                "data_bytes": writer.data_bytes,
+                "reports": reports[first:],
+            }
+            staging.finish(fname, sha256=writer.sha256, size=writer.size, **record)
+        weight_map.update(dict.fromkeys(record["tensors"], fname))
+        total += int(record["data_bytes"])
+        ordered += record["reports"]
     if len(source.files) > 1 or (source.root / INDEX).exists():
         write_json_atomic(
-            tmp / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map}
+            staging.out / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map}
         )
-    return len(weight_map)
+    return len(weight_map), ordered

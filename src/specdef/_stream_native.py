@@ -1,18 +1,23 @@
 """Native mode of :mod:`specdef.streaming`: a first pass computes each symmetric pair's transform
 (per-KV-head bases or a diagonal: a few KB) and checks precision, holding one pair's tensors; the
 second pass rewrites every touched tensor alone, applying the transforms of all pairs it belongs to
-in pair order (so overlapping pairs, e.g. the middle layer of a ReLU MLP, compose as in memory)."""
+in pair order (so overlapping pairs, e.g. the middle layer of a ReLU MLP, compose as in memory).
+The plan is saved in the staging dir, so a resumed run does not recompute it (each pair's random
+sketch is seeded by the pair's name, so a recomputed plan would be the same)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from specdef import _stream_io as sio
 from specdef import _symmetry as sym
+from specdef._io import write_json_atomic
 from specdef._stream_io import DTYPES, Item, Source, write_shards
+from specdef._stream_resume import Staging, file_sha256, tensor_seed
 from specdef.defense import SpecDefConfig
 from specdef.errors import SpecdefError
 from specdef.native import SymmetricPair
@@ -87,11 +92,7 @@ def _transform(
 
 
 def run_native(
-    source: Source,
-    pairs: list[SymmetricPair],
-    tmp: Path,
-    config: SpecDefConfig,
-    generator: torch.Generator,
+    source: Source, pairs: list[SymmetricPair], staging: Staging, config: SpecDefConfig
 ) -> list[dict[str, Any]]:
     keys = [_keys(p, source) for p in pairs]
     roles: dict[str, list[tuple[int, str]]] = {}
@@ -107,6 +108,34 @@ def run_native(
                 x = _transform(pairs[i], role, x, transforms[i], config.alpha)
         return x
 
+    saved = staging.load_plan()
+    if saved is not None and saved[0]["pairs"] == [p.name for p in pairs]:
+        records: list[dict[str, Any]] = saved[0]["records"]
+        transforms += _unflatten(pairs, load_file(str(saved[1])))
+    else:
+        records = _plan(source, pairs, keys, transforms, current, config)
+        _save_plan(staging, pairs, transforms, records)
+    items = {
+        key: Item(
+            key,
+            [(key, *source.specs[key])],
+            lambda key=key: {key: current(key, len(pairs)).to(DTYPES[source.specs[key][0]])},
+        )
+        for key in roles
+    }
+    write_shards(source, staging, items, reports=[])
+    return records
+
+
+def _plan(
+    source: Source,
+    pairs: list[SymmetricPair],
+    keys: list[dict[str, str]],
+    transforms: list[Any],
+    current: Callable[[str, int], torch.Tensor],
+    config: SpecDefConfig,
+) -> list[dict[str, Any]]:
+    """First pass: each pair's transform (appended to ``transforms``) and its precision check."""
     records = []
     for i, (pair, k) in enumerate(track(list(zip(pairs, keys, strict=True)), "planning pairs")):
         stored = {role: current(key, i) for role, key in k.items()}
@@ -120,7 +149,7 @@ def run_native(
                     heads=pair.heads,
                     kv_heads=pair.kv_heads,
                     method=config.method,
-                    generator=generator,
+                    generator=torch.Generator().manual_seed(tensor_seed(config.seed, pair.name)),
                     name=pair.inflated,
                 )
             )
@@ -155,13 +184,29 @@ def run_native(
             }
         )
         del stored, lin, t, after, rounded
-    items = {
-        key: Item(
-            key,
-            [(key, *source.specs[key])],
-            lambda key=key: {key: current(key, len(pairs)).to(DTYPES[source.specs[key][0]])},
-        )
-        for key in roles
-    }
-    write_shards(source, tmp, items)
     return records
+
+
+def _save_plan(
+    staging: Staging, pairs: list[SymmetricPair], transforms: list[Any], records: list[Any]
+) -> None:
+    record_path, tensor_path = staging.plan_paths()
+    flat: dict[str, torch.Tensor] = {}
+    for i, transform in enumerate(transforms):
+        parts = transform if isinstance(transform, list) else [transform]
+        flat.update({f"{i}.{j}": part.contiguous() for j, part in enumerate(parts)})
+    partial = tensor_path.with_suffix(".partial")
+    save_file(flat, str(partial))
+    partial.replace(tensor_path)
+    names = [p.name for p in pairs]
+    write_json_atomic(
+        record_path, {"pairs": names, "records": records, "sha256": file_sha256(tensor_path)}
+    )
+
+
+def _unflatten(pairs: list[SymmetricPair], flat: dict[str, torch.Tensor]) -> list[Any]:
+    out: list[Any] = []
+    for i, pair in enumerate(pairs):
+        parts = [flat[f"{i}.{j}"] for j in range(sum(k.startswith(f"{i}.") for k in flat))]
+        out.append(parts if pair.kind == "attention" else parts[0])
+    return out

@@ -7,8 +7,12 @@ in-memory paths (:func:`specdef.targets.select_targets`, :func:`specdef.native.f
 Every tensor is then read alone through a fresh ``safetensors.safe_open`` memory map (closed right
 after, so resident pages do not accumulate), transformed in float64, cast back, and streamed into
 an output shard whose header was written first (:class:`ShardWriter`), so neither a whole shard nor
-the model is ever in memory. The randomized top-k path is the default. Output goes to a temporary
-sibling directory renamed into place at the end (atomic).
+the model is ever in memory. The randomized top-k path is the default, seeded per tensor.
+
+Output is staged in ``.<OUT>.partial/`` next to OUT and renamed into place at the end. A killed run
+is resumable: rerunning with the same source and options skips every shard finished and verified
+(sha256) and writes a result identical to an uninterrupted run's; other options are refused unless
+``overwrite`` (see :mod:`specdef._stream_resume`).
 
 - ``mode="algorithm1"``: each selected ``X.weight`` becomes ``X.inflated.weight`` and
   ``X.compensation.weight`` (``X.bias`` → ``X.compensation.bias``) in the same shard, with a
@@ -34,9 +38,10 @@ import torch
 from torch import nn
 
 from specdef import _stream_io as sio
-from specdef._io import atomic_directory, write_json_atomic
+from specdef._io import write_json_atomic
 from specdef._stream_io import DTYPES, Item, Source, open_source, write_shards
 from specdef._stream_native import run_native
+from specdef._stream_resume import Staging, staged_directory, tensor_seed
 from specdef.checkpoint import FORMAT, FORMAT_VERSION, INDEX, MANIFEST
 from specdef.defense import DefenseReport, LayerReport, SpecDefConfig
 from specdef.errors import SpecdefError
@@ -63,6 +68,7 @@ class StreamingResult:
     tensors_out: int
     seconds: float
     layers: tuple[dict[str, Any], ...] = field(default=())
+    resumed_shards: tuple[str, ...] = ()  # finished by an earlier, killed run; verified, not redone
 
 
 def _meta_model(root: Path) -> nn.Module:
@@ -106,6 +112,11 @@ def defend_streaming(
     pair). The precision guard estimates the relative error in the stored dtype with
     ``probe_columns`` Gaussian probes (‖(C·W̃ − W)Ω‖/‖WΩ‖, cost O(m·n·probe_columns) instead of
     a full m×m×n product) and refuses above ``tolerance`` unless ``force``.
+
+    Resumable: a run killed part-way leaves ``.<OUT name>.partial/`` next to ``out``; calling again
+    with the same arguments skips the shards it finished (after checking their sha256). With other
+    arguments it raises :class:`SpecdefError`, unless ``overwrite``, which discards it and starts
+    over (and replaces an existing ``out``).
     """
     if mode not in MODES:
         raise SpecdefError(f"Unknown mode {mode!r}; expected one of {', '.join(MODES)}.")
@@ -122,15 +133,25 @@ def defend_streaming(
     start = time.perf_counter()
     source = open_source(src)
     model = _meta_model(source.root)
-    generator = torch.Generator().manual_seed(seed)
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    options = {
+        "mode": mode,
+        "config": config.to_dict(),
+        "probe_columns": probe_columns,
+        "source": str(source.root.resolve()),
+        "files": {
+            f: [(source.root / f).stat().st_size, (source.root / f).stat().st_mtime_ns]
+            for f in source.files
+        },
+    }
+    with staged_directory(out, options, overwrite=overwrite) as staging:
+        tmp = staging.out
         if mode == "algorithm1":
-            layers, manifest = _run_algorithm1(source, model, tmp, config, generator, probe_columns)
+            layers, manifest = _run_algorithm1(source, model, staging, config, probe_columns)
             write_json_atomic(tmp / MANIFEST, manifest)
             tensors_out = int(manifest["weights"]["tensors"])
         else:
             pairs = select_pairs(model, targets, exclude=exclude)
-            layers = run_native(source, pairs, tmp, config, generator)
+            layers = run_native(source, pairs, staging, config)
             record = {"mode": "native", "config": config.to_dict(), "pairs": layers}
             write_json_atomic(tmp / NATIVE_RECORD, {**record, "provenance": provenance()})
             tensors_out = len(source.specs)
@@ -139,6 +160,7 @@ def defend_streaming(
             if item.is_file() and not item.name.endswith(".safetensors") and item.name not in skip:
                 shutil.copy2(item, tmp / item.name)
         bytes_out = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+        resumed = tuple(staging.resumed)
     return StreamingResult(
         path=Path(out),
         mode=mode,
@@ -148,6 +170,7 @@ def defend_streaming(
         tensors_out=tensors_out,
         seconds=time.perf_counter() - start,
         layers=tuple(layers),
+        resumed_shards=resumed,
     )
 
 
@@ -202,14 +225,14 @@ def _defend_layer(
     source: Source,
     layer: _Layer,
     config: SpecDefConfig,
-    generator: torch.Generator,
     probe_columns: int,
-    reports: list[LayerReport],
+    reports: list[dict[str, Any]],
 ) -> dict[str, torch.Tensor]:
     """Algorithm 1 on one weight read from disk: ``{inflated, compensation}`` in its dtype."""
     raw = sio.read_tensor(source, layer.key)
     weight = (raw.T if layer.conv else raw).to(torch.float64)
     del raw
+    generator = torch.Generator().manual_seed(tensor_seed(config.seed, layer.name))
     basis = top_subspace(weight, config.top_k, method=config.method, generator=generator)
     inflated, compensation = deform_with_basis(weight, config.alpha, basis)
     inflated, compensation = inflated.to(layer.dtype), compensation.to(layer.dtype)
@@ -241,7 +264,7 @@ def _defend_layer(
             tolerance=bound,
             params_before=m * n + bias,
             params_after=m * n + m * m + bias,
-        )
+        ).to_dict()
     )
     return {
         f"{layer.name}.inflated.weight": inflated,
@@ -252,13 +275,12 @@ def _defend_layer(
 def _run_algorithm1(
     source: Source,
     model: nn.Module,
-    tmp: Path,
+    staging: Staging,
     config: SpecDefConfig,
-    generator: torch.Generator,
     probe_columns: int,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     names = select_targets(model, config.targets, exclude=config.exclude)
-    reports: list[LayerReport] = []
+    reports: list[dict[str, Any]] = []
     items: dict[str, Item] = {}
     structure = []
     added = 0
@@ -286,9 +308,7 @@ def _run_algorithm1(
                 (f"{name}.inflated.weight", code, (m, n)),
                 (f"{name}.compensation.weight", code, (m, m)),
             ],
-            functools.partial(
-                _defend_layer, source, layer, config, generator, probe_columns, reports
-            ),
+            functools.partial(_defend_layer, source, layer, config, probe_columns, reports),
         )
         if has_bias:
             new = f"{name}.compensation.bias"
@@ -308,13 +328,14 @@ def _run_algorithm1(
             }
         )
         added += m * m
-    tensors = write_shards(source, tmp, items)
+    tensors, dicts = write_shards(source, staging, items, reports=reports)
+    layer_reports = tuple(_layer_report(d) for d in dicts)
     params_before = sum(
         math.prod(s) for c, s in source.specs.values() if DTYPES[c].is_floating_point
     )
-    forced = tuple(r.name for r in reports if r.reconstruction_error > r.tolerance)
+    forced = tuple(r.name for r in layer_reports if r.reconstruction_error > r.tolerance)
     report = DefenseReport(
-        config, tuple(reports), params_before, params_before + added, None, bool(forced), forced
+        config, layer_reports, params_before, params_before + added, None, bool(forced), forced
     )
     manifest = {
         "format": FORMAT,
@@ -332,4 +353,10 @@ def _run_algorithm1(
         "extra": {"streaming": True, "source": str(source.root)},
         "provenance": provenance(),
     }
-    return [r.to_dict() for r in reports], manifest
+    return [r.to_dict() for r in layer_reports], manifest
+
+
+def _layer_report(data: dict[str, Any]) -> LayerReport:
+    """A :class:`LayerReport` back from its ``to_dict`` (as stored in a shard's record)."""
+    tuples = ("shape", "sigma_before", "sigma_after")
+    return LayerReport(**{k: tuple(v) if k in tuples else v for k, v in data.items()})  # type: ignore[arg-type]

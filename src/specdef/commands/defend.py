@@ -55,7 +55,12 @@ def register(sub: Any) -> None:
     parser.add_argument(
         "--force", action="store_true", help="save even above the tolerance (recorded)"
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing OUT (with --streaming, also discard a killed run's partial "
+        "output made with other options; with the same options it is resumed either way)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument(
         "--mode",
@@ -69,7 +74,8 @@ def register(sub: Any) -> None:
         "--streaming",
         action="store_true",
         help="defend a (sharded) safetensors directory tensor by tensor without loading the model "
-        "(randomized top-k unless --method exact)",
+        "(randomized top-k unless --method exact); a killed run resumes when rerun with the same "
+        "options",
     )
     parser.set_defaults(func=run)
 
@@ -110,7 +116,8 @@ def _run_native_or_streaming(args: argparse.Namespace) -> int:
             for layer in result.layers
         ]
         summary = {"out": args.out, "mode": args.mode, "seconds": result.seconds,
-                   "bytes_in": result.bytes_in, "bytes_out": result.bytes_out, "layers": list(result.layers)}  # fmt: skip
+                   "bytes_in": result.bytes_in, "bytes_out": result.bytes_out, "layers": list(result.layers),
+                   "resumed_shards": list(result.resumed_shards)}  # fmt: skip
     else:
         from specdef.native import defend_native_to
 
@@ -130,6 +137,10 @@ def _run_native_or_streaming(args: argparse.Namespace) -> int:
         ["layer / pair", "relative error in dtype"],
         rows,
     )
+    if args.streaming and result.resumed_shards:
+        print(
+            f"resumed: {len(result.resumed_shards)} shard(s) finished by an earlier run, verified, kept"
+        )
     print(f"saved: {args.out}")
     return 0
 
