@@ -17,11 +17,15 @@ Each transform works **in place**, returns ``(model, TransformRecord)`` and keep
 - ``factor:j``: split ``W̃ = T·W`` (``T = I + (α−1)P``) into ``j`` factors ``R^{j−1}·(R^{1−j}·W̃)``
   with ``R = T^{1/j} = I + (α^{1/j}−1)P``: each factor is inflated by ``α^{1/j}`` instead of α; the
   compensation stays (``factor:j:freeze`` keeps it frozen). Size grows by ``(j−1)·m²`` per layer;
-- ``untouched``: no change; the attack trains only parameters outside defended layers.
+- ``untouched``: no change; the attack trains only parameters outside defended layers;
+- ``rebalance``: the undo of *native* deformation (:mod:`specdef.native`): move every symmetric pair
+  to its balanced representative (:func:`specdef.native.rebalance_`); no size increase, and it needs
+  only the architecture, not the pairs' original weights.
 
 Pairs come from the defended structure (:class:`~specdef.defense.DefendedLinear` modules) when the
-model has them, otherwise from :func:`specdef.detect.detect_model` on the weights alone. The record's
-``frozen`` lists parameter-name prefixes the attack must keep frozen (``AttackSpec.frozen``).
+model has them, otherwise from :func:`specdef.detect.detect_model` on the weights alone (whose
+natively deformed pairs count as suspects: their inflated side). The record's ``frozen`` lists
+parameter-name prefixes the attack must keep frozen (``AttackSpec.frozen``).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from specdef.targets import candidate_layers, output_layer_names
 
 log = logging.getLogger(__name__)
 
-TRANSFORMS = ("fuse", "inject", "factor", "untouched")
+TRANSFORMS = ("fuse", "inject", "factor", "untouched", "rebalance")
 SIDES = ("after", "before", "auto", "parallel")  # where inject puts its adapter (auto: larger side)
 
 
@@ -56,8 +60,8 @@ class TransformRecord:
     """What a transform did: the layers it acted on and the parameter count before/after.
 
     ``frozen``: parameter-name prefixes the attack must keep frozen; ``train``: the attack's
-    ``AttackSpec.train`` mode the transform implies; ``source``: ``"structure"`` (defended modules)
-    or ``"weights"`` (found by detection).
+    ``AttackSpec.train`` mode the transform implies; ``source``: ``"structure"`` (defended modules),
+    ``"weights"`` (found by detection) or ``"architecture"`` (symmetric pairs, for rebalance).
     """
 
     transform: str
@@ -146,7 +150,8 @@ def find_pairs(model: nn.Module) -> tuple[list[_Pair], list[str], str, Detection
         return pairs, [], "structure", None
     found = detect_model(model)
     pairs = [_Pair(p.inflated, p.compensation, None) for p in found.pairs]
-    return pairs, [s.name for s in found.suspects], "weights", found
+    suspects = [s.name for s in found.suspects] + [p.inflated for p in found.native_deformed]
+    return pairs, suspects, "weights", found
 
 
 def _shape(module: nn.Module) -> tuple[int, int]:
@@ -391,6 +396,33 @@ def untouched_(model: nn.Module) -> tuple[nn.Module, TransformRecord]:
     return model, record
 
 
+def rebalance_model_(model: nn.Module) -> tuple[nn.Module, TransformRecord]:
+    """Balance every symmetric pair in place (the undo of native deformation); ``details`` holds
+    each pair's imbalance (log10) before and after. Refuses a model without symmetric pairs and an
+    Algorithm 1 model, whose compensation layers rebalance cannot remove (that is ``fuse``)."""
+    from specdef.native import find_symmetric_pairs, rebalance_
+
+    units = defended_layers(model)
+    if units or not find_symmetric_pairs(model):
+        found = f"{len(units)} Algorithm 1 defended layers" if units else "no symmetric pair"
+        raise SpecdefError(
+            f"rebalance undoes native deformation along exact symmetries (attention V/O, gated-MLP "
+            f"up/down, Linear→ReLU→Linear); found {found} in {type(model).__name__}. For an "
+            "Algorithm 1 checkpoint use --adaptive fuse."
+        )
+    count = count_parameters(model)
+    report = rebalance_(model)
+    details = {"imbalance_log10": {k: {"before": b, "after": a} for k, (b, a) in report.items()}}
+    log.info(
+        "rebalance: %d pairs, largest imbalance %.2f",
+        len(report),
+        max(b for b, _ in report.values()),
+    )
+    return model, TransformRecord(
+        "rebalance", tuple(report), count, count_parameters(model), "architecture", details=details
+    )
+
+
 def parse_adaptive(spec: str) -> tuple[str, tuple[str, ...]]:
     """``"factor:4"`` → ``("factor", ("4",))``, ``"inject:after:all-linear"`` → ``("inject",
     ("after", "all-linear"))``; validates names and arguments."""
@@ -413,18 +445,20 @@ def parse_adaptive(spec: str) -> tuple[str, tuple[str, ...]]:
                     f"inject takes options from {', '.join(allowed)} (e.g. inject:after or "
                     f"inject:all-linear); found {arg!r} in {spec!r}."
                 )
-    if name in ("fuse", "untouched") and args:
+    if name in ("fuse", "untouched", "rebalance") and args:
         raise SpecdefError(f"{name} takes no argument, found {spec!r}.")
     return name, args
 
 
 def apply_adaptive(model: nn.Module, spec: str) -> tuple[nn.Module, TransformRecord]:
     """Apply the transform named by ``spec`` in place: ``fuse``, ``inject[:after|before|auto|
-    parallel][:all-linear]``, ``factor:J[:freeze]`` or ``untouched``. Returns the model and the
-    record."""
+    parallel][:all-linear]``, ``factor:J[:freeze]``, ``untouched`` or ``rebalance``. Returns the
+    model and the record."""
     name, args = parse_adaptive(spec)
     if name == "fuse":
         return fuse_(model)
+    if name == "rebalance":
+        return rebalance_model_(model)
     if name == "inject":
         where = "all-linear" if "all-linear" in args else "suspects"
         side = next((a for a in args if a in SIDES), "after")

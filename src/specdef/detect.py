@@ -14,6 +14,13 @@ for each one the m-row weight whose top-k subspace is ``range(P)``: no names or 
 trusted, so renamed modules, a checkpoint without its manifest, or a plain ``nn.Sequential`` of
 ``nn.Linear`` layers are all handled. Layers with an α-sized top gap that no compensation explains
 are reported as *unpaired suspects*. All linear algebra runs in float64 on the stored values.
+
+*Native* deformation (:mod:`specdef.native`) leaves no compensation layer: it moves each symmetric
+pair (attention V/O per KV head, gated-MLP up/down, Linear→ReLU→Linear) away from its balanced
+point. When the architecture is known (a live model, or a checkpoint with ``config.json``) every
+symmetric pair is scored with :func:`specdef.native.native_imbalance`'s measure (log10 of the largest
+factor the balancing transform applies) and reported as deformed at or above
+``DetectConfig.native_threshold``.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import json
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +52,16 @@ class DetectConfig:
     alignment_min: float = 0.99  # mean cos² of principal angles, top-k(W̃) vs range(P)
     suspect_gap: float = 100.0  # σ_k/σ_{k+1} at or above this (k ≤ rank/2): an unpaired suspect
     null_floor: float = 1e-5  # σ_{k+1}/σ_1 below this: the gap falls into a numerical null space
+    # native pair imbalance (log10 of the largest balancing factor) at or above this: deformed.
+    # Measured (scripts/native_detect_threshold.py): ≤ 0.53 on every undefended pair of SmolLM2,
+    # MiniLM, the digits MLP / ViT and tiny random models; ≥ 1.30 on every pair deformed with α = 1e2
+    native_threshold: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("symmetry_tol", "unit_tol", "cluster_tol", "alignment_min", "suspect_gap"):
+        for name in (
+            "symmetry_tol", "unit_tol", "cluster_tol", "alignment_min", "suspect_gap",
+            "native_threshold",
+        ):  # fmt: skip
             if not getattr(self, name) > 0:
                 raise SpecdefError(f"DetectConfig.{name} must be > 0, found {getattr(self, name)}.")
 
@@ -84,6 +98,24 @@ class Pair:
 
 
 @dataclass(frozen=True)
+class NativePair:
+    """A symmetric pair (:class:`specdef.native.SymmetricPair`) and its imbalance score.
+
+    ``imbalance_log10``: log10 of the largest factor the balancing transform would apply (≈ log10 α
+    for a pair deformed natively with α); ``deformed``: the score is at or above the threshold."""
+
+    inflated: str
+    compensating: str
+    kind: str
+    imbalance_log10: float
+    deformed: bool
+
+    @property
+    def balance_factor(self) -> float:
+        return float(10.0**self.imbalance_log10)
+
+
+@dataclass(frozen=True)
 class LayerSpectrum:
     """Spectral evidence for every scanned 2-D weight."""
 
@@ -92,32 +124,54 @@ class LayerSpectrum:
     gap: float  # largest σ_i/σ_{i+1} over i ≤ rank/2 (1-based i)
     gap_index: int  # the i of that gap (the suspected k)
     cond: float  # σ_1/σ_min over min(m, n) singular values
-    role: str  # "inflated", "compensation", "suspect" or "clean"
+    role: str  # "inflated", "compensation", "native-inflated", "native-compensating", "suspect", "clean"
 
 
 @dataclass(frozen=True)
 class Detection:
-    """What :func:`detect` found. ``pairs`` and ``suspects`` are what a transform acts on."""
+    """What :func:`detect` found. ``pairs`` and ``suspects`` are what a transform acts on.
+
+    ``native``: every symmetric pair with its imbalance score, or ``None`` when the architecture is
+    unknown (raw tensors without ``config.json``), so native deformation was not checked;
+    ``native_threshold``: the score from which a pair counts as deformed."""
 
     pairs: list[Pair]
     unpaired_compensations: list[Compensation]
     suspects: list[LayerSpectrum]
     layers: list[LayerSpectrum] = field(repr=False)
+    native: list[NativePair] | None = None
+    native_threshold: float = DetectConfig.native_threshold
+
+    @property
+    def native_deformed(self) -> list[NativePair]:
+        return [p for p in self.native or [] if p.deformed]
 
     @property
     def defended(self) -> list[str]:
-        """Names of the layers that look deformed (inflated side of each pair, then suspects)."""
-        return [p.inflated for p in self.pairs] + [s.name for s in self.suspects]
+        """Names of the layers that look deformed (inflated side of each pair, suspects, then the
+        inflated side of each natively deformed pair)."""
+        return (
+            [p.inflated for p in self.pairs]
+            + [s.name for s in self.suspects]
+            + [p.inflated for p in self.native_deformed]
+        )
 
     @property
     def found_anything(self) -> bool:
-        return bool(self.pairs or self.unpaired_compensations or self.suspects)
+        return bool(
+            self.pairs or self.unpaired_compensations or self.suspects or self.native_deformed
+        )
 
     def to_dict(self) -> dict[str, Any]:
+        native = None if self.native is None else [
+            {**asdict(p), "balance_factor": p.balance_factor} for p in self.native
+        ]  # fmt: skip
         return {
             "pairs": [asdict(p) for p in self.pairs],
             "unpaired_compensations": [asdict(c) for c in self.unpaired_compensations],
             "suspects": [asdict(s) for s in self.suspects],
+            "native": native,
+            "native_threshold": self.native_threshold,
             "layers": [asdict(s) for s in self.layers],
         }
 
@@ -313,7 +367,53 @@ def detect(
         len(suspects),
         len(mats),
     )
-    return Detection(pairs=pairs, unpaired_compensations=unpaired, suspects=suspects, layers=layers)
+    return Detection(
+        pairs=pairs,
+        unpaired_compensations=unpaired,
+        suspects=suspects,
+        layers=layers,
+        native_threshold=cfg.native_threshold,
+    )
+
+
+def _native_pair(pair: Any, tensors: Any, cfg: DetectConfig) -> NativePair:
+    from specdef import _symmetry as sym
+
+    score = sym.imbalance(pair.kind, tensors, heads=pair.heads, kv_heads=pair.kv_heads)
+    return NativePair(
+        inflated=pair.inflated,
+        compensating=pair.compensating,
+        kind=pair.kind,
+        imbalance_log10=score,
+        deformed=score >= cfg.native_threshold,
+    )
+
+
+def native_scores(model: nn.Module, *, config: DetectConfig | None = None) -> list[NativePair]:
+    """Every symmetric pair of a live ``model`` (:func:`specdef.native.find_symmetric_pairs`) with
+    its imbalance score; empty when the model has none."""
+    from specdef.native import find_symmetric_pairs, read_pair
+
+    cfg = config or DetectConfig()
+    return [_native_pair(p, read_pair(model, p), cfg) for p in find_symmetric_pairs(model)]
+
+
+def _with_native(found: Detection, native: list[NativePair] | None) -> Detection:
+    """Attach the native scores: the layers of a deformed pair get a ``native-*`` role and are no
+    longer unpaired suspects (the pair explains their top gap)."""
+    if native is None:
+        return found
+    roles = {p.compensating: "native-compensating" for p in native if p.deformed}
+    roles.update({p.inflated: "native-inflated" for p in native if p.deformed})
+    layers = [
+        replace(s, role=roles[s.name]) if s.name in roles and s.role in ("suspect", "clean") else s
+        for s in found.layers
+    ]
+    suspects = [s for s in found.suspects if s.name not in roles]
+    log.info(
+        "detect: %d of %d symmetric pairs deformed", sum(p.deformed for p in native), len(native)
+    )
+    return replace(found, suspects=suspects, layers=layers, native=native)
 
 
 def linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -331,16 +431,14 @@ def linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def detect_model(model: nn.Module, *, config: DetectConfig | None = None) -> Detection:
-    """Detect on a live model's linear layers (module names; layouts known)."""
-    return detect(linear_weights(model), oriented=True, config=config)
+    """Detect on a live model's linear layers (module names; layouts known), and score its
+    symmetric pairs for native deformation."""
+    cfg = config or DetectConfig()
+    found = detect(linear_weights(model), oriented=True, config=cfg)
+    return _with_native(found, native_scores(model, config=cfg))
 
 
-def checkpoint_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """All 2-D floating tensors of a safetensors checkpoint (file or directory, sharded or not),
-    keyed by tensor name without a trailing ``.weight``. Reads no manifest and runs no code."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def _safetensors_files(path: str | Path) -> list[Path]:
     root = Path(path)
     if root.is_file():
         files = [root]
@@ -359,8 +457,17 @@ def checkpoint_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if root.is_dir() and (root / "model.safetensors.index.json").exists():
         index = json.loads((root / "model.safetensors.index.json").read_text())
         files = sorted({root / f for f in index.get("weight_map", {}).values()})
+    return files
+
+
+def checkpoint_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """All 2-D floating tensors of a safetensors checkpoint (file or directory, sharded or not),
+    keyed by tensor name without a trailing ``.weight``. Reads no manifest and runs no code."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     out: dict[str, torch.Tensor] = {}
-    for file in files:
+    for file in _safetensors_files(path):
         try:
             tensors = load_file(str(file))
         except (SafetensorError, OSError) as err:
@@ -375,8 +482,84 @@ def checkpoint_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def detect_checkpoint(path: str | Path, *, config: DetectConfig | None = None) -> Detection:
-    """Detect on a checkpoint's raw tensors (both layouts tried; nothing trusted but the numbers)."""
-    return detect(checkpoint_weights(path), oriented=False, config=config)
+    """Detect on a checkpoint's raw tensors (both layouts tried; nothing trusted but the numbers).
+
+    Native deformation is scored too when the architecture is known (see :func:`_architecture`):
+    the symmetric pairs are found on the model built on the ``meta`` device and their tensors read
+    from the checkpoint by name; otherwise ``Detection.native`` is ``None`` (not checked)."""
+    cfg = config or DetectConfig()
+    weights = checkpoint_weights(path)
+    found = detect(weights, oriented=False, config=cfg)
+    root = Path(path)
+    arch = _architecture(root) if root.is_dir() else None
+    if arch is None:
+        return found
+    from specdef.native import find_symmetric_pairs, stored_pair
+
+    pairs = [
+        p
+        for p in find_symmetric_pairs(arch)
+        if p.inflated in weights and p.compensating in weights  # Algorithm 1 renames its layers
+    ]
+    biases = _read_tensors(_safetensors_files(root), {f"{p.inflated}.bias" for p in pairs})
+    native = []
+    for p in pairs:
+        bias = biases.get(f"{p.inflated}.bias")
+        tensors = stored_pair(p, weights[p.inflated], bias, weights[p.compensating])
+        native.append(_native_pair(p, tensors, cfg))
+    return _with_native(found, native)
+
+
+def _read_tensors(files: list[Path], names: set[str]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in names.intersection(handle.keys()):
+                out[key] = handle.get_tensor(key)
+    return out
+
+
+def _model_from_config(root: Path) -> nn.Module:
+    """The class ``config.json`` names (a ``transformers`` class, no remote code), randomly
+    initialised; a causal LM (or the base model) when it names none. Build under
+    ``torch.device("meta")`` for the structure alone."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(root), trust_remote_code=False)
+    names = list(getattr(config, "architectures", None) or [])
+    cls = getattr(transformers, names[0], None) if names else None
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+        return cls(config)
+    try:
+        return transformers.AutoModelForCausalLM.from_config(config)
+    except ValueError:
+        return transformers.AutoModel.from_config(config)
+
+
+def _architecture(root: Path) -> nn.Module | None:
+    """The checkpoint's modules on the ``meta`` device (no weights, no memory): from
+    ``config.json``, or for specdef's own architectures (saved without one) from the ``model``
+    entry of the specdef manifest (``{name, kwargs}`` for ``build_architecture``; nothing about the
+    defense is read). ``None`` when neither is there."""
+    from specdef.checkpoint import MANIFEST
+
+    with torch.device("meta"):
+        if (root / "config.json").is_file():
+            return _model_from_config(root)
+        if not (root / MANIFEST).is_file():
+            return None
+        try:
+            spec = json.loads((root / MANIFEST).read_text()).get("model") or {}
+        except (OSError, ValueError, AttributeError):
+            return None
+        arch = spec.get("architecture") if spec.get("kind") == "architecture" else None
+        if not isinstance(arch, dict) or "name" not in arch:
+            return None
+        from specdef.architectures import build_architecture
+
+        return build_architecture(str(arch["name"]), **dict(arch.get("kwargs") or {}))
 
 
 def load_detected(path: str | Path) -> tuple[nn.Module, Detection]:
@@ -384,7 +567,6 @@ def load_detected(path: str | Path) -> tuple[nn.Module, Detection]:
     ``config.json`` (a ``transformers`` class, no remote code), a
     :class:`~specdef.defense.DefendedLinear` at every detected pair named ``X.inflated`` /
     ``X.compensation``, then every tensor loaded strictly. Nothing is unpickled."""
-    import transformers
     from safetensors.torch import load_file
 
     from specdef.defense import DefendedLinear, linear_form, set_submodule
@@ -400,17 +582,7 @@ def load_detected(path: str | Path) -> tuple[nn.Module, Detection]:
     state: dict[str, torch.Tensor] = {}
     for file in files:
         state.update(load_file(str(file)))
-    config = transformers.AutoConfig.from_pretrained(str(root), trust_remote_code=False)
-    names = list(getattr(config, "architectures", None) or [])
-    cls = getattr(transformers, names[0], None) if names else None
-    model: nn.Module
-    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
-        model = cls(config)
-    else:  # no architectures recorded: a causal LM if the config maps to one, else the base model
-        try:
-            model = transformers.AutoModelForCausalLM.from_config(config)
-        except ValueError:
-            model = transformers.AutoModel.from_config(config)
+    model = _model_from_config(root)
     dtype = next(iter(state.values())).dtype if state else torch.float32
     for pair in found.pairs:
         prefix, _, leaf = pair.inflated.rpartition(".")

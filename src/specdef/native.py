@@ -232,15 +232,25 @@ def _f64(x: torch.Tensor | None) -> torch.Tensor | None:
 def read_pair(model: nn.Module, pair: SymmetricPair) -> sym.PairTensors:
     """The pair's tensors in Linear layout (out×in), float64 copies."""
     (w1, b1), (w2, _) = _params(model, pair.inflated), _params(model, pair.compensating)
+    return stored_pair(pair, w1, b1, w2)
+
+
+def stored_pair(
+    pair: SymmetricPair, weight: torch.Tensor, bias: torch.Tensor | None, compensating: torch.Tensor
+) -> sym.PairTensors:
+    """The pair's tensors as stored (the inflated module's weight and bias, the compensating
+    module's weight; GPT-2 ``Conv1D`` layout for ``pair.layout == "gpt2"``) → Linear layout, float64
+    copies. Used on a live model and on tensors read from a checkpoint."""
+    w1, b1, w2 = weight.detach(), None if bias is None else bias.detach(), compensating.detach()
     if pair.layout == "gpt2":
         cols = slice(pair.v_offset, pair.v_offset + w2.shape[0])
         return sym.PairTensors(
-            w1.detach()[:, cols].T.to(torch.float64, copy=True),
-            None if b1 is None else b1.detach()[cols].to(torch.float64, copy=True),
-            w2.detach().T.to(torch.float64, copy=True),
+            w1[:, cols].T.to(torch.float64, copy=True),
+            None if b1 is None else b1[cols].to(torch.float64, copy=True),
+            w2.T.to(torch.float64, copy=True),
         )
     return sym.PairTensors(
-        w1.detach().to(torch.float64, copy=True), _f64(b1), w2.detach().to(torch.float64, copy=True)
+        w1.to(torch.float64, copy=True), _f64(b1), w2.to(torch.float64, copy=True)
     )
 
 

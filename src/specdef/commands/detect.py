@@ -18,26 +18,44 @@ def register(sub: Any) -> None:
         "and report which layers look deformed and which pairs compensate each other, with the "
         "evidence: the compensation's two-value spectrum, the inflated layer's top-k gap, the "
         "alignment of its top-k subspace with the compensation, and the conditioning of each "
-        "factor against their product.",
+        "factor against their product. Native deformation (specdef defend --mode native, no "
+        "compensation layer) is found by scoring every symmetric pair (attention V/O, gated-MLP "
+        "up/down, Linear→ReLU→Linear) with its imbalance: log10 of the largest factor the "
+        "balancing transform would apply (≈ log10 α for a deformed pair). This needs the "
+        "architecture: a zoo name, or a directory with config.json (or a specdef checkpoint of "
+        "specdef's own architectures).",
     )
     parser.add_argument(
         "model", metavar="MODEL", help="checkpoint directory, .safetensors file or zoo name"
     )
-    parser.add_argument("--all", action="store_true", help="also list every scanned layer")
+    parser.add_argument(
+        "--native-threshold",
+        type=float,
+        default=None,
+        metavar="LOG10",
+        help="imbalance (log10) from which a symmetric pair counts as natively deformed "
+        "(default 1.0: measured ≤ 0.53 on undefended models, ≥ 1.3 at α = 1e2; docs/attacks.md)",
+    )
+    parser.add_argument(
+        "--all", action="store_true", help="also list every scanned layer and symmetric pair"
+    )
     parser.add_argument("--json", action="store_true", help="print the findings as JSON")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from specdef.detect import detect_checkpoint, detect_model
+    from specdef.detect import DetectConfig, detect_checkpoint, detect_model
 
+    config = DetectConfig(
+        **({} if args.native_threshold is None else {"native_threshold": args.native_threshold})
+    )
     path = Path(args.model)
     if path.exists():
-        found = detect_checkpoint(path)
+        found = detect_checkpoint(path, config=config)
     else:
         from specdef.release import load_source
 
-        found = detect_model(load_source(args.model).model)
+        found = detect_model(load_source(args.model).model, config=config)
     if args.json:
         print_json(found.to_dict())
         return 0
@@ -64,6 +82,17 @@ def run(args: argparse.Namespace) -> int:
             [(s.name, "×".join(map(str, s.shape)), s.gap_index, s.gap, s.cond)
              for s in found.suspects],
         )  # fmt: skip
+    native = found.native or []
+    shown = native if args.all else found.native_deformed
+    if shown:
+        print_table(
+            ("every symmetric pair" if args.all else "natively deformed symmetric pairs")
+            + f" (deformed: imbalance ≥ {found.native_threshold:g})",
+            ["inflated", "compensating", "kind", "imbalance (log10)", "balance factor",
+             "deformed"],
+            [(p.inflated, p.compensating, p.kind, p.imbalance_log10, p.balance_factor,
+              "yes" if p.deformed else "no") for p in shown],
+        )  # fmt: skip
     if args.all:
         print_table(
             "every scanned layer",
@@ -71,9 +100,14 @@ def run(args: argparse.Namespace) -> int:
             [(s.name, "×".join(map(str, s.shape)), s.role, s.gap, s.gap_index, s.cond)
              for s in found.layers],
         )  # fmt: skip
+    native_line = (
+        "native deformation not checked (no architecture: pass a directory with config.json)"
+        if found.native is None
+        else f"{len(found.native_deformed)} of {len(native)} symmetric pairs natively deformed"
+    )
     print(
         f"{len(found.pairs)} pairs, {len(found.unpaired_compensations)} unpaired compensations, "
-        f"{len(found.suspects)} suspects among {len(found.layers)} 2-D weights"
+        f"{len(found.suspects)} suspects among {len(found.layers)} 2-D weights; {native_line}"
         + ("" if found.found_anything else ": no sign of SpecDef")
     )
     return 0

@@ -1,5 +1,6 @@
-"""``specdef transform MODEL --adaptive fuse|inject|factor:J|untouched``: an informed attacker's
-function-preserving transform, with its parameter bill and the function gap on a probe batch."""
+"""``specdef transform MODEL --adaptive fuse|inject|factor:J|untouched|rebalance``: an informed
+attacker's function-preserving transform, with its parameter bill and the function gap on a probe
+batch."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ from specdef.commands._common import print_json, print_table
 def register(sub: Any) -> None:
     parser = sub.add_parser(
         "transform",
-        help="apply an informed attacker's transform (fuse, inject, factor:J, untouched)",
+        help="apply an informed attacker's transform (fuse, inject, factor:J, untouched, rebalance)",
         description="Apply a function-preserving transform to a defended model and report what it "
         "did: the layers it acted on, the parameter count before/after and the output gap on a "
         "probe batch. Pairs come from the defended structure, or from detection on the weights "
-        "when there is none. Only 'fuse' yields a standard architecture, so only it can be saved "
-        "with -o; the others are applied at attack time (specdef attack --adaptive).",
+        "when there is none. 'rebalance' undoes native deformation (specdef defend --mode native) "
+        "by balancing every symmetric pair. Only 'fuse' and 'rebalance' yield a standard "
+        "architecture, so only they can be saved with -o; the others are applied at attack time "
+        "(specdef attack --adaptive).",
     )
     parser.add_argument(
         "model", metavar="MODEL", help="specdef checkpoint, Hugging Face directory or zoo name"
@@ -26,9 +29,11 @@ def register(sub: Any) -> None:
         "--adaptive",
         required=True,
         metavar="T",
-        help="fuse | inject | inject:all-linear | factor:J | untouched",
+        help="fuse | inject | inject:all-linear | factor:J | untouched | rebalance",
     )
-    parser.add_argument("-o", "--out", metavar="OUT", help="save the fused model here (fuse only)")
+    parser.add_argument(
+        "-o", "--out", metavar="OUT", help="save the result here (fuse and rebalance only)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     parser.add_argument("--json", action="store_true", help="print the record as JSON")
     parser.set_defaults(func=run)
@@ -44,21 +49,16 @@ def run(args: argparse.Namespace) -> int:
     from specdef.release import load_source, preflight_output, probe_batch
 
     name, _ = parse_adaptive(args.adaptive)
-    if args.out and name != "fuse":
+    if args.out and name not in ("fuse", "rebalance"):
         raise SpecdefError(
-            f"-o saves only 'fuse' (a standard architecture); found --adaptive {args.adaptive}. "
+            "-o saves only 'fuse' and 'rebalance' (a standard architecture); found --adaptive "
+            f"{args.adaptive}. "
             "Apply it at attack time instead: specdef attack MODEL --adaptive " + args.adaptive
         )
     if args.out:
         preflight_output(args.out, overwrite=args.overwrite)
-    source = load_source(args.model)
+    source = load_source(args.model)  # rebuilds a defended directory whose manifest is gone
     model = source.model
-    if source.kind == "transformers-dir":  # a manifest may have been stripped: trust the tensors
-        from specdef.detect import load_detected
-
-        rebuilt, found = load_detected(args.model)
-        if found.pairs:
-            model = rebuilt
     probe = probe_batch(model, source.tokenizer)
     with torch.no_grad():
         before = probing.model_output(model, probe)
