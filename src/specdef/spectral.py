@@ -118,10 +118,10 @@ def deform_with_basis(
     if u.shape[0] == m and u.shape[1] == m:
         # P = I exactly: avoid the cancellation I − P, whose eps-sized residue would be amplified by α
         return alpha * w, torch.eye(m, dtype=torch.float64, device=w.device) / alpha
-    inflated = w + (alpha - 1.0) * (u @ (u.T @ w))
-    compensation = torch.eye(m, dtype=torch.float64, device=w.device) + (1.0 / alpha - 1.0) * (
-        u @ u.T
-    )
+    # in place: one m×m buffer instead of four (same bits: x + 0 = x, and + commutes)
+    inflated = (u @ (u.T @ w)).mul_(alpha - 1.0).add_(w)
+    compensation = (u @ u.T).mul_(1.0 / alpha - 1.0)
+    compensation.diagonal().add_(1.0)
     return inflated, compensation
 
 

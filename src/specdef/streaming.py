@@ -199,7 +199,7 @@ def _probe_error(
         weight.shape[1], columns, dtype=torch.float64, generator=torch.Generator().manual_seed(1234)
     )
     ref = weight @ omega
-    got = compensation.to(torch.float64) @ (inflated.to(torch.float64) @ omega)
+    got = compensation.to(torch.float64) @ (inflated.to(torch.float64) @ omega)  # no-op for f64
     if not bool(torch.isfinite(got).all()):
         return math.inf
     return float(
@@ -236,7 +236,8 @@ def _defend_layer(
     basis = top_subspace(weight, config.top_k, method=config.method, generator=generator)
     inflated, compensation = deform_with_basis(weight, config.alpha, basis)
     inflated, compensation = inflated.to(layer.dtype), compensation.to(layer.dtype)
-    error = _probe_error(weight, inflated, compensation, probe_columns)
+    stored = inflated.to(torch.float64)  # the rounded W̃, cast once for the checks below
+    error = _probe_error(weight, stored, compensation, probe_columns)
     bound = config.tolerance_for(layer.dtype)
     short = str(layer.dtype).removeprefix("torch.")
     if error > bound and not config.force:
@@ -256,9 +257,9 @@ def _defend_layer(
             dtype=short,
             bias=layer.bias,
             sigma_before=tuple(torch.linalg.svdvals(basis.T @ weight).tolist()),
-            sigma_after=tuple(torch.linalg.svdvals(basis.T @ inflated.to(torch.float64)).tolist()),
+            sigma_after=tuple(torch.linalg.svdvals(basis.T @ stored).tolist()),
             fro_before=float(torch.linalg.matrix_norm(weight)),
-            fro_after=float(torch.linalg.matrix_norm(inflated.to(torch.float64))),
+            fro_after=float(torch.linalg.matrix_norm(stored)),
             reconstruction_error=error,
             output_gap=None,
             tolerance=bound,
