@@ -3,8 +3,8 @@
 and on natively defended copies at several α, top-k and selections.
 
 For each model it prints the largest score over the undefended pairs, and for each defended copy the
-smallest score over the pairs that were deformed and the largest over the pairs that were not (which
-an overlapping ReLU pair can disturb). ``docs/attacks.md`` ("Detecting native deformation") quotes
+smallest score over the pairs that were deformed and the largest over the pairs that were not (the
+neighbour of a deformed pair in a ReLU chain shares a layer with it: the joint score must not flag it). ``docs/attacks.md`` ("Detecting native deformation") quotes
 this table.
 
     .venv/bin/python scripts/native_detect_threshold.py            # ≈ 1 min on one core
@@ -36,8 +36,10 @@ TOP_KS = (1, 8)
 
 
 def _selections(names: list[str]) -> list[tuple[str, list[str] | None]]:
-    """All pairs, the first pair, every other pair (by inflated-side name)."""
+    """All pairs, the first, the last, every other pair (by inflated-side name; the last of a
+    ReLU chain is selected by its compensating side, which only that pair contains)."""
     out: list[tuple[str, list[str] | None]] = [("all", None), ("first", names[:1])]
+    out.append(("last", names[-1:]))
     if len(names) > 2:
         out.append(("every-other", names[::2]))
     return out
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         top = max(clean.values())
         print(f"| {name} | {len(pairs)} | {top:.2f} | — | — | — | — | — |", flush=True)
         inflated = [p.inflated for p in pairs]
+        inflated[-1] = pairs[-1].compensating
         for alpha in ALPHAS:
             for k in TOP_KS:
                 for label, targets in _selections(inflated):

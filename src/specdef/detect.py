@@ -54,7 +54,8 @@ class DetectConfig:
     null_floor: float = 1e-5  # σ_{k+1}/σ_1 below this: the gap falls into a numerical null space
     # native pair imbalance (log10 of the largest balancing factor) at or above this: deformed.
     # Measured (scripts/native_detect_threshold.py): ≤ 0.53 on every undefended pair of SmolLM2,
-    # MiniLM, the digits MLP / ViT and tiny random models; ≥ 1.30 on every pair deformed with α = 1e2
+    # MiniLM, the digits MLP / ViT and tiny random models; ≥ 1.93 on every pair deformed with
+    # α = 1e2; α = 10 straddles it (0.93–1.27), so deformations that mild are not reliably found
     native_threshold: float = 1.0
 
     def __post_init__(self) -> None:
@@ -376,26 +377,31 @@ def detect(
     )
 
 
-def _native_pair(pair: Any, tensors: Any, cfg: DetectConfig) -> NativePair:
-    from specdef import _symmetry as sym
+def _native_pairs(pairs: list[Any], tensors: dict[str, Any], cfg: DetectConfig) -> list[NativePair]:
+    """Score ``pairs`` (:class:`specdef.native.SymmetricPair`) given their stored tensors."""
+    from specdef.native import joint_imbalance
 
-    score = sym.imbalance(pair.kind, tensors, heads=pair.heads, kv_heads=pair.kv_heads)
-    return NativePair(
-        inflated=pair.inflated,
-        compensating=pair.compensating,
-        kind=pair.kind,
-        imbalance_log10=score,
-        deformed=score >= cfg.native_threshold,
-    )
+    scores = joint_imbalance(pairs, tensors)
+    return [
+        NativePair(
+            inflated=p.inflated,
+            compensating=p.compensating,
+            kind=p.kind,
+            imbalance_log10=scores[p.name],
+            deformed=scores[p.name] >= cfg.native_threshold,
+        )
+        for p in pairs
+    ]
 
 
 def native_scores(model: nn.Module, *, config: DetectConfig | None = None) -> list[NativePair]:
     """Every symmetric pair of a live ``model`` (:func:`specdef.native.find_symmetric_pairs`) with
-    its imbalance score; empty when the model has none."""
+    its imbalance score (:func:`specdef.native.joint_imbalance`); empty when it has none."""
     from specdef.native import find_symmetric_pairs, read_pair
 
-    cfg = config or DetectConfig()
-    return [_native_pair(p, read_pair(model, p), cfg) for p in find_symmetric_pairs(model)]
+    pairs = find_symmetric_pairs(model)
+    tensors = {p.name: read_pair(model, p) for p in pairs}
+    return _native_pairs(pairs, tensors, config or DetectConfig())
 
 
 def _with_native(found: Detection, native: list[NativePair] | None) -> Detection:
@@ -502,12 +508,13 @@ def detect_checkpoint(path: str | Path, *, config: DetectConfig | None = None) -
         if p.inflated in weights and p.compensating in weights  # Algorithm 1 renames its layers
     ]
     biases = _read_tensors(_safetensors_files(root), {f"{p.inflated}.bias" for p in pairs})
-    native = []
-    for p in pairs:
-        bias = biases.get(f"{p.inflated}.bias")
-        tensors = stored_pair(p, weights[p.inflated], bias, weights[p.compensating])
-        native.append(_native_pair(p, tensors, cfg))
-    return _with_native(found, native)
+    tensors = {
+        p.name: stored_pair(
+            p, weights[p.inflated], biases.get(f"{p.inflated}.bias"), weights[p.compensating]
+        )
+        for p in pairs
+    }
+    return _with_native(found, _native_pairs(pairs, tensors, cfg))
 
 
 def _read_tensors(files: list[Path], names: set[str]) -> dict[str, torch.Tensor]:

@@ -34,7 +34,7 @@ def register(sub: Any) -> None:
         default=None,
         metavar="LOG10",
         help="imbalance (log10) from which a symmetric pair counts as natively deformed "
-        "(default 1.0: measured ≤ 0.53 on undefended models, ≥ 1.3 at α = 1e2; docs/attacks.md)",
+        "(default 1.0: measured ≤ 0.53 on undefended models, ≥ 1.9 at α = 1e2; docs/attacks.md)",
     )
     parser.add_argument(
         "--all", action="store_true", help="also list every scanned layer and symmetric pair"
