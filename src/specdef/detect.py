@@ -36,6 +36,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from specdef._detect_native import (
+    NATIVE_THRESHOLD,
+    NativePair,
+    checkpoint_native,
+    model_from_config,
+    native_scores,
+    relabel,
+)
 from specdef.errors import SpecdefError
 
 log = logging.getLogger(__name__)
@@ -43,7 +51,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DetectConfig:
-    """Thresholds of the detector (defaults hold for fp32 storage and α ≥ 1.5; see the docs page)."""
+    """Thresholds of the detector (defaults hold for fp32 storage and α ≥ 1.5; docs/attacks.md,
+    "Detection")."""
 
     symmetry_tol: float = 1e-4  # ‖C − Cᵀ‖_F / ‖C‖_F above this: not a compensation
     unit_tol: float = 1e-3  # |λ − 1| below this: eigenvalue belongs to the identity part
@@ -52,11 +61,8 @@ class DetectConfig:
     alignment_min: float = 0.99  # mean cos² of principal angles, top-k(W̃) vs range(P)
     suspect_gap: float = 100.0  # σ_k/σ_{k+1} at or above this (k ≤ rank/2): an unpaired suspect
     null_floor: float = 1e-5  # σ_{k+1}/σ_1 below this: the gap falls into a numerical null space
-    # native pair imbalance (log10 of the largest balancing factor) at or above this: deformed.
-    # Measured (scripts/native_detect_threshold.py): ≤ 0.53 on every undefended pair of SmolLM2,
-    # MiniLM, the digits MLP / ViT and tiny random models; ≥ 1.93 on every pair deformed with
-    # α = 1e2; α = 10 straddles it (0.93–1.27), so deformations that mild are not reliably found
-    native_threshold: float = 1.0
+    # native pair imbalance (log10 of the largest balancing factor) at or above this: deformed
+    native_threshold: float = NATIVE_THRESHOLD  # 1.0, chosen by measurement (see its comment)
 
     def __post_init__(self) -> None:
         for name in (
@@ -96,24 +102,6 @@ class Pair:
     cond_compensation: float
     cond_product: float
     transposed: bool  # the stored weight was n×m (a Conv1D-style layout)
-
-
-@dataclass(frozen=True)
-class NativePair:
-    """A symmetric pair (:class:`specdef.native.SymmetricPair`) and its imbalance score.
-
-    ``imbalance_log10``: log10 of the largest factor the balancing transform would apply (≈ log10 α
-    for a pair deformed natively with α); ``deformed``: the score is at or above the threshold."""
-
-    inflated: str
-    compensating: str
-    kind: str
-    imbalance_log10: float
-    deformed: bool
-
-    @property
-    def balance_factor(self) -> float:
-        return float(10.0**self.imbalance_log10)
 
 
 @dataclass(frozen=True)
@@ -377,51 +365,6 @@ def detect(
     )
 
 
-def _native_pairs(pairs: list[Any], tensors: dict[str, Any], cfg: DetectConfig) -> list[NativePair]:
-    """Score ``pairs`` (:class:`specdef.native.SymmetricPair`) given their stored tensors."""
-    from specdef.native import joint_imbalance
-
-    scores = joint_imbalance(pairs, tensors)
-    return [
-        NativePair(
-            inflated=p.inflated,
-            compensating=p.compensating,
-            kind=p.kind,
-            imbalance_log10=scores[p.name],
-            deformed=scores[p.name] >= cfg.native_threshold,
-        )
-        for p in pairs
-    ]
-
-
-def native_scores(model: nn.Module, *, config: DetectConfig | None = None) -> list[NativePair]:
-    """Every symmetric pair of a live ``model`` (:func:`specdef.native.find_symmetric_pairs`) with
-    its imbalance score (:func:`specdef.native.joint_imbalance`); empty when it has none."""
-    from specdef.native import find_symmetric_pairs, read_pair
-
-    pairs = find_symmetric_pairs(model)
-    tensors = {p.name: read_pair(model, p) for p in pairs}
-    return _native_pairs(pairs, tensors, config or DetectConfig())
-
-
-def _with_native(found: Detection, native: list[NativePair] | None) -> Detection:
-    """Attach the native scores: the layers of a deformed pair get a ``native-*`` role and are no
-    longer unpaired suspects (the pair explains their top gap)."""
-    if native is None:
-        return found
-    roles = {p.compensating: "native-compensating" for p in native if p.deformed}
-    roles.update({p.inflated: "native-inflated" for p in native if p.deformed})
-    layers = [
-        replace(s, role=roles[s.name]) if s.name in roles and s.role in ("suspect", "clean") else s
-        for s in found.layers
-    ]
-    suspects = [s for s in found.suspects if s.name not in roles]
-    log.info(
-        "detect: %d of %d symmetric pairs deformed", sum(p.deformed for p in native), len(native)
-    )
-    return replace(found, suspects=suspects, layers=layers, native=native)
-
-
 def linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{module name: weight (out × in)}`` for every ``nn.Linear`` and transformers ``Conv1D``."""
     from specdef.targets import linear_kinds
@@ -441,7 +384,18 @@ def detect_model(model: nn.Module, *, config: DetectConfig | None = None) -> Det
     symmetric pairs for native deformation."""
     cfg = config or DetectConfig()
     found = detect(linear_weights(model), oriented=True, config=cfg)
-    return _with_native(found, native_scores(model, config=cfg))
+    return _with_native(found, native_scores(model, threshold=cfg.native_threshold))
+
+
+def _with_native(found: Detection, native: list[NativePair] | None) -> Detection:
+    """Attach the native scores; the layers of a deformed pair get a ``native-*`` role and are no
+    longer unpaired suspects (the pair explains their top gap)."""
+    if native is None:
+        return found
+    layers, suspects = relabel(found.layers, found.suspects, native)
+    deformed = sum(p.deformed for p in native)
+    log.info("detect: %d of %d symmetric pairs natively deformed", deformed, len(native))
+    return replace(found, suspects=suspects, layers=layers, native=native)
 
 
 def _safetensors_files(path: str | Path) -> list[Path]:
@@ -490,83 +444,18 @@ def checkpoint_weights(path: str | Path) -> dict[str, torch.Tensor]:
 def detect_checkpoint(path: str | Path, *, config: DetectConfig | None = None) -> Detection:
     """Detect on a checkpoint's raw tensors (both layouts tried; nothing trusted but the numbers).
 
-    Native deformation is scored too when the architecture is known (see :func:`_architecture`):
-    the symmetric pairs are found on the model built on the ``meta`` device and their tensors read
-    from the checkpoint by name; otherwise ``Detection.native`` is ``None`` (not checked)."""
+    Native deformation is scored too when the architecture is known
+    (:func:`specdef._detect_native.architecture`): the symmetric pairs are found on the model built
+    on the ``meta`` device and their tensors read from the checkpoint by name; otherwise
+    ``Detection.native`` is ``None`` (not checked)."""
     cfg = config or DetectConfig()
     weights = checkpoint_weights(path)
     found = detect(weights, oriented=False, config=cfg)
     root = Path(path)
-    arch = _architecture(root) if root.is_dir() else None
-    if arch is None:
+    if not root.is_dir():
         return found
-    from specdef.native import find_symmetric_pairs, stored_pair
-
-    pairs = [
-        p
-        for p in find_symmetric_pairs(arch)
-        if p.inflated in weights and p.compensating in weights  # Algorithm 1 renames its layers
-    ]
-    biases = _read_tensors(_safetensors_files(root), {f"{p.inflated}.bias" for p in pairs})
-    tensors = {
-        p.name: stored_pair(
-            p, weights[p.inflated], biases.get(f"{p.inflated}.bias"), weights[p.compensating]
-        )
-        for p in pairs
-    }
-    return _with_native(found, _native_pairs(pairs, tensors, cfg))
-
-
-def _read_tensors(files: list[Path], names: set[str]) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    out: dict[str, torch.Tensor] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for key in names.intersection(handle.keys()):
-                out[key] = handle.get_tensor(key)
-    return out
-
-
-def _model_from_config(root: Path) -> nn.Module:
-    """The class ``config.json`` names (a ``transformers`` class, no remote code), randomly
-    initialised; a causal LM (or the base model) when it names none. Build under
-    ``torch.device("meta")`` for the structure alone."""
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(str(root), trust_remote_code=False)
-    names = list(getattr(config, "architectures", None) or [])
-    cls = getattr(transformers, names[0], None) if names else None
-    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
-        return cls(config)
-    try:
-        return transformers.AutoModelForCausalLM.from_config(config)
-    except ValueError:
-        return transformers.AutoModel.from_config(config)
-
-
-def _architecture(root: Path) -> nn.Module | None:
-    """The checkpoint's modules on the ``meta`` device (no weights, no memory): from
-    ``config.json``, or for specdef's own architectures (saved without one) from the ``model``
-    entry of the specdef manifest (``{name, kwargs}`` for ``build_architecture``; nothing about the
-    defense is read). ``None`` when neither is there."""
-    from specdef.checkpoint import MANIFEST
-
-    with torch.device("meta"):
-        if (root / "config.json").is_file():
-            return _model_from_config(root)
-        if not (root / MANIFEST).is_file():
-            return None
-        try:
-            spec = json.loads((root / MANIFEST).read_text()).get("model") or {}
-        except (OSError, ValueError, AttributeError):
-            return None
-        arch = spec.get("architecture") if spec.get("kind") == "architecture" else None
-        if not isinstance(arch, dict) or "name" not in arch:
-            return None
-        from specdef.architectures import build_architecture
-
-        return build_architecture(str(arch["name"]), **dict(arch.get("kwargs") or {}))
+    native = checkpoint_native(root, weights, _safetensors_files(root), cfg.native_threshold)
+    return _with_native(found, native)
 
 
 def load_detected(path: str | Path) -> tuple[nn.Module, Detection]:
@@ -589,7 +478,7 @@ def load_detected(path: str | Path) -> tuple[nn.Module, Detection]:
     state: dict[str, torch.Tensor] = {}
     for file in files:
         state.update(load_file(str(file)))
-    model = _model_from_config(root)
+    model = model_from_config(root)
     dtype = next(iter(state.values())).dtype if state else torch.float32
     for pair in found.pairs:
         prefix, _, leaf = pair.inflated.rpartition(".")
