@@ -1,13 +1,13 @@
 """Evidence for ``specdef.detect.DetectConfig.native_threshold``: the per-pair imbalance score
-(``specdef.native.native_imbalance``, log10 of the largest balancing factor) on undefended models
-and on natively defended copies at several α, top-k and selections.
+(``specdef.native.native_imbalance``: log10 of the largest factor the joint balancing applies) on
+undefended models and on natively defended copies at several α, top-k and selections.
 
-For each model it prints the largest score over the undefended pairs, and for each defended copy the
-smallest score over the pairs that were deformed and the largest over the pairs that were not (the
-neighbour of a deformed pair in a ReLU chain shares a layer with it: the joint score must not flag it). ``docs/attacks.md`` ("Detecting native deformation") quotes
-this table.
+Per model: the largest score over the undefended pairs; the largest over the pairs a defended copy
+did *not* deform (the neighbour of a deformed pair in a ReLU chain shares a layer with it and must not
+be flagged); the smallest over the deformed pairs, per α. The summary table is written into
+``docs/attacks.md`` (between the ``native-detect-table`` markers); ``--no-smollm2`` only prints.
 
-    .venv/bin/python scripts/native_detect_threshold.py            # ≈ 1 min on one core
+    .venv/bin/python scripts/native_detect_threshold.py            # ≈ 2.5 min on one core
     .venv/bin/python scripts/native_detect_threshold.py --no-smollm2
 """
 
@@ -16,12 +16,17 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+from pathlib import Path
 
 import torch
 
+from specdef._io import replace_marked_region
+from specdef.detect import DetectConfig
 from specdef.native import apply_native_, find_symmetric_pairs, native_imbalance
 from specdef.zoo import load_model
 
+DOC = Path(__file__).resolve().parents[1] / "docs" / "attacks.md"
+START, END = "<!-- native-detect-table:start -->", "<!-- native-detect-table:end -->"
 MODELS = (
     "tiny-llama",
     "tiny-gpt2",
@@ -35,9 +40,11 @@ ALPHAS = (1e1, 1e2, 1e4)
 TOP_KS = (1, 8)
 
 
-def _selections(names: list[str]) -> list[tuple[str, list[str] | None]]:
-    """All pairs, the first, the last, every other pair (by inflated-side name; the last of a
-    ReLU chain is selected by its compensating side, which only that pair contains)."""
+def _selections(model: torch.nn.Module) -> list[tuple[str, list[str] | None]]:
+    """All pairs, the first, the last, every other one. A pair is named by its inflated side, the
+    last by its compensating side (which only that pair contains in a ReLU chain)."""
+    pairs = find_symmetric_pairs(model)
+    names = [p.inflated for p in pairs[:-1]] + [pairs[-1].compensating]
     out: list[tuple[str, list[str] | None]] = [("all", None), ("first", names[:1])]
     out.append(("last", names[-1:]))
     if len(names) > 2:
@@ -45,43 +52,69 @@ def _selections(names: list[str]) -> list[tuple[str, list[str] | None]]:
     return out
 
 
+def measure(name: str) -> dict[str, float]:
+    base = load_model(name)
+    clean = native_imbalance(base)
+    row = {"pairs": float(len(clean)), "undefended": max(clean.values()), "neighbours": 0.0}
+    for alpha in ALPHAS:
+        lowest = float("inf")
+        for k in TOP_KS:
+            for label, targets in _selections(base):
+                model = copy.deepcopy(base)
+                method = "randomized" if name == "smollm2-135m" else "exact"
+                records = apply_native_(
+                    model, alpha=alpha, top_k=k, targets=targets, method=method, force=True
+                )
+                deformed = {r.pair for r in records}
+                scores = native_imbalance(model)
+                low = min(scores[p] for p in deformed)
+                rest = [s for p, s in scores.items() if p not in deformed]
+                row["neighbours"] = max(row["neighbours"], *rest, 0.0)
+                lowest = min(lowest, low)
+                print(
+                    f"{name} α={alpha:g} k={k} {label} ({len(deformed)} deformed): "
+                    f"deformed min {low:.2f}, others max {max(rest, default=0.0):.2f}",
+                    flush=True,
+                )
+                del model
+        row[f"{alpha:g}"] = lowest
+    return row
+
+
+def render(rows: dict[str, dict[str, float]]) -> str:
+    threshold = DetectConfig().native_threshold
+    lines = [
+        f"Per-pair imbalance (log10), threshold {threshold:.1f}. Deformed copies: top-k ∈ "
+        f"{{{', '.join(map(str, TOP_KS))}}} × selections (all pairs, the first, the last, every "
+        "other) per α, fp32. Regenerate with `.venv/bin/python scripts/native_detect_threshold.py`.",
+        "",
+        "| model | symmetric pairs | undefended: largest | undeformed pairs of defended copies: "
+        "largest | " + " | ".join(f"deformed at α = {a:g}: smallest" for a in ALPHAS) + " |",
+        "|---|---|---|---|" + "---|" * len(ALPHAS),
+    ]
+    for name, row in rows.items():
+        cells = [
+            name,
+            f"{int(row['pairs'])}",
+            f"{row['undefended']:.2f}",
+            f"{row['neighbours']:.2f}",
+        ]
+        cells += [f"{row[f'{a:g}']:.2f}" for a in ALPHAS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--no-smollm2", action="store_true")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--no-smollm2", action="store_true", help="skip SmolLM2; print only")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    print("| model | pairs | undefended max | α | k | selection | deformed min | others max |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name in MODELS:
-        if name == "smollm2-135m" and args.no_smollm2:
-            continue
-        base = load_model(name)
-        pairs = find_symmetric_pairs(base)
-        clean = native_imbalance(base)
-        top = max(clean.values())
-        print(f"| {name} | {len(pairs)} | {top:.2f} | — | — | — | — | — |", flush=True)
-        inflated = [p.inflated for p in pairs]
-        inflated[-1] = pairs[-1].compensating
-        for alpha in ALPHAS:
-            for k in TOP_KS:
-                for label, targets in _selections(inflated):
-                    model = copy.deepcopy(base)
-                    records = apply_native_(
-                        model, alpha=alpha, top_k=k, targets=targets, force=True,
-                        method="randomized" if name == "smollm2-135m" else "exact",
-                    )  # fmt: skip
-                    deformed = {r.pair for r in records}
-                    scores = native_imbalance(model)
-                    low = min(scores[p] for p in deformed)
-                    rest = [s for p, s in scores.items() if p not in deformed]
-                    others = f"{max(rest):.2f}" if rest else "—"
-                    print(
-                        f"| {name} | {len(pairs)} | {top:.2f} | {alpha:g} | {k} | {label} "
-                        f"({len(deformed)}) | {low:.2f} | {others} |",
-                        flush=True,
-                    )
-                    del model
-        del base
+    models = [m for m in MODELS if not (args.no_smollm2 and m == "smollm2-135m")]
+    table = render({name: measure(name) for name in models})
+    print(table)
+    if not args.no_smollm2:
+        replace_marked_region(DOC, START, END, "\n" + table)
+        print(f"wrote {DOC}")
     return 0
 
 

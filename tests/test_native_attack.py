@@ -15,12 +15,20 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
+from specdef import _symmetry as sym
 from specdef.adaptive import apply_adaptive, parse_adaptive
 from specdef.architectures import MLP
 from specdef.defense import DEFAULT_TOLERANCE, SpecDefConfig, apply_specdef_, count_parameters
 from specdef.detect import DetectConfig, detect_checkpoint, detect_model, native_scores
 from specdef.errors import SpecdefError
-from specdef.native import apply_native_, defend_native_to, find_symmetric_pairs, rebalance_
+from specdef.native import (
+    apply_native_,
+    defend_native_to,
+    find_symmetric_pairs,
+    native_imbalance,
+    read_pair,
+    rebalance_,
+)
 from specdef.zoo import load_model
 
 MODELS = ("tiny-llama", "tiny-gpt2", "tiny-bert", "mlp-digits")
@@ -96,6 +104,21 @@ def test_detect_finds_exactly_the_natively_deformed_pairs(name: str) -> None:
     recall = true_pos / max(true_pos + false_neg, 1)
     assert (precision, recall) == (1.0, 1.0)
     assert lowest >= 2.0 * THRESHOLD and highest <= 0.6 * THRESHOLD, (lowest, highest)
+
+
+def test_joint_score_does_not_flag_the_neighbour_in_a_relu_chain() -> None:
+    """Deforming only the second pair of layers.0 → layers.2 → layers.4 scales layers.2's rows,
+    which changes its column norms: the first pair's one-pair score crosses the threshold, its joint
+    score stays at its undefended value."""
+    model = copy.deepcopy(_base("mlp-digits"))
+    first, second = find_symmetric_pairs(model)
+    before = native_imbalance(model)[first.name]
+    apply_native_(model, alpha=1e4, top_k=8, targets=[second.compensating])
+    one_pair = sym.imbalance(first.kind, read_pair(model, first))
+    joint = native_imbalance(model)
+    assert one_pair > THRESHOLD > joint[first.name], (one_pair, joint)
+    assert joint[first.name] == pytest.approx(before, abs=1e-4)
+    assert joint[second.name] > 4
 
 
 def test_detect_checkpoint_without_manifest_matches_the_live_model(tmp_path: Path) -> None:

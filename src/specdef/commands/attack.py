@@ -80,8 +80,8 @@ def register(sub: Any) -> None:
         default=None,
         metavar="T",
         help="informed attacker: apply a function-preserving transform first — fuse, "
-        "inject[:after|before|parallel][:all-linear], factor:J[:freeze] or untouched "
-        "(see specdef transform and docs/results/informed_attacks.md)",
+        "inject[:after|before|parallel][:all-linear], factor:J[:freeze], untouched, or "
+        "rebalance for a natively defended model (see specdef transform and docs/attacks.md)",
     )
     parser.add_argument("--max-length", type=int, default=128, help="tokens (language tasks)")
     parser.add_argument("--eval-limit", type=int, default=None, help="held-out examples per split")
