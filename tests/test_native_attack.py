@@ -208,6 +208,11 @@ def test_rebalance_refusals() -> None:
         apply_adaptive(algorithm1, "rebalance")
     with pytest.raises(SpecdefError, match="no symmetric pair"):
         apply_adaptive(MLP(8, (8,), 2, activation="tanh"), "rebalance")
+    native = copy.deepcopy(_base("tiny-gpt2"))
+    apply_native_(native, alpha=1e2, top_k=2)
+    for transform in ("fuse", "factor:2"):  # nothing for them to act on: say what would work
+        with pytest.raises(SpecdefError, match=r"2 natively deformed .*--adaptive rebalance"):
+            apply_adaptive(native, transform)
     with pytest.raises(SpecdefError, match="takes no argument"):
         parse_adaptive("rebalance:2")
     assert parse_adaptive("rebalance") == ("rebalance", ())

@@ -141,14 +141,23 @@ class _Pair:
     unit: str | None  # the DefendedLinear holding both, when the structure is known
 
 
-def find_pairs(model: nn.Module) -> tuple[list[_Pair], list[str], str, Detection | None]:
+def find_pairs(
+    model: nn.Module, transform: str = ""
+) -> tuple[list[_Pair], list[str], str, Detection | None]:
     """``(pairs, unpaired suspects, source, detection)``: from the defended structure when the
-    model has :class:`DefendedLinear` modules, otherwise detected from the weights."""
+    model has :class:`DefendedLinear` modules, otherwise detected from the weights. ``fuse`` and
+    ``factor`` (``transform``) are refused on a natively deformed model, where they would do
+    nothing."""
     units = defended_layers(model)
     if units:
         pairs = [_Pair(f"{n}.inflated", f"{n}.compensation", n) for n in units]
         return pairs, [], "structure", None
     found = detect_model(model)
+    if not found.pairs and found.native_deformed and transform in ("fuse", "factor"):
+        raise SpecdefError(
+            f"{transform} acts on Algorithm 1 compensation pairs; found none, but "
+            f"{len(found.native_deformed)} natively deformed symmetric pairs: use --adaptive rebalance."
+        )
     pairs = [_Pair(p.inflated, p.compensation, None) for p in found.pairs]
     suspects = [s.name for s in found.suspects] + [p.inflated for p in found.native_deformed]
     return pairs, suspects, "weights", found
@@ -205,7 +214,7 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None, like: torch.Tensor)
 def fuse_(model: nn.Module) -> tuple[nn.Module, TransformRecord]:
     """Fuse every compensation pair back into one layer (``W = C·W̃`` in float64), in place."""
     before = count_parameters(model)
-    pairs, _, source, _ = find_pairs(model)
+    pairs, _, source, _ = find_pairs(model, "fuse")
     if source == "structure":
         names = undo_specdef_(model)  # the exact undo of the defense
     else:
@@ -322,7 +331,7 @@ def factor_(
     if isinstance(factors, bool) or not isinstance(factors, int) or factors < 2:
         raise SpecdefError(f"factor needs j ≥ 2 factors (e.g. factor:2), found {factors!r}.")
     before = count_parameters(model)
-    pairs, _, source, _ = find_pairs(model)
+    pairs, _, source, _ = find_pairs(model, "factor")
     alphas: dict[str, float] = {}
     frozen: list[str] = []
     for pair in pairs:
