@@ -422,11 +422,7 @@ def rebalance_model_(model: nn.Module) -> tuple[nn.Module, TransformRecord]:
     count = count_parameters(model)
     report = rebalance_(model)
     details = {"imbalance_log10": {k: {"before": b, "after": a} for k, (b, a) in report.items()}}
-    log.info(
-        "rebalance: %d pairs, largest imbalance %.2f",
-        len(report),
-        max(b for b, _ in report.values()),
-    )
+    log.info("rebalance: %d pairs, no parameter added", len(report))
     return model, TransformRecord(
         "rebalance", tuple(report), count, count_parameters(model), "architecture", details=details
     )
