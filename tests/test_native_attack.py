@@ -180,7 +180,8 @@ def _dense_top_eigenvalue(model: nn.Module, x: torch.Tensor, y: torch.Tensor) ->
 def test_rebalance_brings_the_curvature_back_down() -> None:
     """Dense float64 Hessian of a small ReLU MLP (two overlapping pairs): native α = 1e3 multiplies
     σ₁(H) by > 1e3; after rebalance σ₁ equals that of the rebalanced *undefended* model to 1e-6 (the
-    balanced point is unique), within a small factor of the undefended model's own."""
+    balanced point is unique), within a small factor of the undefended model's own. Measured when
+    written: σ₁ 0.432 undefended, 2.49e4 defended (×5.8e4), 0.444 rebalanced (×1.03)."""
     torch.manual_seed(0)
     undefended = MLP(12, (10, 8), 3).double()
     gen = torch.Generator().manual_seed(1)
@@ -198,7 +199,7 @@ def test_rebalance_brings_the_curvature_back_down() -> None:
     sigma["balanced undefended"] = _dense_top_eigenvalue(balanced, x, labels)
     assert sigma["defended"] > 1e3 * sigma["undefended"], sigma
     assert sigma["rebalanced"] == pytest.approx(sigma["balanced undefended"], rel=1e-6), sigma
-    assert 0.2 < sigma["rebalanced"] / sigma["undefended"] < 5, sigma
+    assert 0.5 < sigma["rebalanced"] / sigma["undefended"] < 2, sigma
 
 
 def test_rebalance_refusals() -> None:
