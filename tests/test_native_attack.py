@@ -140,6 +140,12 @@ def test_detect_checkpoint_without_manifest_matches_the_live_model(tmp_path: Pat
         assert not found.pairs and not found.suspects
     save_model(_base("tiny-llama"), str(tmp_path / "bare.safetensors"))
     assert detect_checkpoint(tmp_path / "bare.safetensors").native is None
+    # a config transformers cannot build: native not checked, the rest of detect still runs
+    config = json.loads((tmp_path / "tiny-llama" / "config.json").read_text())
+    config.update(model_type="no-such-model", architectures=["NoSuchModel"])
+    (tmp_path / "tiny-llama" / "config.json").write_text(json.dumps(config))
+    found = detect_checkpoint(tmp_path / "tiny-llama")
+    assert found.native is None and len(found.layers) == 15
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -5,6 +5,7 @@ with :func:`specdef.native.joint_imbalance`, and relabel the layers of deformed 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from specdef import _symmetry as sym
+from specdef.errors import SpecdefError
 from specdef.native import (
     SymmetricPair,
     find_symmetric_pairs,
@@ -24,6 +26,8 @@ from specdef.native import (
 
 if TYPE_CHECKING:
     from specdef.detect import LayerSpectrum
+
+log = logging.getLogger(__name__)
 
 # log10 of a balancing factor of 10. Measured (scripts/native_detect_threshold.py, docs/attacks.md):
 # ≤ 0.53 on every undefended pair of SmolLM2, MiniLM, the digits MLP / ViT and tiny random models;
@@ -142,21 +146,23 @@ def architecture(root: Path) -> nn.Module | None:
     """The checkpoint's modules on the ``meta`` device (no weights, no memory): from
     ``config.json``, or for specdef's own architectures (saved without one) from the ``model``
     entry of the specdef manifest (``{name, kwargs}`` for ``build_architecture``; nothing about the
-    defense is read). ``None`` when neither is there."""
+    defense is read). ``None`` when neither is there or the model cannot be built (then native
+    deformation is reported as not checked; the Algorithm 1 scan needs no architecture)."""
+    from specdef.architectures import build_architecture
     from specdef.checkpoint import MANIFEST
 
-    with torch.device("meta"):
-        if (root / "config.json").is_file():
-            return model_from_config(root)
-        if not (root / MANIFEST).is_file():
-            return None
-        try:
+    try:
+        with torch.device("meta"):
+            if (root / "config.json").is_file():
+                return model_from_config(root)
+            if not (root / MANIFEST).is_file():
+                return None
             spec = json.loads((root / MANIFEST).read_text()).get("model") or {}
-        except (OSError, ValueError, AttributeError):
-            return None
-        arch = spec.get("architecture") if spec.get("kind") == "architecture" else None
-        if not isinstance(arch, dict) or "name" not in arch:
-            return None
-        from specdef.architectures import build_architecture
-
-        return build_architecture(str(arch["name"]), **dict(arch.get("kwargs") or {}))
+            arch = spec.get("architecture") if spec.get("kind") == "architecture" else None
+            if not isinstance(arch, dict) or "name" not in arch:
+                return None
+            return build_architecture(str(arch["name"]), **dict(arch.get("kwargs") or {}))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SpecdefError) as err:
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        log.warning("native deformation not checked: cannot build the architecture (%s)", reason)
+        return None

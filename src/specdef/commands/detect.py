@@ -101,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
              for s in found.layers],
         )  # fmt: skip
     native_line = (
-        "native deformation not checked (no architecture: pass a directory with config.json)"
+        "native deformation not checked (architecture unknown: pass a zoo name or a directory "
+        "with a config.json transformers can build)"
         if found.native is None
         else f"{len(found.native_deformed)} of {len(native)} symmetric pairs natively deformed"
     )
