@@ -14,8 +14,9 @@ def register(sub: Any) -> None:
         "detect",
         help="find defended layers and their compensation pairs from the weights alone",
         description="Scan a checkpoint's raw safetensors tensors (a Hugging Face directory, a "
-        "defended directory — its manifest is never read — or a .safetensors file) or a zoo model, "
-        "and report which layers look deformed and which pairs compensate each other, with the "
+        "defended directory — its manifest's defense record is never read — or a .safetensors "
+        "file) or a zoo model, and report which layers look deformed and which pairs compensate "
+        "each other, with the "
         "evidence: the compensation's two-value spectrum, the inflated layer's top-k gap, the "
         "alignment of its top-k subspace with the compensation, and the conditioning of each "
         "factor against their product. Native deformation (specdef defend --mode native, no "
