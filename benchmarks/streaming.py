@@ -5,28 +5,34 @@ Builds synthetic Llama-shaped safetensors checkpoints of ≈1 GB and ≈4 GB (hi
 folder, then runs, each in its own child process (its ``VmHWM`` is that run's own peak):
 
 - ``copy`` / ``copy again`` (first and last): plain read + write of the same shard files
-  (``shutil.copyfileobj`` + fsync);
+  (``readinto`` a reused 16 MB buffer, ``write``, fsync);
 - ``load+save``: ``safetensors.torch.load_file`` + ``save_file`` per shard (what a script that does
   not stream would do; it holds a whole shard);
 - ``algorithm1``: :func:`specdef.streaming.defend_streaming` with the paper's Llama targets
   (``gate_proj``, ``v_proj``, ``o_proj``), α = 1e4, k = 25, randomized top-k;
 - ``native``: the same with ``mode="native"`` (every V/O and up/down pair), α = 1e4, k = 25;
-- ``idle``: imports torch, transformers and specdef and does nothing (the floor of every run).
+- ``idle``: imports torch, transformers and specdef and does nothing (the floor of every run);
+- ``algorithm1 profiled`` / ``native profiled`` (1 GB checkpoint only, not in the main table): the
+  same runs under ``cProfile``, to split their time into sha256 (the resume records), ``write``,
+  ``fsync``, float64/dtype casts, linear algebra (top-k, deform, probe check), building the model
+  on the meta device, and the rest.
 
-Prints a table and rewrites the "Streaming" section of ``docs/benchmarks.md``. The memory claim
+Every child uses one torch thread (``torch.set_num_threads(1)``). Prints a table and rewrites the "Streaming" section of ``docs/benchmarks.md``. The memory claim
 checked (exit 1 otherwise): each streaming mode's peak RSS at 4 GB is within 25 % of its peak at
 1 GB — the bound does not grow with the checkpoint.
 
-Run: ``.venv/bin/python benchmarks/streaming.py`` (≈20 min on 2 shared cores; ≈15 GB of disk).
+Run: ``.venv/bin/python benchmarks/streaming.py`` (≈10 min on 1 free core; ≈15 GB of disk).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import math
 import os
 import platform
+import pstats
 import resource
 import shutil
 import subprocess
@@ -34,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -42,6 +49,18 @@ HIDDEN, MLP, HEADS, KV_HEADS, VOCAB = 2048, 5632, 32, 4, 32000
 SHARD_BYTES = 500 * 1024**2
 ALPHA, TOP_K = 1e4, 25
 MODES = ("idle", "copy", "load+save", "algorithm1", "native", "copy again")
+PROFILED = ("algorithm1 profiled", "native profiled")
+# cProfile entries (substrings of "file:function") → the bucket their own time goes to
+BUCKETS = {
+    "sha256": ("_hashlib.HASH",),
+    "write": ("'write' of '_io.BufferedWriter'",),
+    "fsync": ("posix.fsync",),
+    "casts": ("method 'to' of",),
+    "linear algebra": (
+        "spectral.py", "_symmetry.py", "_linalg", "_probe_error", "_transform", "isfinite",
+        "mul_", "add_", "torch.eye",
+    ),
+}  # fmt: skip
 
 
 def _tensors(layers: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -124,26 +143,57 @@ def child(mode: str, src: Path, out: Path) -> dict[str, float]:
         out.mkdir()
         for shard in shards:
             if mode.startswith("copy"):
-                with open(shard, "rb") as fin, open(out / shard.name, "wb") as fout:
-                    shutil.copyfileobj(fin, fout, 16 * 1024**2)
-                    fout.flush()
-                    os.fsync(fout.fileno())
+                _copy(shard, out / shard.name)
             else:
                 from safetensors.torch import load_file, save_file
 
                 save_file(load_file(str(shard)), str(out / shard.name))
                 with open(out / shard.name, "rb") as handle:
                     os.fsync(handle.fileno())
-    elif mode == "algorithm1":
-        specdef.streaming.defend_streaming(
-            src, out, alpha=ALPHA, top_k=TOP_K, targets="preset:llama", method="randomized"
-        )
-    elif mode == "native":
-        specdef.streaming.defend_streaming(
-            src, out, mode="native", alpha=ALPHA, top_k=TOP_K, method="randomized"
-        )
+    else:
+        profiler = cProfile.Profile() if mode.endswith("profiled") else None
+        if profiler:
+            profiler.enable()
+        if mode.startswith("algorithm1"):
+            specdef.streaming.defend_streaming(
+                src, out, alpha=ALPHA, top_k=TOP_K, targets="preset:llama", method="randomized"
+            )
+        elif mode.startswith("native"):
+            specdef.streaming.defend_streaming(
+                src, out, mode="native", alpha=ALPHA, top_k=TOP_K, method="randomized"
+            )
+        if profiler:
+            profiler.disable()
+            seconds = time.perf_counter() - start
+            return {"seconds": seconds, "peak_rss_mb": _peak_rss_mb(), **_buckets(profiler)}
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "peak_rss_mb": _peak_rss_mb()}
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """Plain read + write through one reused 16 MB buffer, then fsync. (``shutil.copyfileobj``
+    allocates a fresh buffer per read and measured 2-3x slower here: not a fair baseline.)"""
+    buffer = bytearray(16 * 1024**2)
+    view = memoryview(buffer)
+    with open(src, "rb", buffering=0) as fin, open(dst, "wb", buffering=0) as fout:
+        while count := fin.readinto(buffer):
+            done = 0
+            while done < count:  # a raw write may be short
+                done += fout.write(view[done:count])
+        os.fsync(fout.fileno())
+
+
+def _buckets(profiler: cProfile.Profile) -> dict[str, float]:
+    """Own time (s) of the profiled calls, summed per :data:`BUCKETS` entry; the rest in ``other``."""
+    out = dict.fromkeys([*BUCKETS, "meta model", "other"], 0.0)
+    for (file, _, func), entry in pstats.Stats(profiler).stats.items():  # type: ignore[attr-defined]
+        label = f"{file}:{func}"
+        bucket = next((b for b, keys in BUCKETS.items() if any(k in label for k in keys)), "other")
+        out[bucket] += entry[2]
+        if label.endswith("streaming.py:_meta_model"):
+            out["meta model"] = entry[3]  # cumulative: importing the modeling code, building
+    out["other"] = max(0.0, out["other"] - out["meta model"])
+    return out
 
 
 def _peak_rss_mb() -> float:
@@ -188,7 +238,7 @@ def main() -> int:
             src = work / f"ckpt-{layers}"
             size = make_checkpoint(src, layers)
             _warm(src)
-            for mode in MODES:
+            for mode in MODES + (PROFILED if layers == args.layers[0] else ()):
                 load = os.getloadavg()[0]
                 res = _run_child(mode, src, work / f"out-{mode.replace(' ', '-')}")
                 load = (load + os.getloadavg()[0]) / 2
@@ -205,14 +255,16 @@ def main() -> int:
 
 
 def _warm(folder: Path) -> None:
-    """Read every shard once so that all runs start from the same (warm) page cache."""
+    """Flush the freshly written checkpoint to disk (so no run pays for its writeback) and read
+    every shard once, so that all runs start from the same (warm) page cache."""
+    os.sync()
     for shard in folder.glob("*.safetensors"):
         with open(shard, "rb") as handle:
             while handle.read(64 * 1024**2):
                 pass
 
 
-def _memory_holds(rows: list[dict[str, float]]) -> bool:
+def _memory_holds(rows: list[dict[str, Any]]) -> bool:
     by = {(r["mode"], round(r["size_gb"])): r for r in rows}
     sizes = sorted({round(r["size_gb"]) for r in rows})
     return all(
@@ -221,32 +273,40 @@ def _memory_holds(rows: list[dict[str, float]]) -> bool:
     )
 
 
-def _report(rows: list[dict[str, float]]) -> str:
+def _report(rows: list[dict[str, Any]]) -> str:
     idle = {round(r["size_gb"]): r["peak_rss_mb"] for r in rows if r["mode"] == "idle"}
-    copy: dict[int, float] = {}
+    copy: dict[int, float] = {}  # the fastest plain read + write of each checkpoint
     for r in rows:
-        if r["mode"].startswith("copy"):
+        if r["mode"].startswith("copy") or r["mode"] == "load+save":
             key = round(r["size_gb"])
             copy[key] = min(copy.get(key, math.inf), r["seconds"])
+    loads = [r["load"] for r in rows]
     lines = [
         SECTION,
         "",
         f"`benchmarks/streaming.py` ({time.strftime('%Y-%m-%d', time.gmtime())}, "
-        f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}). "
+        f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}, "
+        f"1 torch thread per run; 1-minute load average {min(loads):.1f}–{max(loads):.1f} during "
+        "the runs on this shared machine). "
         "Synthetic Llama-shaped fp32 checkpoints (hidden 2048, MLP 5632, 32/4 heads, vocab 32000, "
         "≈500 MB shards; the largest tensor is the 250 MB embedding). Each run is a fresh child "
         "process; *peak RSS* is its `VmHWM`, *idle* the same imports doing nothing. Throughput "
-        "= checkpoint bytes read / wall time; *× copy* is relative to the faster of the two plain "
-        "copies (run first and last). Every shard is read once before the runs. *Load*: the "
-        "machine's 1-minute load average around the run (this machine is shared; CPU-bound "
-        "streaming suffers more from load than I/O-bound copying).",
+        "= checkpoint bytes read / wall time; *× plain* is relative to the fastest plain read + "
+        "write of the same files in this run (`copy`, `copy again` or `load+save`: the same bytes "
+        "read and written and fsynced; on this shared virtual disk the same write varies 2–10× "
+        "from one run to the next, so the fastest is the fair floor). Every shard is read once "
+        "and the page cache flushed (`sync`) before the runs. The streaming "
+        "runs include writing the resume records (sha256 of every shard as it is written, fsync "
+        "per shard) and building the model on the meta device. *Load*: the "
+        "machine's 1-minute load average around the run (CPU-bound streaming suffers more from "
+        "load than I/O-bound copying).",
         "",
-        "| checkpoint | run | wall s | GB/s | × copy time | peak RSS MB | above idle MB | written GB | load |",
+        "| checkpoint | run | wall s | GB/s | × plain time | peak RSS MB | above idle MB | written GB | load |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         key = round(r["size_gb"])
-        if r["mode"] == "idle":
+        if r["mode"] == "idle" or r["mode"] in PROFILED:
             continue
         lines.append(
             f"| {r['size_gb']:.2f} GB | {r['mode']} | {r['seconds']:.1f} | "
@@ -264,9 +324,28 @@ def _report(rows: list[dict[str, float]]) -> str:
         "5632×5632 compensation at 254 MB, their fp32 casts) plus the largest tensor read (the "
         "250 MB embedding) — not the number of layers or shards. `load+save` holds a whole shard "
         "(≈500 MB here) and grows with the shard size. Algorithm 1 writes more bytes: one m×m "
-        "compensation per defended layer. Streaming is CPU-bound here (float64 casts, the "
-        "randomized range finder, the probe check), hence slower than a plain copy."
+        "compensation per defended layer."
     )
+    profiled = [r for r in rows if r["mode"] in PROFILED]
+    if profiled:
+        buckets = [*BUCKETS, "meta model", "other"]
+        lines += [
+            "",
+            "Where the streaming time goes (the same runs on the 1 GB checkpoint under `cProfile`, "
+            "own time per bucket; *linear algebra* = top-k range finder, deformation, precision "
+            "probe; *casts* = float64 ↔ stored dtype; *meta model* = importing the model's "
+            "`transformers` code and building it on the meta device (a fixed cost per run); "
+            "*other* = reading tensors, Python):",
+            "",
+            "| run | profiled s | " + " | ".join(buckets) + " |",
+            "|---|---|" + "---|" * len(buckets),
+        ]
+        for r in profiled:
+            total = sum(r[b] for b in buckets)
+            cells = " | ".join(f"{r[b]:.1f} s ({r[b] / total:.0%})" for b in buckets)
+            lines.append(
+                f"| {r['mode'].removesuffix(' profiled')} | {r['seconds']:.1f} | {cells} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -88,7 +88,11 @@ def _args(src: Path, out: Path, mode: str) -> list[str]:
 
 @pytest.mark.parametrize("mode", ["algorithm1", "native"])
 def test_sigkill_mid_shard_then_rerun_matches_uninterrupted(
-    checkpoint: Path, tmp_path: Path, mode: str, caplog: pytest.LogCaptureFixture
+    checkpoint: Path,
+    tmp_path: Path,
+    mode: str,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     reference = tmp_path / "reference"
     defend_streaming(checkpoint, reference, mode=mode, alpha=ALPHA, top_k=TOP_K)
@@ -120,8 +124,10 @@ def test_sigkill_mid_shard_then_rerun_matches_uninterrupted(
     assert 0 < half < (reference / third).stat().st_size  # killed part-way through shard 3
     before = [(staging / "out" / f).stat() for f in finished]
 
+    capsys.readouterr()
     with caplog.at_level(logging.INFO, logger="specdef"):
         assert main(_args(checkpoint, out, mode)[1:]) == 0  # the same command again
+    assert "resumed: 2 shard(s) finished by an earlier run" in capsys.readouterr().out
     for fname, old in zip(finished, before, strict=True):
         assert f"shard {fname}: finished earlier, sha256 verified; skipped" in caplog.text
         new = (out / fname).stat()  # renamed into place, never rewritten
