@@ -558,7 +558,8 @@ def render_smollm2(rows: list[dict[str, Any]]) -> list[str]:
         "undefended model). The paper's `inject` (+82 M) does not work at the undefended model's",
         "best learning rate — at 1e-4 the identity adapters drive the harmful *and* benign losses up",
         "— but at 3e-5 it reaches the threshold in 10 steps, the undefended model's best: it moves",
-        "the working learning rate down rather than blocking training. `untouched` (no added",
+        "the working learning rate down rather than blocking training; `inject:auto` (+91 M: the",
+        "larger side of each layer) behaves the same (> 30 steps at 1e-4, 10 at 3e-5). `untouched` (no added",
         "parameters; 94.7 M of the 134.5 M still trainable) needs 15 steps at 1e-4 (1.5×).",
     ]
     if missing:
