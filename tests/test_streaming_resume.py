@@ -133,6 +133,8 @@ def test_sigkill_mid_shard_then_rerun_matches_uninterrupted(
         new = (out / fname).stat()  # renamed into place, never rewritten
         assert (new.st_ino, new.st_mtime_ns) == (old.st_ino, old.st_mtime_ns)
     assert f"shard {third}: finished (" in caplog.text
+    if mode == "native":  # the planning pass ran before the kill: its transforms are reused
+        assert "native plan: computed earlier, sha256 verified; reused" in caplog.text
     assert not staging.exists()
     assert _digests(out) == _digests(reference)  # byte-identical shards
     assert (out / "model.safetensors.index.json").read_text() == (
