@@ -195,6 +195,31 @@ def test_corrupted_shard_redone_other_options_refused(
     assert manifest["defense"]["config"]["alpha"] == 100.0
 
 
+def test_native_plan_corrupted_is_recomputed_identically(
+    checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The plan is recomputed from per-pair seeds, so shards finished with the old plan still fit."""
+    reference = tmp_path / "reference"
+    defend_streaming(checkpoint, reference, mode="native", alpha=ALPHA, top_k=TOP_K)
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        _crash_after(patch, 3)
+        with pytest.raises(OSError, match="simulated crash"):
+            defend_streaming(checkpoint, out, mode="native", alpha=ALPHA, top_k=TOP_K)
+    plan = _stream_resume.staging_path(out) / "plan.safetensors"
+    data = bytearray(plan.read_bytes())
+    data[-5] ^= 0xFF
+    plan.write_bytes(bytes(data))
+    with caplog.at_level(logging.INFO, logger="specdef"):
+        result = defend_streaming(checkpoint, out, mode="native", alpha=ALPHA, top_k=TOP_K)
+    assert "native plan: its bytes no longer match the record; planning again" in caplog.text
+    assert len(result.resumed_shards) == 3
+    assert _digests(out) == _digests(reference)
+
+
 def test_concurrent_run_on_same_out_refused(checkpoint: Path, tmp_path: Path) -> None:
     staging = _stream_resume.staging_path(tmp_path / "out")
     staging.mkdir()

@@ -118,11 +118,12 @@ class Staging:
         record_path, tensors = self.root / f"{PLAN}.json", self.root / f"{PLAN}.safetensors"
         try:
             record = json.loads(record_path.read_text())
-            if file_sha256(tensors) == record["sha256"]:
-                log.info("native plan: computed earlier, sha256 verified; reused")
-                return record, tensors
-        except (OSError, ValueError, KeyError):
-            pass
+        except (OSError, ValueError):
+            return None
+        if tensors.is_file() and file_sha256(tensors) == record.get("sha256"):
+            log.info("native plan: computed earlier, sha256 verified; reused")
+            return record, tensors
+        log.warning("native plan: its bytes no longer match the record; planning again")
         record_path.unlink(missing_ok=True)
         return None
 
