@@ -56,6 +56,10 @@ DIGITS_VARIANTS = (
 )  # fmt: skip
 DIGITS_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 DIGITS_SEEDS = (0, 1, 2)
+DIGITS_ALPHA = 1e4
+# the α sweep: does what a transform restores depend on the defense's strength?
+SWEEP_ALPHAS = (1e1, 1e2, 1e3)
+SWEEP_VARIANTS = ("defended", "fuse", "inject", "inject:parallel")
 DIGITS_THRESHOLD = "harmful_accuracy>=0.9"
 
 SMOL_VARIANTS = ("undefended", "defended", "fuse", "inject", "inject:parallel", "untouched",
@@ -132,6 +136,11 @@ What the digits runs show (all numbers in the tables above):
   has no such price: it trains as the undefended model does (step for step in exact arithmetic, a
   float64 test; 1.0× at lr\* here in fp32), at a cost of `m·n + m` per defended layer — the
   linear size increase of the paper's theorem. It is the injection that meets the bar.
+- **The α sweep says the same from the other side.** The defended model's cost grows with α
+  (with the middle layer defended it still trains at α = 10, 2× slower at its best rate, and at no
+  rate from α = 100), while `fuse`, `inject:parallel` and `inject` each take the same steps at
+  α = 10, 100, 1000 and 10000 within the spread of the seeds. `inject`'s level (≈ 60–85 steps with
+  the middle layer defended) does not move with the defense's strength: it is the construction's.
 - **`factor` does not help while the compensation trains**: it still receives activations inflated
   by α in range(P), whatever j, and every run diverges at step 2. With the compensation frozen,
   j = 2 trains the middle layer (3.2× slower at its best learning rate) and j = 4 does not.
@@ -274,14 +283,16 @@ def digits() -> None:
     path = RUNS / "digits.jsonl"
     base, task = load_model("mlp-digits"), load_task("digits-harmful")
     specs = []
+    grid = [(a, v) for v in DIGITS_VARIANTS for a in (DIGITS_ALPHA,)]
+    grid += [(a, v) for v in SWEEP_VARIANTS for a in SWEEP_ALPHAS]
     for sel, targets in DIGITS_SELECTIONS.items():
-        for variant in DIGITS_VARIANTS:
+        for alpha, variant in grid:
             for lr in DIGITS_LRS:
                 for seed in DIGITS_SEEDS:
                     specs.append({
                         "experiment": "informed-digits", "model": "mlp-digits",
                         "task": "digits-harmful", "selection": sel, "variant": variant,
-                        "defense": {"alpha": 1e4, "top_k": 8,
+                        "defense": {"alpha": alpha, "top_k": 8,
                                     "targets": targets if isinstance(targets, str) else list(targets)},
                         "optimizer": "adam", "lr": lr, "seed": seed, "steps": 300,
                     })  # fmt: skip
@@ -445,6 +456,8 @@ def render_digits(rows: list[dict[str, Any]]) -> list[str]:
         "attacked model's size minus the undefended model's.",
         "",
     ]
+    sweep = [r for r in rows if r["defense"]["alpha"] != DIGITS_ALPHA]
+    rows = [r for r in rows if r["defense"]["alpha"] == DIGITS_ALPHA]
     for sel in DIGITS_SELECTIONS:
         group = [r for r in rows if r["selection"] == sel]
         if not group:
@@ -494,6 +507,52 @@ def render_digits(rows: list[dict[str, Any]]) -> list[str]:
                     f"*{variant}* {ratio:.2f}× ({'within' if ratio <= 1.5 else 'NOT within'} 1.5×)"
                 )
         out += ["", "At lr\\*: " + "; ".join(verdicts) + ".", ""]
+    return out + render_alpha_sweep(sweep + rows)
+
+
+def render_alpha_sweep(rows: list[dict[str, Any]]) -> list[str]:
+    """Steps at the undefended lr* against the defense's α, per transform: the defense's cost
+    should grow with α, what an informed transform leaves should not."""
+    if not any(r["defense"]["alpha"] != DIGITS_ALPHA for r in rows):
+        return []
+    alphas = sorted({r["defense"]["alpha"] for r in rows if r["variant"] in SWEEP_VARIANTS})
+    out = [
+        "### Does what a transform restores depend on α?",
+        "",
+        "Median steps over the seeds at the undefended lr\\* (per-seed in brackets) and, after the",
+        "slash, at the transform's own best learning rate (in parentheses), for defenses of",
+        "increasing strength. If a transform removes the defense, its row does not change with α.",
+        "",
+    ]
+    for sel in DIGITS_SELECTIONS:
+        group = [r for r in rows if r["selection"] == sel]
+        und = [r for r in group if r["variant"] == "undefended"]
+        if not und:
+            continue
+        meds = {lr: _median_steps([r for r in und if r["lr"] == lr]) for lr in DIGITS_LRS}
+        star = min(DIGITS_LRS, key=lambda lr: (meds[lr], -lr))
+        label = "layers.2" if sel == "middle" else "all three linear layers"
+        out += [
+            f"**Defended: {label}** (undefended: {_steps_text([r for r in und if r['lr'] == star])}"
+            f" at lr\\* = {star:g})",
+            "",
+            "| transform | " + " | ".join(f"α = {a:g}" for a in alphas) + " |",
+            "|---|" + "---|" * len(alphas),
+        ]
+        for variant in SWEEP_VARIANTS:
+            cells = []
+            for a in alphas:
+                mine = [r for r in group if r["variant"] == variant and r["defense"]["alpha"] == a]
+                if not mine:
+                    cells.append("—")
+                    continue
+                per = {lr: [r for r in mine if r["lr"] == lr] for lr in DIGITS_LRS}
+                own = min(DIGITS_LRS, key=lambda lr: (_median_steps(per[lr]), -lr))
+                best = _median_steps(per[own])
+                tail = f"{best:g} ({own:g})" if math.isfinite(best) else "never"
+                cells.append(f"{_steps_text(per[star])} / {tail}")
+            out.append(f"| {variant} | " + " | ".join(cells) + " |")
+        out.append("")
     return out
 
 
