@@ -5,7 +5,8 @@
 by a ``compensation`` ``nn.Linear`` with weight ``C = T⁻¹`` (m×m) that carries the original bias.
 The function is unchanged (``C·W̃ = W``) up to rounding in the model's dtype, which the precision
 guard measures and bounds. ``undo_specdef_`` fuses every pair back into one layer — also the
-informed attacker's "fuse". The math lives in :mod:`specdef.spectral`.
+informed attacker's "fuse". The math lives in :mod:`specdef.spectral`; the default tolerances,
+the checks before defending and the guard's refusals in :mod:`specdef._precision_guard`.
 """
 
 from __future__ import annotations
@@ -13,32 +14,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from specdef import _precision_guard as guard
 from specdef import spectral
+from specdef._precision_guard import DEFAULT_TOLERANCE as DEFAULT_TOLERANCE  # public path
 from specdef.errors import SpecdefError
 from specdef.progress import track
 from specdef.targets import linear_kinds, select_targets
 
 log = logging.getLogger(__name__)
-
-# Default precision-guard tolerance on relative errors (each layer's ‖C·W̃ − W‖/‖W‖ and probe output
-# gap, the model's probe output gap, and `specdef verify`'s max |Δ output| / max |output|), per dtype.
-# From the measurements in docs/precision.md: SmolLM2-135M with the paper's setting (α = 1e4, k = 25,
-# gate/v/o of all 30 layers) in float32 moves its logits by ≈ 1e-2 relative, so 5e-2 accepts it with
-# margin while α = 1e9 (error ≈ 10–100) is refused; in bfloat16/float16 the same bound admits α of
-# order 10, and α = 1e4 (error ≈ 1–10) is refused.
-DEFAULT_TOLERANCE: dict[torch.dtype, float] = {
-    torch.float64: 1e-8,
-    torch.float32: 5e-2,
-    torch.bfloat16: 5e-2,
-    torch.float16: 5e-2,
-}
 
 
 @dataclass(frozen=True)
@@ -97,7 +87,7 @@ class SpecDefConfig:
     def tolerance_for(self, dtype: torch.dtype) -> float:
         if self.tolerance is not None:
             return self.tolerance
-        return DEFAULT_TOLERANCE.get(dtype, 5e-2)
+        return guard.default_tolerance(dtype)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -230,21 +220,6 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _shared_parameters(model: nn.Module, names: Sequence[str]) -> dict[str, list[str]]:
-    """For each selected layer whose weight is also registered elsewhere (tied weights), the other
-    names it is registered under. Defending such a layer would silently untie the weights."""
-    owners: dict[int, list[str]] = {}
-    for pname, param in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(param), []).append(pname)
-    out: dict[str, list[str]] = {}
-    for name in names:
-        weight = model.get_submodule(name).weight
-        others = [p for p in owners.get(id(weight), []) if p != f"{name}.weight"]
-        if others:
-            out[name] = others
-    return out
-
-
 def undo_specdef_(model: nn.Module) -> list[str]:
     """Fuse every defended pair back into one layer in place (W = C·W̃, computed in float64).
 
@@ -320,23 +295,6 @@ class DefenseReport:
         return max((layer.reconstruction_error for layer in self.layers), default=0.0)
 
 
-def _refusal(
-    name: str,
-    what: str,
-    found: float,
-    tolerance: float,
-    dtype: torch.dtype,
-    alpha: float,
-    safe: float,
-) -> SpecdefError:
-    short = str(dtype).removeprefix("torch.")
-    return SpecdefError(
-        f"Precision guard: layer {name!r} has {what} {found:.3g} in {short} at alpha={alpha:g}, "
-        f"above the tolerance {tolerance:.3g}; the largest alpha that fits {short} here is ≈{safe:g}. "
-        "Lower --alpha, store the model in a wider dtype, raise --tolerance, or pass --force."
-    )
-
-
 @torch.no_grad()
 def apply_specdef_(
     model: nn.Module, config: SpecDefConfig, *, probe: Any | None = None
@@ -354,27 +312,10 @@ def apply_specdef_(
     names = select_targets(
         model, config.targets, exclude=config.exclude, n_random=config.n_random, seed=config.seed
     )
-    tied = _shared_parameters(model, names)
-    if tied:
-        name, others = next(iter(tied.items()))
-        raise SpecdefError(
-            f"Layer {name!r} shares its weight with {', '.join(others)} (tied weights); defending "
-            f"it would untie them. Exclude it (e.g. --exclude {name.rsplit('.', 1)[-1]})."
-        )
+    guard.check_untied(model, names)
     for name in names:
         weight, bias, _ = linear_form(model.get_submodule(name))
-        m, n = weight.shape
-        if config.top_k > min(m, n):
-            raise SpecdefError(
-                f"top_k={config.top_k} exceeds the rank bound min(m, n)={min(m, n)} of layer "
-                f"{name!r} ({m}×{n}); choose --top-k ≤ {min(m, n)} or exclude this layer."
-            )
-        for label, tensor in (("weight", weight), ("bias", bias)):
-            if tensor is not None and not bool(torch.isfinite(tensor).all()):
-                raise SpecdefError(
-                    f"Layer {name!r} has NaN or Inf entries in its {label}; repair the checkpoint "
-                    "before defending it."
-                )
+        guard.check_layer(name, weight, bias, top_k=config.top_k)
     inputs = probing.capture_inputs(model, names, probe) if probe is not None else {}
     reference = probing.model_output(model, probe) if probe is not None else None
     gen = torch.Generator().manual_seed(config.seed)
@@ -421,21 +362,20 @@ def apply_specdef_(
 
     def worst_ratio(item: tuple[str, DefendedLinear, LayerReport, torch.Tensor]) -> float:
         rep = item[2]
-        return max(rep.reconstruction_error, rep.output_gap or 0.0) / rep.tolerance
+        return guard.over_tolerance_ratio(rep.reconstruction_error, rep.output_gap, rep.tolerance)
 
     over = [item for item in built if worst_ratio(item) > 1.0]
     if over and not config.force:
-        name, layer, rep, basis = max(over, key=worst_ratio)
-        weight = linear_form(model.get_submodule(name))[0]
-        dtype = weight.dtype
-        safe = spectral.max_safe_alpha(
-            weight, basis, dtype=dtype, tolerance=rep.tolerance, start=config.alpha
+        name, _, rep, basis = max(over, key=worst_ratio)
+        raise guard.layer_refusal(
+            name,
+            linear_form(model.get_submodule(name))[0],
+            basis,
+            reconstruction_error=rep.reconstruction_error,
+            output_gap=rep.output_gap,
+            tolerance=rep.tolerance,
+            alpha=config.alpha,
         )
-        if rep.reconstruction_error >= (rep.output_gap or 0.0):
-            what, found = "reconstruction error ‖C·W̃−W‖/‖W‖", rep.reconstruction_error
-        else:
-            what, found = "probe output gap", float(rep.output_gap or 0.0)
-        raise _refusal(name, what, found, rep.tolerance, dtype, config.alpha, safe)
 
     originals = {name: model.get_submodule(name) for name, *_ in built}
     for name, layer, _, _ in built:
@@ -448,17 +388,13 @@ def apply_specdef_(
             for name, original in originals.items():
                 set_submodule(model, name, original)
             worst = max(built, key=worst_ratio)
-            short = str(reference.dtype).removeprefix("torch.")
-            # the gap grows linearly in alpha (docs/precision.md): scale down, with a margin
-            ratio = tol / model_gap if math.isfinite(model_gap) and model_gap > 0 else 1e-3
-            safe = spectral.round_down(1.0 + (config.alpha - 1.0) * 0.8 * ratio)
-            raise SpecdefError(
-                f"Precision guard: the model output on the probe batch moved by {model_gap:.3g} "
-                f"(relative) in {short} at alpha={config.alpha:g}, above the tolerance {tol:.3g} "
-                f"(worst layer {worst[0]!r}, reconstruction error "
-                f"{worst[2].reconstruction_error:.3g}); the largest alpha that fits {short} for this "
-                f"model is ≈{safe:g} (estimated). Lower --alpha, use a wider dtype, raise "
-                "--tolerance, or pass --force."
+            raise guard.model_gap_refusal(
+                model_gap,
+                tolerance=tol,
+                dtype=reference.dtype,
+                alpha=config.alpha,
+                worst_layer=worst[0],
+                worst_error=worst[2].reconstruction_error,
             )
     forced = bool(over) or (model_gap is not None and reference is not None
                             and model_gap > config.tolerance_for(reference.dtype))  # fmt: skip
