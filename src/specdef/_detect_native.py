@@ -25,7 +25,7 @@ from specdef.native import (
 )
 
 if TYPE_CHECKING:
-    from specdef.detect import LayerSpectrum
+    from specdef._detect_report import LayerSpectrum
 
 log = logging.getLogger(__name__)
 

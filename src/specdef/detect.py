@@ -20,22 +20,22 @@ pair (attention V/O per KV head, gated-MLP up/down, Linear→ReLU→Linear) away
 point. When the architecture is known (a live model, or a checkpoint with ``config.json``) every
 symmetric pair is scored with :func:`specdef.native.native_imbalance`'s measure (log10 of the largest
 factor the balancing transform applies) and reported as deformed at or above
-``DetectConfig.native_threshold``.
+``DetectConfig.native_threshold``. The report objects (:mod:`specdef._detect_report`) and the
+checkpoint reading (:mod:`specdef._detect_io`) are re-exported here.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
+from specdef._detect_io import checkpoint_weights, safetensors_files
 from specdef._detect_native import (
     NATIVE_THRESHOLD,
     NativePair,
@@ -44,7 +44,25 @@ from specdef._detect_native import (
     native_scores,
     relabel,
 )
+from specdef._detect_report import Compensation, Detection, LayerSpectrum, Pair
 from specdef.errors import SpecdefError
+
+__all__ = [
+    "Compensation",
+    "DetectConfig",
+    "Detection",
+    "LayerSpectrum",
+    "NativePair",
+    "Pair",
+    "checkpoint_weights",
+    "compensation_signature",
+    "detect",
+    "detect_checkpoint",
+    "detect_model",
+    "linear_weights",
+    "load_detected",
+    "native_scores",
+]
 
 log = logging.getLogger(__name__)
 
@@ -71,98 +89,6 @@ class DetectConfig:
         ):  # fmt: skip
             if not getattr(self, name) > 0:
                 raise SpecdefError(f"DetectConfig.{name} must be > 0, found {getattr(self, name)}.")
-
-
-@dataclass(frozen=True)
-class Compensation:
-    """A square layer whose spectrum is {1 (m−k times), 1/α (k times)}: a compensation."""
-
-    name: str
-    size: int
-    top_k: int
-    alpha: float  # 1 / mean of the small eigenvalues
-    symmetry_error: float
-    cluster_spread: float  # max relative deviation within the 1/α cluster
-    identity_error: float  # max |λ − 1| within the identity part
-
-
-@dataclass(frozen=True)
-class Pair:
-    """An inflated layer and the compensation that undoes it, with the evidence."""
-
-    inflated: str
-    compensation: str
-    top_k: int
-    alpha: float
-    alignment: float  # mean cos² of principal angles between top-k(inflated) and range(P)
-    top_gap: float  # σ_k/σ_{k+1} of the inflated weight
-    product_gap: float  # σ_k/σ_{k+1} of C·W̃ (the original layer's own gap)
-    sigma1_ratio: float  # σ_1(W̃)/σ_1(C·W̃), ≈ α for a true pair
-    cond_inflated: float
-    cond_compensation: float
-    cond_product: float
-    transposed: bool  # the stored weight was n×m (a Conv1D-style layout)
-
-
-@dataclass(frozen=True)
-class LayerSpectrum:
-    """Spectral evidence for every scanned 2-D weight."""
-
-    name: str
-    shape: tuple[int, int]
-    gap: float  # largest σ_i/σ_{i+1} over i ≤ rank/2 (1-based i)
-    gap_index: int  # the i of that gap (the suspected k)
-    cond: float  # σ_1/σ_min over min(m, n) singular values
-    role: str  # "inflated", "compensation", "native-inflated", "native-compensating", "suspect", "clean"
-
-
-@dataclass(frozen=True)
-class Detection:
-    """What :func:`detect` found. ``pairs`` and ``suspects`` are what a transform acts on.
-
-    ``native``: every symmetric pair with its imbalance score, or ``None`` when the architecture is
-    unknown (raw tensors without ``config.json``), so native deformation was not checked;
-    ``native_threshold``: the score from which a pair counts as deformed."""
-
-    pairs: list[Pair]
-    unpaired_compensations: list[Compensation]
-    suspects: list[LayerSpectrum]
-    layers: list[LayerSpectrum] = field(repr=False)
-    native: list[NativePair] | None = None
-    native_threshold: float = DetectConfig.native_threshold
-
-    @property
-    def native_deformed(self) -> list[NativePair]:
-        return [p for p in self.native or [] if p.deformed]
-
-    @property
-    def defended(self) -> list[str]:
-        """Names of the layers that look deformed (inflated side of each pair, suspects, then the
-        inflated side of each natively deformed pair)."""
-        return (
-            [p.inflated for p in self.pairs]
-            + [s.name for s in self.suspects]
-            + [p.inflated for p in self.native_deformed]
-        )
-
-    @property
-    def found_anything(self) -> bool:
-        return bool(
-            self.pairs or self.unpaired_compensations or self.suspects or self.native_deformed
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        native = None if self.native is None else [
-            {**asdict(p), "balance_factor": p.balance_factor} for p in self.native
-        ]  # fmt: skip
-        return {
-            "pairs": [asdict(p) for p in self.pairs],
-            "unpaired_compensations": [asdict(c) for c in self.unpaired_compensations],
-            "suspects": [asdict(s) for s in self.suspects],
-            "native": native,
-            "native_threshold": self.native_threshold,
-            "layers": [asdict(s) for s in self.layers],
-        }
 
 
 def _cond(s: torch.Tensor) -> float:
@@ -398,49 +324,6 @@ def _with_native(found: Detection, native: list[NativePair] | None) -> Detection
     return replace(found, suspects=suspects, layers=layers, native=native)
 
 
-def _safetensors_files(path: str | Path) -> list[Path]:
-    root = Path(path)
-    if root.is_file():
-        files = [root]
-    elif root.is_dir():
-        files = sorted(root.glob("*.safetensors"))
-    else:
-        raise SpecdefError(
-            f"Expected a checkpoint directory or .safetensors file, found nothing at {str(root)!r}; "
-            "pass the folder that holds model.safetensors."
-        )
-    if not files:
-        raise SpecdefError(
-            f"Expected *.safetensors files in {str(root)!r}, found none; "
-            "pass a folder saved with save_pretrained or specdef defend."
-        )
-    if root.is_dir() and (root / "model.safetensors.index.json").exists():
-        index = json.loads((root / "model.safetensors.index.json").read_text())
-        files = sorted({root / f for f in index.get("weight_map", {}).values()})
-    return files
-
-
-def checkpoint_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """All 2-D floating tensors of a safetensors checkpoint (file or directory, sharded or not),
-    keyed by tensor name without a trailing ``.weight``. Reads no manifest and runs no code."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    out: dict[str, torch.Tensor] = {}
-    for file in _safetensors_files(path):
-        try:
-            tensors = load_file(str(file))
-        except (SafetensorError, OSError) as err:
-            raise SpecdefError(
-                f"Cannot read {str(file)!r} as safetensors ({err}); the file is missing or "
-                "truncated — re-save the checkpoint."
-            ) from None
-        for key, t in tensors.items():
-            if t.ndim == 2 and t.is_floating_point():
-                out[key.removesuffix(".weight")] = t
-    return out
-
-
 def detect_checkpoint(path: str | Path, *, config: DetectConfig | None = None) -> Detection:
     """Detect on a checkpoint's raw tensors (both layouts tried; nothing trusted but the numbers).
 
@@ -454,7 +337,7 @@ def detect_checkpoint(path: str | Path, *, config: DetectConfig | None = None) -
     root = Path(path)
     if not root.is_dir():
         return found
-    native = checkpoint_native(root, weights, _safetensors_files(root), cfg.native_threshold)
+    native = checkpoint_native(root, weights, safetensors_files(root), cfg.native_threshold)
     return _with_native(found, native)
 
 
