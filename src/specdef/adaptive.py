@@ -25,160 +25,42 @@ Each transform works **in place**, returns ``(model, TransformRecord)`` and keep
 Pairs come from the defended structure (:class:`~specdef.defense.DefendedLinear` modules) when the
 model has them, otherwise from :func:`specdef.detect.detect_model` on the weights alone (whose
 natively deformed pairs count as suspects: their inflated side). The record's ``frozen`` lists
-parameter-name prefixes the attack must keep frozen (``AttackSpec.frozen``).
+parameter-name prefixes the attack must keep frozen (``AttackSpec.frozen``). ``inject`` is in
+:mod:`specdef._adaptive_inject`, the pair finding and the record in :mod:`specdef._adaptive_targets`
+(both re-exported here).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
-from specdef.defense import (
-    DefendedLinear,
-    count_parameters,
-    defended_layers,
-    set_submodule,
-    undo_specdef_,
-)
-from specdef.detect import Detection, compensation_signature, detect_model
+from specdef._adaptive_inject import SIDES, InjectedLinear, inject_
+from specdef._adaptive_targets import TransformRecord, find_pairs
+from specdef.defense import count_parameters, defended_layers, set_submodule, undo_specdef_
+from specdef.detect import compensation_signature
 from specdef.errors import SpecdefError, did_you_mean
-from specdef.targets import candidate_layers, output_layer_names
+
+__all__ = [
+    "SIDES",
+    "TRANSFORMS",
+    "InjectedLinear",
+    "TransformRecord",
+    "apply_adaptive",
+    "factor_",
+    "find_pairs",
+    "fuse_",
+    "inject_",
+    "parse_adaptive",
+    "rebalance_model_",
+    "untouched_",
+]
 
 log = logging.getLogger(__name__)
 
 TRANSFORMS = ("fuse", "inject", "factor", "untouched", "rebalance")
-SIDES = ("after", "before", "auto", "parallel")  # where inject puts its adapter (auto: larger side)
-
-
-@dataclass(frozen=True)
-class TransformRecord:
-    """What a transform did: the layers it acted on and the parameter count before/after.
-
-    ``frozen``: parameter-name prefixes the attack must keep frozen; ``train``: the attack's
-    ``AttackSpec.train`` mode the transform implies; ``source``: ``"structure"`` (defended modules),
-    ``"weights"`` (found by detection) or ``"architecture"`` (symmetric pairs, for rebalance).
-    """
-
-    transform: str
-    layers: tuple[str, ...]
-    params_before: int
-    params_after: int
-    source: str
-    frozen: tuple[str, ...] = ()
-    train: str = "all"
-    details: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def params_added(self) -> int:
-        return self.params_after - self.params_before
-
-    @property
-    def params_added_pct(self) -> float:
-        return 100.0 * self.params_added / max(self.params_before, 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "transform": self.transform,
-            "layers": list(self.layers),
-            "params_before": self.params_before,
-            "params_after": self.params_after,
-            "params_added": self.params_added,
-            "params_added_pct": self.params_added_pct,
-            "source": self.source,
-            "frozen": list(self.frozen),
-            "train": self.train,
-            "details": dict(self.details),
-        }
-
-
-class InjectedLinear(nn.Module):
-    """A frozen linear map ``frozen`` (m×n) and a trainable ``adapter`` that leaves the function
-    unchanged at initialisation: ``adapter(frozen(x))`` with an m×m identity for ``side="after"``,
-    ``frozen(adapter(x))`` with an n×n identity for ``"before"``, ``frozen(x) + adapter(x)`` with
-    an m×n zero layer for ``"parallel"`` (bias 0 in each case)."""
-
-    def __init__(
-        self, frozen: nn.Module, *, out_features: int, in_features: int, side: str = "after"
-    ) -> None:
-        super().__init__()
-        if side not in ("after", "before", "parallel"):
-            raise SpecdefError(did_you_mean(side, ("after", "before", "parallel"), what="side"))
-        ref = next(frozen.parameters())
-        rows = in_features if side == "before" else out_features
-        cols = out_features if side == "after" else in_features
-        self.side = side
-        self.frozen = frozen
-        self.adapter = nn.Linear(cols, rows, dtype=ref.dtype, device=ref.device)
-        with torch.no_grad():
-            self.adapter.bias.zero_()
-            if side == "parallel":
-                self.adapter.weight.zero_()
-            else:
-                self.adapter.weight.copy_(torch.eye(rows, dtype=ref.dtype))
-        for p in self.frozen.parameters():
-            p.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.side == "before":
-            return self.frozen(self.adapter(x))
-        if self.side == "parallel":
-            return self.frozen(x) + self.adapter(x)
-        return self.adapter(self.frozen(x))
-
-    def extra_repr(self) -> str:
-        return f"side={self.side!r}"
-
-
-@dataclass(frozen=True)
-class _Pair:
-    inflated: str  # module name of the m×n inflated layer
-    compensation: str  # module name of the m×m compensation
-    unit: str | None  # the DefendedLinear holding both, when the structure is known
-
-
-def find_pairs(
-    model: nn.Module, transform: str = ""
-) -> tuple[list[_Pair], list[str], str, Detection | None]:
-    """``(pairs, unpaired suspects, source, detection)``: from the defended structure when the
-    model has :class:`DefendedLinear` modules, otherwise detected from the weights. ``fuse`` and
-    ``factor`` (``transform``) are refused on a natively deformed model, where they would do
-    nothing."""
-    units = defended_layers(model)
-    if units:
-        pairs = [_Pair(f"{n}.inflated", f"{n}.compensation", n) for n in units]
-        return pairs, [], "structure", None
-    found = detect_model(model)
-    if not found.pairs and found.native_deformed and transform in ("fuse", "factor"):
-        raise SpecdefError(
-            f"{transform} acts on Algorithm 1 compensation pairs; found none, but "
-            f"{len(found.native_deformed)} natively deformed symmetric pairs: use --adaptive rebalance."
-        )
-    pairs = [_Pair(p.inflated, p.compensation, None) for p in found.pairs]
-    suspects = [s.name for s in found.suspects] + [p.inflated for p in found.native_deformed]
-    return pairs, suspects, "weights", found
-
-
-def _shape(module: nn.Module) -> tuple[int, int]:
-    """``(out, in)`` features of a linear map (nn.Linear, Conv1D, DefendedLinear)."""
-    if isinstance(module, DefendedLinear | nn.Linear):
-        return int(module.out_features), int(module.in_features)
-    weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.ndim == 2:  # transformers Conv1D: n×m
-        return int(weight.shape[1]), int(weight.shape[0])
-    raise SpecdefError(f"Cannot inject around a {type(module).__name__}: expected a linear layer.")
-
-
-def _side(side: str, out_features: int, in_features: int) -> str:
-    """``auto``: the larger side. For a full-rank W (m×n), ``A·W`` (after, m×m) reaches every m×n
-    matrix when n ≤ m and ``W·A`` (before, n×n) when m ≤ n; the smaller side would not."""
-    if side != "auto":
-        return side
-    return "after" if out_features >= in_features else "before"
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
@@ -238,83 +120,6 @@ def fuse_(model: nn.Module) -> tuple[nn.Module, TransformRecord]:
             names.append(pair.inflated)
     record = TransformRecord("fuse", tuple(names), before, count_parameters(model), source)
     log.info("fuse: %d layers, %+d parameters", len(names), record.params_added)
-    return model, record
-
-
-def inject_(
-    model: nn.Module, *, where: str = "suspects", side: str = "after"
-) -> tuple[nn.Module, TransformRecord]:
-    """Freeze layers and put a trainable identity-initialised square layer beside each, in place.
-
-    ``where="suspects"``: each defended (or detected) layer; ``"all-linear"``: black-box, every
-    outermost linear map (a defended layer counts as one map; the LM head is skipped). ``side``:
-    ``"after"`` (m×m, the paper's construction; default), ``"before"`` (n×n), ``"auto"`` (the
-    larger) or
-    ``"parallel"`` (a zero-initialised m×n layer added beside it).
-    Gradients reach the adapter only through the product ``C·W̃ = W``, never the inflated factor.
-    """
-    if where not in ("suspects", "all-linear"):
-        raise SpecdefError(did_you_mean(where, ("suspects", "all-linear"), what="inject target"))
-    if side not in SIDES:
-        raise SpecdefError(did_you_mean(side, SIDES, what="adapter side"))
-    before = count_parameters(model)
-    frozen: list[str] = []
-    # (module to wrap, its other half to freeze or None, (out, in) of the whole linear map)
-    plan: list[tuple[str, str | None, tuple[int, int]]] = []
-    if where == "all-linear":
-        units = set(defended_layers(model))
-        skip = output_layer_names(model)  # an adapter after the LM head would be vocab × vocab
-        order = list(dict(model.named_modules()))
-        names = sorted((set(candidate_layers(model)) | units) - skip, key=order.index)
-        plan = [(n, None, _shape(model.get_submodule(n))) for n in names]
-        source = "structure" if units else "black-box"
-    else:
-        pairs, suspects, source, _ = find_pairs(model)
-        for pair in pairs:
-            if pair.unit is not None:
-                plan.append((pair.unit, None, _shape(model.get_submodule(pair.unit))))
-                continue
-            out_f = _shape(model.get_submodule(pair.compensation))[0]
-            in_f = _shape(model.get_submodule(pair.inflated))[1]
-            if side == "parallel":
-                raise SpecdefError(
-                    f"inject:parallel needs each pair as one module; {pair.inflated!r} and "
-                    f"{pair.compensation!r} are separate modules. Use inject:after or inject:before."
-                )
-            if _side(side, out_f, in_f) == "after":
-                plan.append((pair.compensation, pair.inflated, (out_f, in_f)))
-            else:
-                plan.append((pair.inflated, pair.compensation, (out_f, in_f)))
-        plan += [(n, None, _shape(model.get_submodule(n))) for n in suspects]
-    sides: dict[str, str] = {}
-    for name, other, (out_f, in_f) in plan:
-        chosen = _side(side, out_f, in_f)
-        module = model.get_submodule(name)
-        if other is not None:  # a detected leaf pair: the adapter sits beside the whole pair
-            out_f, in_f = _shape(module)
-            frozen.append(other)
-        wrapped = InjectedLinear(module, out_features=out_f, in_features=in_f, side=chosen)
-        set_submodule(model, name, wrapped)
-        frozen.append(f"{name}.frozen")
-        sides[name] = chosen
-    for prefix in frozen:
-        for p in model.get_submodule(prefix).parameters():
-            p.requires_grad_(False)
-    label = (
-        "inject"
-        + (f":{side}" if side != "after" else "")
-        + (":all-linear" if where == "all-linear" else "")
-    )
-    record = TransformRecord(
-        label,
-        tuple(sides),
-        before,
-        count_parameters(model),
-        source,
-        frozen=tuple(frozen),
-        details={"side": sides},
-    )
-    log.info("%s: %d layers, %+d parameters", label, len(sides), record.params_added)
     return model, record
 
 
