@@ -300,3 +300,65 @@ def test_smollm2_native_detect_and_rebalance() -> None:
     apply_adaptive(model, "rebalance")
     assert not any(p.deformed for p in native_scores(model))
     assert _gap(_outputs(model, ids), before) <= DEFAULT_TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize(
+    ("name", "targets", "tol"),
+    [("mlp-digits", ["layers.0"], 1e-9), ("tiny-llama", None, 1e-5)],
+)
+@pytest.mark.parametrize("variant", ["inject", "inject:before", "untouched"])
+def test_inject_and_untouched_on_native_pairs_see_no_deformation(
+    name: str, targets: list[str] | None, tol: float, variant: str
+) -> None:
+    """On a natively deformed model ``inject`` puts its adapter outside each deformed pair (after
+    the compensating side or before the inflated one) and ``untouched`` freezes both sides, so in
+    float64 every trainable parameter gets exactly the gradient the same construction gets on the
+    undefended model — none of it passes through a deformed pair's inflated path. (Before the fix
+    only the inflated side was frozen and Adam diverged at step 2-3.)"""
+    from specdef._adaptive_inject import InjectedLinear
+    from specdef.defense import set_submodule
+
+    base = copy.deepcopy(_base(name)).double()
+    defended = copy.deepcopy(base)
+    apply_native_(defended, alpha=1e4, top_k=4, targets=targets, force=True)
+    attacked, record = apply_adaptive(copy.deepcopy(defended), variant)
+    control = copy.deepcopy(base)
+    for layer, side in record.details.get("side", {}).items():
+        module = control.get_submodule(layer)
+        out_f, in_f = module.weight.shape
+        wrapped = InjectedLinear(module, out_features=out_f, in_features=in_f, side=side)
+        set_submodule(control, layer, wrapped)
+    for model in (attacked, control):
+        for pname, p in model.named_parameters():
+            if any(pname == f or pname.startswith(f + ".") for f in record.frozen):
+                p.requires_grad_(False)
+    x = _probe(name)
+    grads = []
+    for model in (attacked, control):
+        out = _outputs_with_grad(model, x)
+        labels = torch.arange(out.shape[0]) % out.shape[1]
+        nn.functional.cross_entropy(out, labels).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    deformed = {
+        n for p in detect_model(defended).native_deformed for n in (p.inflated, p.compensating)
+    }
+    assert deformed
+    for layer in deformed:  # no parameter of a deformed pair's two sides trains
+        assert not any(n.startswith(layer + ".") and ".adapter." not in n for n in grads[0])
+    for pname, g in grads[0].items():
+        ref = grads[1][pname]
+        assert float((g - ref).norm() / ref.norm().clamp_min(1e-300)) < tol, pname
+
+
+def _outputs_with_grad(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if x.dtype == torch.long:
+        return model(input_ids=x).logits[0]
+    return model(x.double())
+
+
+def test_inject_refuses_chained_native_pairs() -> None:
+    model = copy.deepcopy(_base("mlp-digits"))
+    apply_native_(model, alpha=1e4, top_k=4, force=True)  # (0, 2) and (2, 4) share layers.2
+    with pytest.raises(SpecdefError, match="rebalance"):
+        apply_adaptive(model, "inject")

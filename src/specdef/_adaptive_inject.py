@@ -10,7 +10,7 @@ import logging
 import torch
 from torch import nn
 
-from specdef._adaptive_targets import TransformRecord, find_pairs
+from specdef._adaptive_targets import TransformRecord, _Pair, find_pairs
 from specdef.defense import DefendedLinear, count_parameters, defended_layers, set_submodule
 from specdef.errors import SpecdefError, did_you_mean
 from specdef.targets import candidate_layers, output_layer_names
@@ -76,6 +76,21 @@ def _side(side: str, out_features: int, in_features: int) -> str:
     return "after" if out_features >= in_features else "before"
 
 
+def _refuse_native_chains(pairs: list[_Pair]) -> None:
+    """Natively deformed pairs that share a layer (a Linear→ReLU→Linear→ReLU→Linear chain) leave
+    no place outside every deformed pair for an adapter next to the shared layer."""
+    seen: dict[str, str] = {}
+    for pair in (p for p in pairs if p.native):
+        for name in (pair.inflated, pair.compensation):
+            if name in seen:
+                raise SpecdefError(
+                    f"inject: {name!r} belongs to two natively deformed pairs ({seen[name]} and "
+                    f"{pair.inflated}+{pair.compensation}); an adapter next to it would sit inside "
+                    "one of them. Use --adaptive rebalance (the undo of native deformation)."
+                )
+            seen[name] = f"{pair.inflated}+{pair.compensation}"
+
+
 def inject_(
     model: nn.Module, *, where: str = "suspects", side: str = "after"
 ) -> tuple[nn.Module, TransformRecord]:
@@ -105,6 +120,7 @@ def inject_(
         source = "structure" if units else "black-box"
     else:
         pairs, suspects, source, _ = find_pairs(model)
+        _refuse_native_chains(pairs)
         for pair in pairs:
             if pair.unit is not None:
                 plan.append((pair.unit, None, _shape(model.get_submodule(pair.unit))))
@@ -116,6 +132,8 @@ def inject_(
                     f"inject:parallel needs each pair as one module; {pair.inflated!r} and "
                     f"{pair.compensation!r} are separate modules. Use inject:after or inject:before."
                 )
+            # A native pair has a nonlinearity between its sides: the adapter goes after the
+            # compensating side or before the inflated one, never between them.
             if _side(side, out_f, in_f) == "after":
                 plan.append((pair.compensation, pair.inflated, (out_f, in_f)))
             else:

@@ -61,17 +61,19 @@ class TransformRecord:
 @dataclass(frozen=True)
 class _Pair:
     inflated: str  # module name of the m×n inflated layer
-    compensation: str  # module name of the m×m compensation
+    compensation: str  # the m×m compensation, or a native pair's compensating side
     unit: str | None  # the DefendedLinear holding both, when the structure is known
+    native: bool = False  # a natively deformed symmetric pair (a nonlinearity between the sides)
 
 
 def find_pairs(
     model: nn.Module, transform: str = ""
 ) -> tuple[list[_Pair], list[str], str, Detection | None]:
     """``(pairs, unpaired suspects, source, detection)``: from the defended structure when the
-    model has :class:`DefendedLinear` modules, otherwise detected from the weights. ``fuse`` and
-    ``factor`` (``transform``) are refused on a natively deformed model, where they would do
-    nothing."""
+    model has :class:`DefendedLinear` modules, otherwise detected from the weights, natively
+    deformed symmetric pairs included (both sides named, so that ``untouched`` freezes both and
+    ``inject`` puts its adapter outside the pair). ``fuse`` and ``factor`` (``transform``) are
+    refused on a natively deformed model, where they would do nothing."""
     units = defended_layers(model)
     if units:
         pairs = [_Pair(f"{n}.inflated", f"{n}.compensation", n) for n in units]
@@ -83,5 +85,6 @@ def find_pairs(
             f"{len(found.native_deformed)} natively deformed symmetric pairs: use --adaptive rebalance."
         )
     pairs = [_Pair(p.inflated, p.compensation, None) for p in found.pairs]
-    suspects = [s.name for s in found.suspects] + [p.inflated for p in found.native_deformed]
-    return pairs, suspects, "weights", found
+    if transform not in ("fuse", "factor"):  # they act on Algorithm 1 pairs only
+        pairs += [_Pair(p.inflated, p.compensating, None, True) for p in found.native_deformed]
+    return pairs, [s.name for s in found.suspects], "weights", found
