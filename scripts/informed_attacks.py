@@ -3,9 +3,11 @@ and what each function-preserving transform costs (parameters) and buys back (st
 on the digits MLP and on SmolLM2-135M. Rows go to ``runs/informed/*.jsonl`` (one per run, resumable:
 finished runs are skipped); ``render`` rewrites ``docs/results/informed_attacks.md`` from them.
 
-    .venv/bin/python scripts/informed_attacks.py detection   # ≈ 1 min
-    .venv/bin/python scripts/informed_attacks.py digits      # ≈ 10 min on 2 shared cores
-    .venv/bin/python scripts/informed_attacks.py smollm2     # ≈ 1 h on 2 shared cores
+    .venv/bin/python scripts/informed_attacks.py detection   # ≈ 15 min (SmolLM2 is most of it)
+    .venv/bin/python scripts/informed_attacks.py digits      # ≈ 10 min (1,050 runs, 1 thread)
+    .venv/bin/python scripts/informed_attacks.py smollm2     # ≈ 2 h on one core (27 runs, 2–6 min each)
+    .venv/bin/python scripts/informed_attacks.py smollm2 --shard 0/2 &   # or split over 2 cores
+    .venv/bin/python scripts/informed_attacks.py smollm2 --shard 1/2
     .venv/bin/python scripts/informed_attacks.py render
 """
 
