@@ -64,14 +64,9 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return rows
 
 
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success rename it to ``path``.
-
-    Refuses an existing ``path`` unless ``overwrite``; checks that the parent is writable before any
-    work starts. On failure the temporary directory is removed and ``path`` is untouched.
-    """
-    target = Path(path)
+def check_output_target(target: Path, *, overwrite: bool) -> Path:
+    """Refuse an existing ``target`` unless ``overwrite``; create its parent and check that it is
+    writable, before any work starts. Returns the parent."""
     if target.exists() and not overwrite:
         raise SpecdefError(
             f"Output path {str(target)!r} already exists; choose another path or pass --overwrite."
@@ -87,6 +82,18 @@ def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -
         raise SpecdefError(
             f"Output folder {str(parent)!r} is not writable; choose a writable path with -o."
         )
+    return parent
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success rename it to ``path``.
+
+    Refuses an existing ``path`` unless ``overwrite``; checks that the parent is writable before any
+    work starts. On failure the temporary directory is removed and ``path`` is untouched.
+    """
+    target = Path(path)
+    parent = check_output_target(target, overwrite=overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
     try:
         yield tmp

@@ -250,9 +250,7 @@ def _attack_condition(rows: list[Row], label: str, out_dir: Path, stem: str, rep
     figure = report_plots.loss_curves(
         rows, out_dir / f"{stem}_curves.png", title=label, variant=variant, names=names
     )
-    if figure is not None:
-        report.figures.append(figure)
-        lines.append(f"\n![loss curves, {label}]({figure.name})\n")
+    lines += report.embed(figure, f"loss curves, {label}")
     return "\n".join(lines)
 
 

@@ -20,6 +20,14 @@ class Report:
     figures: list[Path] = field(default_factory=list)
     tables: list[str] = field(default_factory=list)
 
+    def embed(self, figure: Path | None, alt: str) -> list[str]:
+        """Record ``figure`` (``None``: the plot had nothing to draw) and return the markdown lines
+        that show it, none when there is no figure."""
+        if figure is None:
+            return []
+        self.figures.append(figure)
+        return [f"\n![{alt}]({figure.name})\n"]
+
 
 def fmt_num(value: Any, digits: int = 3) -> str:
     """Compact number formatting for tables (``—`` for missing)."""

@@ -51,9 +51,7 @@ def curvature_section(rows: list[Row], out_dir: Path, report: Report) -> str:
     lines.append(md_table(columns, table))
     report.tables.append("curvature: sigma1 and bounds")
     figure = report_plots.sigma_vs_alpha(rows, out_dir / "curvature_sigma1.png")
-    if figure is not None:
-        report.figures.append(figure)
-        lines.append(f"\n![σ₁(H) and bounds vs α]({figure.name})\n")
+    lines += report.embed(figure, "σ₁(H) and bounds vs α")
     return "\n".join(lines)
 
 
@@ -91,7 +89,5 @@ def utility_section(rows: list[Row], out_dir: Path, report: Report) -> str:
     lines.append(md_table(columns, table))
     report.tables.append("utility: function gap and deltas")
     figure = report_plots.gap_vs_alpha(rows, out_dir / "utility_gap.png")
-    if figure is not None:
-        report.figures.append(figure)
-        lines.append(f"\n![function gap vs α per dtype]({figure.name})\n")
+    lines += report.embed(figure, "function gap vs α per dtype")
     return "\n".join(lines)

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from specdef._io import write_json_atomic
+from specdef._io import check_output_target, write_json_atomic
 from specdef.errors import SpecdefError
 
 log = logging.getLogger(__name__)
@@ -138,24 +138,6 @@ class Staging:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _check_target(target: Path, overwrite: bool) -> None:
-    if target.exists() and not overwrite:
-        raise SpecdefError(
-            f"Output path {str(target)!r} already exists; choose another path or pass --overwrite."
-        )
-    parent = target.parent if str(target.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise SpecdefError(
-            f"Cannot create output folder {str(parent)!r}: {err.strerror}; choose a writable path."
-        ) from None
-    if not os.access(parent, os.W_OK):
-        raise SpecdefError(
-            f"Output folder {str(parent)!r} is not writable; choose a writable path with -o."
-        )
-
-
 @contextlib.contextmanager
 def staged_directory(
     out: str | os.PathLike[str], options: dict[str, Any], *, overwrite: bool = False
@@ -168,7 +150,7 @@ def staged_directory(
     dir; any other failure — an interrupt, a full disk — keeps it for the next run.
     """
     target = Path(out)
-    _check_target(target, overwrite)
+    check_output_target(target, overwrite=overwrite)
     options = json.loads(json.dumps({"format": FORMAT, "version": VERSION, **options}))
     root = staging_path(target)
     root.mkdir(exist_ok=True)
