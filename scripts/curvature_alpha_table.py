@@ -59,14 +59,7 @@ def defended(model: torch.nn.Module, alpha: float) -> torch.nn.Module:
     if alpha > 1:
         apply_specdef_(out, SpecDefConfig(alpha=alpha, top_k=TOP_K, targets=(LAYER,)))
         return out
-    base = out.get_submodule(LAYER)
-    m, n = base.weight.shape
-    layer = DefendedLinear(n, m, bias=True, alpha=1.0, top_k=TOP_K, dtype=torch.float64)
-    with torch.no_grad():
-        layer.inflated.weight.copy_(base.weight)
-        layer.compensation.weight.copy_(torch.eye(m, dtype=torch.float64))
-        layer.compensation.bias.copy_(base.bias)
-    set_submodule(out, LAYER, layer)
+    set_submodule(out, LAYER, DefendedLinear.identity_slot(out.get_submodule(LAYER), top_k=TOP_K))
     return out
 
 

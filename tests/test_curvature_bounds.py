@@ -52,14 +52,8 @@ def _defend(model: torch.nn.Module, alpha: float) -> torch.nn.Module:
     if alpha > 1:
         apply_specdef_(out, SpecDefConfig(alpha=alpha, top_k=2, targets=(LAYER,)))
         return out
-    base = out.get_submodule(LAYER)  # α = 1: the identity slot, W̃ = W and C = I
-    m, n = base.weight.shape
-    layer = DefendedLinear(n, m, bias=True, alpha=1.0, top_k=2, dtype=torch.float64)
-    with torch.no_grad():
-        layer.inflated.weight.copy_(base.weight)
-        layer.compensation.weight.copy_(torch.eye(m, dtype=torch.float64))
-        layer.compensation.bias.copy_(base.bias)
-    set_submodule(out, LAYER, layer)
+    # α = 1: the identity slot, W̃ = W and C = I
+    set_submodule(out, LAYER, DefendedLinear.identity_slot(out.get_submodule(LAYER), top_k=2))
     return out
 
 

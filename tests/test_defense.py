@@ -79,6 +79,20 @@ def test_defended_linear_contract() -> None:
     assert sum(r == "inflated" for r in roles.values()) == 2
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_identity_slot_is_the_layer_with_c_equal_to_identity(bias: bool) -> None:
+    torch.manual_seed(0)
+    base = nn.Linear(7, 5, bias=bias, dtype=torch.float64)
+    slot = DefendedLinear.identity_slot(base, top_k=2)
+    assert slot.alpha == 1.0 and slot.top_k == 2
+    assert torch.equal(slot.compensation.weight, torch.eye(5, dtype=torch.float64))
+    assert torch.equal(slot.inflated.weight, base.weight)
+    assert (slot.compensation.bias is None) is (not bias)
+    x = torch.randn(4, 7, dtype=torch.float64)
+    torch.testing.assert_close(slot(x), base(x), rtol=0, atol=1e-15)
+    torch.testing.assert_close(slot.fused_weight(), base.weight.detach(), rtol=0, atol=0)
+
+
 def test_bias_moves_to_compensation_and_conv1d_round_trips() -> None:
     model = tiny_gpt2()
     conv = model.transformer.h[0].attn.c_attn

@@ -134,6 +134,21 @@ class DefendedLinear(nn.Module):
         self.top_k = int(top_k)
         self.source = source
 
+    @classmethod
+    def identity_slot(cls, layer: nn.Linear, *, top_k: int) -> DefendedLinear:
+        """Algorithm 1's slot before any inflation (α = 1): W̃ = W and C = I, the layer's bias on
+        C — the same function and structure as a defended layer, the undefended curvature."""
+        m, n = layer.weight.shape
+        ref = layer.weight
+        out = cls(n, m, bias=layer.bias is not None, alpha=1.0, top_k=top_k, dtype=ref.dtype,
+                  device=ref.device)  # fmt: skip
+        with torch.no_grad():
+            out.inflated.weight.copy_(layer.weight)
+            out.compensation.weight.copy_(torch.eye(m, dtype=ref.dtype, device=ref.device))
+            if layer.bias is not None:
+                out.compensation.bias.copy_(layer.bias)
+        return out
+
     @property
     def in_features(self) -> int:
         return self.inflated.in_features
