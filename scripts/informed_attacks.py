@@ -24,14 +24,13 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
 from specdef._io import append_jsonl, read_jsonl, write_text_atomic
-from specdef.adaptive import InjectedLinear, apply_adaptive
+from specdef.adaptive import InjectedLinear, TransformRecord, apply_adaptive
 from specdef.attack import AttackSpec, run_attack
 from specdef.defense import (
     SpecDefConfig,
@@ -44,6 +43,7 @@ from specdef.detect import detect, detect_model, linear_weights
 from specdef.errors import SpecdefError
 from specdef.metrics import Threshold, steps_to_threshold
 from specdef.provenance import provenance
+from specdef.targets import select_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "informed"
@@ -185,14 +185,15 @@ def prepare(model: nn.Module, spec: dict[str, Any]) -> tuple[nn.Module, dict[str
 
 def control_inject(
     model: nn.Module, spec: dict[str, Any], cost: dict[str, Any]
-) -> tuple[nn.Module, dict[str, Any], Any]:
+) -> tuple[nn.Module, dict[str, Any], TransformRecord]:
     """The control for ``inject``: the same identity-initialised m×m layer after each layer the
     defense *would* select, on the undefended model (no defense at all). If ``inject`` on the
     defended model trains like this, what it loses against the undefended model is the price of the
     reparametrisation ``A·W``, not a remnant of the defense."""
-    probe = copy.deepcopy(model)
-    apply_specdef_(probe, SpecDefConfig(**spec["defense"]))
-    names = defended_layers(probe)
+    config = SpecDefConfig(**spec["defense"])
+    names = select_targets(
+        model, config.targets, exclude=config.exclude, n_random=config.n_random, seed=config.seed
+    )  # what apply_specdef_ would defend
     for name in names:
         layer = model.get_submodule(name)
         wrapped = InjectedLinear(
@@ -201,8 +202,11 @@ def control_inject(
         set_submodule(model, name, wrapped)
     cost["params_released"] = cost["params_original"]
     cost["params_attacked"] = count_parameters(model)
-    cost["transform"] = {"name": "inject (on the undefended model)", "layers": list(names)}
-    record = SimpleNamespace(frozen=tuple(f"{n}.frozen" for n in names), train="all")
+    record = TransformRecord(
+        "inject (on the undefended model)", tuple(names), cost["params_original"],
+        cost["params_attacked"], "structure", frozen=tuple(f"{n}.frozen" for n in names),
+    )  # fmt: skip
+    cost["transform"] = record.to_dict()
     return model, cost, record
 
 
