@@ -126,23 +126,23 @@ What the digits runs show (all numbers in the tables above):
   weights equal the original up to fp32 rounding of `C·W̃`).
 - **The paper's `inject` (identity m×m after each frozen layer) removes the defense's effect
   completely — but the construction has its own price, so it does not reach the undefended
-  speed.** On the defended model it takes 2.4× the undefended steps at lr\* with the middle layer
-  defended and 5.4× with all three (there the 10×10 adapter after the head can only mix the head's
-  10 rows): it does **not** meet the 1.5× bar. The control row `undefended+inject` puts the same
-  identity layers after the same layers of the *undefended* model (no defense at all): 3.4× and
-  6.2× — as slow or slower (the spread is the seeds'). So nothing of the defense is left after
+  speed.** The "At lr\*" line under each table gives its ratio to the undefended steps, with the
+  middle layer and with all three defended (there the 10×10 adapter after the head can only mix
+  the head's 10 rows): it does **not** meet the 1.5× bar. The control row `undefended+inject` puts
+  the same identity layers after the same layers of the *undefended* model (no defense at all),
+  and its ratio on the same line is as large or larger (the spread is the seeds'). So nothing of the defense is left after
   `inject` (in exact arithmetic the adapters get identical gradients with and without it, a
   float64 test in `tests/test_adaptive.py`); what remains is the cost of training `A` in `A·W`
   instead of `W` (an Adam step on A moves `W_eff` by `ΔA·W`, a different geometry).
   **`inject:parallel`** (frozen pair plus a zero-initialised m×n layer beside it, `W·x + B·x`)
   has no such price: it trains as the undefended model does (step for step in exact arithmetic, a
-  float64 test; 1.0× at lr\* here in fp32), at a cost of `m·n + m` per defended layer — the
+  float64 test; its fp32 ratio is on the same line), at a cost of `m·n + m` per defended layer — the
   linear size increase of the paper's theorem. It is the injection that meets the bar.
 - **The α sweep says the same from the other side.** The defended model's cost grows with α
   (with the middle layer defended it still trains at α = 10, 2× slower at its best rate, and at no
   rate from α = 100), while `fuse`, `inject:parallel` and `inject` each take the same steps at
-  α = 10, 100, 1000 and 10000 within the spread of the seeds. `inject`'s level (≈ 60–85 steps with
-  the middle layer defended) does not move with the defense's strength: it is the construction's.
+  α = 10, 100, 1000 and 10000 within the spread of the seeds. `inject`'s level does not move
+  with the defense's strength: it is the construction's.
 - **`factor` does not help while the compensation trains**: it still receives activations inflated
   by α in range(P), whatever j, and every run diverges at step 2. With the compensation frozen,
   j = 2 trains the middle layer (3.2× slower at its best learning rate) and j = 4 does not.
