@@ -16,9 +16,15 @@ from safetensors.torch import save_model
 from torch import nn
 
 from specdef import _symmetry as sym
-from specdef.adaptive import apply_adaptive, parse_adaptive
+from specdef.adaptive import InjectedLinear, apply_adaptive, parse_adaptive
 from specdef.architectures import MLP
-from specdef.defense import DEFAULT_TOLERANCE, SpecDefConfig, apply_specdef_, count_parameters
+from specdef.defense import (
+    DEFAULT_TOLERANCE,
+    SpecDefConfig,
+    apply_specdef_,
+    count_parameters,
+    set_submodule,
+)
 from specdef.detect import DetectConfig, detect_checkpoint, detect_model, native_scores
 from specdef.errors import SpecdefError
 from specdef.native import (
@@ -315,9 +321,6 @@ def test_inject_and_untouched_on_native_pairs_see_no_deformation(
     float64 every trainable parameter gets exactly the gradient the same construction gets on the
     undefended model — none of it passes through a deformed pair's inflated path. (Before the fix
     only the inflated side was frozen and Adam diverged at step 2-3.)"""
-    from specdef._adaptive_inject import InjectedLinear
-    from specdef.defense import set_submodule
-
     base = copy.deepcopy(_base(name)).double()
     defended = copy.deepcopy(base)
     apply_native_(defended, alpha=1e4, top_k=4, targets=targets, force=True)
