@@ -1,4 +1,4 @@
-"""Attack-harness overhead: steps/s of ``specdef.attack.run_attack`` vs a bare PyTorch loop doing
+"""Attack-harness overhead: steps/s of ``specdef.attack.loop.run_attack`` vs a bare PyTorch loop doing
 the same work, measured in the same run.
 
 The model is a small Llama (transformers ``LlamaForCausalLM``: 2 layers, hidden 128, vocabulary 512,
@@ -77,7 +77,7 @@ def bare_loop(model: torch.nn.Module, task: object, steps: int) -> float:
 
 
 def harness(model: torch.nn.Module, task: object, steps: int) -> float:
-    from specdef.attack import AttackSpec, run_attack
+    from specdef.attack.loop import AttackSpec, run_attack
 
     spec = AttackSpec(optimizer="adamw", lr=1e-4, steps=steps, batch_size=16, eval_every=steps)
     start = time.perf_counter()
@@ -87,7 +87,7 @@ def harness(model: torch.nn.Module, task: object, steps: int) -> float:
 
 def main() -> int:
     sys.path.insert(0, str(ROOT / "src"))
-    from specdef._io import replace_markdown_section
+    from specdef.utils.files import replace_markdown_section
 
     torch.set_num_threads(THREADS)
     load = os.getloadavg()[0]
@@ -109,7 +109,7 @@ def main() -> int:
     holds = ratio >= TARGET
     text = (
         f"{SECTION}\n\n"
-        "Steps/s of the attack harness (`specdef.attack.run_attack`) vs a bare PyTorch loop doing "
+        "Steps/s of the attack harness (`specdef.attack.loop.run_attack`) vs a bare PyTorch loop doing "
         f"the same work (`benchmarks/attack_overhead.py`): a 2-layer Llama (hidden 128, vocabulary "
         f"512), batch 16 × 64 tokens, AdamW, {STEPS} steps plus the evaluations at the start and "
         f"the end, {THREADS} thread(s), {PAIRS} pairs (alternating which runs first) after a "

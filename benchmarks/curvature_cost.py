@@ -198,7 +198,7 @@ def render(cost: list[dict[str, Any]], conv: list[dict[str, Any]]) -> str:
 
 
 def write_section(section: str) -> None:
-    from specdef._io import replace_markdown_section
+    from specdef.utils.files import replace_markdown_section
 
     replace_markdown_section(DOC, HEADING, section)
 

@@ -52,7 +52,7 @@ def _time(fn, repeats: int) -> tuple[float, object]:  # type: ignore[no-untyped-
 
 def run(shapes: tuple[tuple[int, int], ...], threads: int) -> list[dict[str, object]]:
     sys.path.insert(0, str(ROOT / "src"))
-    from specdef.spectral import reconstruction_error, spectral_deform
+    from specdef.linalg.spectral import reconstruction_error, spectral_deform
 
     torch.set_num_threads(threads)
     rows: list[dict[str, object]] = []
@@ -131,7 +131,7 @@ def render(rows: list[dict[str, object]], threads: int, load: float) -> str:
 
 def write_section(text: str) -> None:
     sys.path.insert(0, str(ROOT / "src"))
-    from specdef._io import replace_markdown_section
+    from specdef.utils.files import replace_markdown_section
 
     replace_markdown_section(DOC, SECTION, text)
 

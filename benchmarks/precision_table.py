@@ -40,8 +40,8 @@ def _fmt(x: float) -> str:
 
 
 def weight_table(weights: dict[str, torch.Tensor]) -> list[str]:
-    from specdef.defense import DEFAULT_TOLERANCE
-    from specdef.spectral import (
+    from specdef.defense.guard import DEFAULT_TOLERANCE
+    from specdef.linalg.spectral import (
         deform_with_basis,
         max_safe_alpha,
         reconstruction_error,
@@ -75,9 +75,10 @@ def weight_table(weights: dict[str, torch.Tensor]) -> list[str]:
 
 def model_table() -> list[str]:
     from specdef import zoo
-    from specdef.defense import SpecDefConfig, apply_specdef_, undo_specdef_
-    from specdef.probe import max_abs_diff, model_output
-    from specdef.release import probe_batch
+    from specdef.defense.apply import apply_specdef_, undo_specdef_
+    from specdef.defense.config import SpecDefConfig
+    from specdef.defense.probe import max_abs_diff, model_output
+    from specdef.release.sources import probe_batch
 
     lines = [
         f"**SmolLM2-135M, `preset:llama` (90 layers), k = {TOP_K}, randomized**: relative logit gap "
@@ -120,8 +121,10 @@ def main() -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    logging.getLogger("specdef.defense").setLevel(logging.ERROR)  # force=True is intended here
-    from specdef._io import replace_marked_region
+    logging.getLogger("specdef.defense.apply").setLevel(
+        logging.ERROR
+    )  # force=True is intended here
+    from specdef.utils.files import replace_marked_region
 
     weights: dict[str, torch.Tensor] = {}
     try:

@@ -8,7 +8,7 @@ folder, then runs, each in its own child process (its ``VmHWM`` is that run's ow
   (``readinto`` a reused 16 MB buffer, ``write``, fsync);
 - ``load+save``: ``safetensors.torch.load_file`` + ``save_file`` per shard (what a script that does
   not stream would do; it holds a whole shard);
-- ``algorithm1``: :func:`specdef.streaming.defend_streaming` with the paper's Llama targets
+- ``algorithm1``: :func:`specdef.streaming.defend.defend_streaming` with the paper's Llama targets
   (``gate_proj``, ``v_proj``, ``o_proj``), α = 1e4, k = 25, randomized top-k;
 - ``native``: the same with ``mode="native"`` (every V/O and up/down pair), α = 1e4, k = 25;
 - ``idle``: imports torch, transformers and specdef and does nothing (the floor of every run);
@@ -87,8 +87,8 @@ def make_checkpoint(folder: Path, layers: int, seed: int = 0) -> int:
     import torch
     from transformers import LlamaConfig
 
-    from specdef._io import write_json_atomic
-    from specdef._stream_io import ShardWriter
+    from specdef.streaming.shards import ShardWriter
+    from specdef.utils.files import write_json_atomic
 
     folder.mkdir(parents=True)
     LlamaConfig(
@@ -135,7 +135,7 @@ def child(mode: str, src: Path, out: Path) -> dict[str, float]:
     torch.set_num_threads(1)
     import transformers  # noqa: F401 - the same import floor for every mode
 
-    import specdef.streaming
+    import specdef.streaming.defend
 
     start = time.perf_counter()
     shards = sorted(src.glob("*.safetensors"))
@@ -155,11 +155,11 @@ def child(mode: str, src: Path, out: Path) -> dict[str, float]:
         if profiler:
             profiler.enable()
         if mode.startswith("algorithm1"):
-            specdef.streaming.defend_streaming(
+            specdef.streaming.defend.defend_streaming(
                 src, out, alpha=ALPHA, top_k=TOP_K, targets="preset:llama", method="randomized"
             )
         elif mode.startswith("native"):
-            specdef.streaming.defend_streaming(
+            specdef.streaming.defend.defend_streaming(
                 src, out, mode="native", alpha=ALPHA, top_k=TOP_K, method="randomized"
             )
         if profiler:
@@ -353,7 +353,7 @@ def _report(rows: list[dict[str, Any]]) -> str:
 
 def _write_section(text: str) -> None:
     sys.path.insert(0, str(ROOT / "src"))
-    from specdef._io import replace_markdown_section
+    from specdef.utils.files import replace_markdown_section
 
     replace_markdown_section(DOC, SECTION, text)
 

@@ -57,7 +57,7 @@ def _child(mode: str) -> list[float]:
 def main() -> int:
     sys.path.insert(0, str(ROOT / "src"))
     from specdef import zoo
-    from specdef._io import replace_markdown_section
+    from specdef.utils.files import replace_markdown_section
 
     zoo.prepare("smollm2-135m")
     load_before = os.getloadavg()[0]

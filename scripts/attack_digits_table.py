@@ -20,11 +20,13 @@ import torch
 from torch import nn
 
 from specdef import zoo
-from specdef._io import replace_marked_region
-from specdef.attack import AttackSpec
-from specdef.defense import SpecDefConfig, apply_specdef_, defended_layers
-from specdef.metrics import StepsToThreshold, best_over_grid, slowdown
-from specdef.sweep import ModelVariant, run_sweep
+from specdef.attack.loop import AttackSpec
+from specdef.attack.metrics import StepsToThreshold, best_over_grid, slowdown
+from specdef.attack.sweep import ModelVariant, run_sweep
+from specdef.defense.apply import apply_specdef_
+from specdef.defense.config import SpecDefConfig
+from specdef.defense.layer import defended_layers
+from specdef.utils.files import replace_marked_region
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "attacks.md"

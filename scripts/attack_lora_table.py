@@ -21,12 +21,13 @@ from typing import Any
 
 import torch
 
-from specdef._io import replace_marked_region
-from specdef.attack import AttackSpec, run_attack
-from specdef.defense import SpecDefConfig, apply_specdef_
-from specdef.metrics import StepsToThreshold, best_over_grid, slowdown
-from specdef.sweep import ModelVariant, run_sweep
+from specdef.attack.loop import AttackSpec, run_attack
+from specdef.attack.metrics import StepsToThreshold, best_over_grid, slowdown
+from specdef.attack.sweep import ModelVariant, run_sweep
+from specdef.defense.apply import apply_specdef_
+from specdef.defense.config import SpecDefConfig
 from specdef.tasks import CausalLMTask
+from specdef.utils.files import replace_marked_region
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "attacks.md"

@@ -1,5 +1,5 @@
-"""Evidence for ``specdef.detect.DetectConfig.native_threshold``: the per-pair imbalance score
-(``specdef.native.native_imbalance``: log10 of the largest factor the joint balancing applies) on
+"""Evidence for ``specdef.informed.detect.DetectConfig.native_threshold``: the per-pair imbalance score
+(``specdef.native.apply.native_imbalance``: log10 of the largest factor the joint balancing applies) on
 undefended models and on natively defended copies at several α, top-k and selections.
 
 Per model: the largest score over the undefended pairs; the largest over the pairs a defended copy
@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from specdef._io import replace_marked_region
-from specdef.detect import DetectConfig
-from specdef.native import apply_native_, find_symmetric_pairs, native_imbalance
+from specdef.informed.detect import DetectConfig
+from specdef.native.apply import apply_native_, native_imbalance
+from specdef.native.pairs import find_symmetric_pairs
+from specdef.utils.files import replace_marked_region
 from specdef.zoo import load_model
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "attacks.md"

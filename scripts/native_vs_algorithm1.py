@@ -25,14 +25,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from specdef._io import append_jsonl, read_jsonl, write_text_atomic
-from specdef.adaptive import fuse_
-from specdef.attack import AttackSpec, run_attack
+from specdef.attack.loop import AttackSpec, run_attack
+from specdef.attack.metrics import best_over_grid
 from specdef.curvature import HessianOperator, lanczos
-from specdef.defense import SpecDefConfig, apply_specdef_, count_parameters
-from specdef.metrics import best_over_grid
-from specdef.native import apply_native_, native_imbalance, rebalance_
-from specdef.provenance import provenance
+from specdef.defense.apply import apply_specdef_
+from specdef.defense.config import SpecDefConfig
+from specdef.defense.layer import count_parameters
+from specdef.informed.transforms import fuse_
+from specdef.native.apply import apply_native_, native_imbalance, rebalance_
+from specdef.utils.files import append_jsonl, read_jsonl, write_text_atomic
+from specdef.utils.provenance import provenance
 from specdef.zoo import load_model, load_task, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,7 +206,7 @@ def render() -> str:
         "value is a lower bound on it). *Steps*: the attacker's fewest steps to the threshold over "
         "the learning-rate grid (`> N` = not reached within N steps at any rate). *Gap*: max "
         "|Δlogit| / max |logit| vs the undefended model on a held-out batch, in fp32. *Imbalance*: "
-        "`specdef.native.native_imbalance` (log10 of the largest balancing factor; detection "
+        "`specdef.native.apply.native_imbalance` (log10 of the largest balancing factor; detection "
         "without the original).",
         "",
     ]

@@ -13,18 +13,15 @@ import pytest
 import torch
 from torch import nn
 
-from specdef.adaptive import InjectedLinear, apply_adaptive, parse_adaptive
 from specdef.architectures import MLP
-from specdef.defense import (
-    DEFAULT_TOLERANCE,
-    SpecDefConfig,
-    apply_specdef_,
-    count_parameters,
-    defended_layers,
-    set_submodule,
-)
+from specdef.defense.apply import apply_specdef_
+from specdef.defense.config import SpecDefConfig
+from specdef.defense.guard import DEFAULT_TOLERANCE
+from specdef.defense.layer import count_parameters, defended_layers, set_submodule
+from specdef.defense.targets import candidate_layers, output_layer_names
 from specdef.errors import SpecdefError
-from specdef.targets import candidate_layers, output_layer_names
+from specdef.informed.inject import InjectedLinear
+from specdef.informed.transforms import apply_adaptive, parse_adaptive
 from specdef.zoo.models import load_model
 
 TRANSFORMS = (
@@ -249,9 +246,9 @@ def test_parse_errors():
 
 
 def test_cli_transform_fuse_saves_a_plain_checkpoint(tmp_path: Path, capsys):
-    from specdef.checkpoint import save_defended
     from specdef.cli import main
-    from specdef.release import load_source
+    from specdef.io.checkpoint import save_defended
+    from specdef.release.sources import load_source
 
     original = _base("tiny-gpt2")
     save_defended(_defend(original, 1e4, 3), tmp_path / "released")
@@ -323,8 +320,8 @@ def test_parallel_inject_trains_exactly_like_the_undefended_model():
 def test_cli_attack_adaptive_restores_training(tmp_path: Path, capsys):
     """`specdef attack --adaptive`: the defended digits MLP diverges at once; after fuse or
     inject:parallel the same attack reaches 90 % on digits 5–9."""
-    from specdef.checkpoint import save_defended
     from specdef.cli import main
+    from specdef.io.checkpoint import save_defended
 
     model = copy.deepcopy(_base("mlp-digits"))
     apply_specdef_(model, SpecDefConfig(alpha=1e4, top_k=8, targets=("layers.2",)))

@@ -13,8 +13,10 @@ import torch.nn.functional as F
 
 from _attack_helpers import digits_task, pretrained_mlp
 from specdef.architectures import MLP
-from specdef.attack import AttackResult, AttackSpec, lr_factor, run_attack
-from specdef.defense import SpecDefConfig, apply_specdef_, parameter_roles
+from specdef.attack.loop import AttackResult, AttackSpec, lr_factor, run_attack
+from specdef.defense.apply import apply_specdef_
+from specdef.defense.config import SpecDefConfig
+from specdef.defense.layer import parameter_roles
 from specdef.errors import SpecdefError
 
 ATTACK = digits_task(range(5, 10), benign=range(5))  # pretrained on 0–4, attacked on 5–9

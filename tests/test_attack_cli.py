@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from _attack_helpers import pretrained_mlp
-from specdef.checkpoint import save_defended
 from specdef.cli import main
-from specdef.defense import SpecDefConfig, apply_specdef_
+from specdef.defense.apply import apply_specdef_
+from specdef.defense.config import SpecDefConfig
+from specdef.io.checkpoint import save_defended
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,10 @@ import math
 import pytest
 import torch
 
-from specdef.attack import AttackSpec, lora_target_modules, run_attack
-from specdef.defense import SpecDefConfig, apply_specdef_, defended_layers
+from specdef.attack.loop import AttackSpec, lora_target_modules, run_attack
+from specdef.defense.apply import apply_specdef_
+from specdef.defense.config import SpecDefConfig
+from specdef.defense.layer import defended_layers
 from specdef.errors import SpecdefError
 from specdef.tasks import CausalLMTask
 

@@ -6,14 +6,14 @@ import math
 
 import pytest
 
-from specdef.errors import SpecdefError
-from specdef.metrics import (
+from specdef.attack.metrics import (
     StepsToThreshold,
     Threshold,
     best_over_grid,
     slowdown,
     steps_to_threshold,
 )
+from specdef.errors import SpecdefError
 
 EVALS = [
     {"step": 0, "harmful_accuracy": 0.0, "harmful_loss": 5.0},

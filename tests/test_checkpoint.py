@@ -1,4 +1,4 @@
-"""specdef.checkpoint: defend → save → load in a NEW process → same logits; manifest contents;
+"""specdef.io.checkpoint: defend → save → load in a NEW process → same logits; manifest contents;
 sharding; tied weights; no pickles; one-line errors for damaged checkpoints."""
 
 from __future__ import annotations
@@ -17,9 +17,12 @@ from safetensors.torch import load_file, save_file
 
 from _tiny import TINY, logits, tiny_llama, token_batch
 from specdef.architectures import build_architecture
-from specdef.checkpoint import INDEX, MANIFEST, WEIGHTS, load_defended, save_defended
-from specdef.defense import DEFAULT_TOLERANCE, SpecDefConfig, apply_specdef_, defended_layers
+from specdef.defense.apply import apply_specdef_
+from specdef.defense.config import SpecDefConfig
+from specdef.defense.guard import DEFAULT_TOLERANCE
+from specdef.defense.layer import defended_layers
 from specdef.errors import SpecdefError
+from specdef.io.checkpoint import INDEX, MANIFEST, WEIGHTS, load_defended, save_defended
 
 FP32_TOL = DEFAULT_TOLERANCE[torch.float32]  # documented default (docs/precision.md)
 ALPHA = 1e4
@@ -27,7 +30,7 @@ ALPHA = 1e4
 _LOADER = """
 import sys, torch
 from safetensors.torch import load_file, save_file
-from specdef.checkpoint import load_defended
+from specdef.io.checkpoint import load_defended
 torch.set_num_threads(1)
 batch = load_file(sys.argv[1])
 out = {}
@@ -193,9 +196,11 @@ def test_manifest_that_does_not_match_the_weights(tmp_path: Path, saved: dict[st
 def test_a_defended_dir_without_its_manifest_is_rebuilt_not_randomly_filled(tmp_path: Path) -> None:
     """from_pretrained alone would put random weights where the defended layers were."""
     from specdef import zoo
-    from specdef.checkpoint import MANIFEST, save_defended
-    from specdef.defense import SpecDefConfig, apply_specdef_, defended_layers
-    from specdef.release import load_source
+    from specdef.defense.apply import apply_specdef_
+    from specdef.defense.config import SpecDefConfig
+    from specdef.defense.layer import defended_layers
+    from specdef.io.checkpoint import MANIFEST, save_defended
+    from specdef.release.sources import load_source
 
     model = zoo.load_model("tiny-llama")
     ids = torch.tensor([[1, 2, 3, 4, 5, 6]])

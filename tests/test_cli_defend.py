@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from _tiny import tiny_llama
-from specdef.checkpoint import MANIFEST, WEIGHTS
 from specdef.cli import main
+from specdef.io.checkpoint import MANIFEST, WEIGHTS
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,12 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from specdef.architectures import MLP
-from specdef.bounds import defense_certificate, spectral_lower_bound
 from specdef.curvature import HessianOperator, dense_hessian, lanczos
 from specdef.curvature.lr import lr_ceiling, predicted_slowdown
-from specdef.defense import (
-    DefendedLinear,
-    SpecDefConfig,
-    apply_specdef_,
-    parameter_roles,
-    set_submodule,
-)
+from specdef.defense.apply import apply_specdef_
+from specdef.defense.certify import defense_certificate, spectral_lower_bound
+from specdef.defense.config import SpecDefConfig
+from specdef.defense.layer import DefendedLinear, parameter_roles, set_submodule
 from specdef.errors import SpecdefError
 
 ALPHAS = (1.0, 10.0, 100.0, 1e3, 1e4)

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from specdef.architectures import build_architecture
-from specdef.checkpoint import save_defended
 from specdef.cli import main
-from specdef.defense import SpecDefConfig, apply_specdef_
+from specdef.defense.apply import apply_specdef_
+from specdef.defense.config import SpecDefConfig
+from specdef.io.checkpoint import save_defended
 
 ARCH = {"name": "mlp", "kwargs": {"in_features": 64, "hidden": [16], "out_features": 10}}
 

@@ -1,4 +1,4 @@
-"""specdef.defense on tiny Llama / GPT-2 (Conv1D) / BERT / Qwen2 and specdef's own architectures:
+"""specdef.defense.apply on tiny Llama / GPT-2 (Conv1D) / BERT / Qwen2 and specdef's own architectures:
 the DefendedLinear contract, function preservation, undo, target selection and the precision guard."""
 
 from __future__ import annotations
@@ -9,17 +9,12 @@ from torch import nn
 
 from _tiny import TINY, VOCAB, logits, tiny_gpt2, tiny_llama, token_batch
 from specdef.architectures import build_architecture
-from specdef.defense import (
-    DEFAULT_TOLERANCE,
-    DefendedLinear,
-    SpecDefConfig,
-    apply_specdef_,
-    defended_layers,
-    parameter_roles,
-    undo_specdef_,
-)
+from specdef.defense.apply import apply_specdef_, undo_specdef_
+from specdef.defense.config import SpecDefConfig
+from specdef.defense.guard import DEFAULT_TOLERANCE
+from specdef.defense.layer import DefendedLinear, defended_layers, parameter_roles
+from specdef.defense.targets import select_targets
 from specdef.errors import SpecdefError
-from specdef.targets import select_targets
 
 FP32_TOL = DEFAULT_TOLERANCE[torch.float32]  # documented default (docs/precision.md)
 

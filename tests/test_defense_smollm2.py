@@ -16,10 +16,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from specdef import zoo
-from specdef.checkpoint import save_defended
-from specdef.defense import DEFAULT_TOLERANCE, SpecDefConfig, apply_specdef_, defended_layers
+from specdef.defense.apply import apply_specdef_
+from specdef.defense.config import SpecDefConfig
+from specdef.defense.guard import DEFAULT_TOLERANCE
+from specdef.defense.layer import defended_layers
 from specdef.errors import SpecdefError
-from specdef.release import greedy, probe_batch
+from specdef.io.checkpoint import save_defended
+from specdef.release.sources import probe_batch
+from specdef.release.verify import greedy
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +32,7 @@ FP32_TOL = DEFAULT_TOLERANCE[torch.float32]
 _LOADER = """
 import sys, torch
 from safetensors.torch import load_file, save_file
-from specdef.checkpoint import load_defended
+from specdef.io.checkpoint import load_defended
 torch.set_num_threads(1)
 model = load_defended(sys.argv[1])
 assert model.lm_head.weight is model.model.embed_tokens.weight

@@ -15,8 +15,11 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
-from specdef.defense import SpecDefConfig, apply_specdef_, defended_layers
-from specdef.detect import (
+from specdef.defense.apply import apply_specdef_
+from specdef.defense.config import SpecDefConfig
+from specdef.defense.layer import defended_layers
+from specdef.errors import SpecdefError
+from specdef.informed.detect import (
     DetectConfig,
     compensation_signature,
     detect,
@@ -24,7 +27,6 @@ from specdef.detect import (
     detect_model,
     linear_weights,
 )
-from specdef.errors import SpecdefError
 from specdef.zoo.models import load_model
 
 MODELS = ("tiny-llama", "tiny-gpt2", "mlp-digits")
@@ -164,8 +166,8 @@ def test_bad_inputs(tmp_path: Path):
 
 
 def test_cli_detect_on_a_defended_checkpoint_without_its_manifest(tmp_path: Path, capsys):
-    from specdef.checkpoint import MANIFEST, save_defended
     from specdef.cli import main
+    from specdef.io.checkpoint import MANIFEST, save_defended
 
     model = defended("tiny-gpt2", 3, 1e4)
     save_defended(model, tmp_path / "ckpt")
@@ -182,10 +184,10 @@ def test_stripped_checkpoint_is_rebuilt_and_fused_from_the_tensors(tmp_path: Pat
     """A defended HF checkpoint without its manifest: `specdef transform --adaptive fuse` rebuilds
     the pairs from the tensors (not from_pretrained's random init of the missing weights) and writes
     a plain model equal to the original."""
-    from specdef.checkpoint import MANIFEST, save_defended
     from specdef.cli import main
-    from specdef.detect import load_detected
-    from specdef.release import load_source
+    from specdef.informed.detect import load_detected
+    from specdef.io.checkpoint import MANIFEST, save_defended
+    from specdef.release.sources import load_source
 
     original = _base("tiny-llama")
     model = defended("tiny-llama", 3, 1e4)

@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from specdef._io import read_jsonl
 from specdef.cli import main
 from specdef.errors import SpecdefError
-from specdef.experiment import (
+from specdef.experiments.config import (
     apply_overrides,
     config_from_mapping,
     expand,
     load_config,
-    run_experiment,
     shipped_configs,
 )
+from specdef.experiments.run import run_experiment
+from specdef.utils.files import read_jsonl
 
 CONFIGS = shipped_configs()
 NAMES = [p.stem for p in CONFIGS]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from specdef._io import append_jsonl, atomic_directory, read_jsonl, write_json_atomic
 from specdef.errors import SpecdefError, did_you_mean
+from specdef.utils.files import append_jsonl, atomic_directory, read_jsonl, write_json_atomic
 
 
 def test_read_jsonl_skips_truncated_last_line(tmp_path: Path) -> None:
@@ -63,7 +63,7 @@ def test_empty_training_set_is_a_user_error_not_an_endless_loop() -> None:
 
 
 def test_replace_markdown_section_touches_only_its_section(tmp_path: Path) -> None:
-    from specdef._io import replace_markdown_section
+    from specdef.utils.files import replace_markdown_section
 
     doc = tmp_path / "b.md"
     doc.write_text("# Benchmarks\n\n## A\n\nold a\n\n## B\n\nb stays\n")
@@ -75,7 +75,7 @@ def test_replace_markdown_section_touches_only_its_section(tmp_path: Path) -> No
 
 
 def test_replace_marked_region_keeps_markers_and_surroundings(tmp_path: Path) -> None:
-    from specdef._io import replace_marked_region
+    from specdef.utils.files import replace_marked_region
 
     doc = tmp_path / "p.md"
     doc.write_text("intro\n<!-- a -->\nold\n<!-- /a -->\noutro\n")

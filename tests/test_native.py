@@ -15,17 +15,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from specdef import _symmetry as sym
 from specdef.architectures import MLP
-from specdef.defense import DEFAULT_TOLERANCE
+from specdef.defense.guard import DEFAULT_TOLERANCE
 from specdef.errors import SpecdefError
-from specdef.native import (
-    apply_native_,
-    find_symmetric_pairs,
-    native_imbalance,
-    read_pair,
-    rebalance_,
-)
+from specdef.linalg import symmetry as sym
+from specdef.native.apply import apply_native_, native_imbalance, rebalance_
+from specdef.native.pairs import find_symmetric_pairs, read_pair
 from specdef.zoo import load_model
 
 ALPHA = 1e4

@@ -15,26 +15,20 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
-from specdef import _symmetry as sym
-from specdef.adaptive import InjectedLinear, apply_adaptive, parse_adaptive
 from specdef.architectures import MLP
-from specdef.defense import (
-    DEFAULT_TOLERANCE,
-    SpecDefConfig,
-    apply_specdef_,
-    count_parameters,
-    set_submodule,
-)
-from specdef.detect import DetectConfig, detect_checkpoint, detect_model, native_scores
+from specdef.defense.apply import apply_specdef_
+from specdef.defense.config import SpecDefConfig
+from specdef.defense.guard import DEFAULT_TOLERANCE
+from specdef.defense.layer import count_parameters, set_submodule
 from specdef.errors import SpecdefError
-from specdef.native import (
-    apply_native_,
-    defend_native_to,
-    find_symmetric_pairs,
-    native_imbalance,
-    read_pair,
-    rebalance_,
-)
+from specdef.informed.detect import DetectConfig, detect_checkpoint, detect_model
+from specdef.informed.detect_native import native_scores
+from specdef.informed.inject import InjectedLinear
+from specdef.informed.transforms import apply_adaptive, parse_adaptive
+from specdef.linalg import symmetry as sym
+from specdef.native.apply import apply_native_, native_imbalance, rebalance_
+from specdef.native.pairs import find_symmetric_pairs, read_pair
+from specdef.release.defend import defend_native_to
 from specdef.zoo import load_model
 
 MODELS = ("tiny-llama", "tiny-gpt2", "tiny-bert", "mlp-digits")

@@ -8,9 +8,9 @@ import torch
 
 from _attack_helpers import digits_task
 from specdef.architectures import MLP
-from specdef.attack import AttackSpec, run_attack
+from specdef.attack.loop import AttackSpec, run_attack
+from specdef.attack.optim import OPTIMIZERS, CompositeOptimizer, NewtonCG, make_optimizer
 from specdef.errors import SpecdefError
-from specdef.optim import OPTIMIZERS, CompositeOptimizer, NewtonCG, make_optimizer
 
 # A reasonable learning rate per optimizer (what a practitioner would try first).
 LR = {

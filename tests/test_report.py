@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from specdef._io import read_jsonl
 from specdef.cli import main
-from specdef.report import build_report, normalize, steps_cell, write_report
+from specdef.report.attack import normalize, steps_cell
+from specdef.report.page import build_report, write_report
+from specdef.utils.files import read_jsonl
 
 FIXTURE = Path(__file__).parent / "fixtures" / "results.jsonl"
 
@@ -90,8 +91,8 @@ def test_normalize_flattens_attack_result_rows() -> None:
 
 def test_report_imports_no_training_code() -> None:
     code = (
-        "import sys, specdef.report, specdef.report_plots\n"
-        "bad = [m for m in ('torch', 'transformers', 'peft', 'specdef.attack') if m in sys.modules]\n"
+        "import sys, specdef.report.page, specdef.report.plots\n"
+        "bad = [m for m in ('torch', 'transformers', 'peft', 'specdef.attack.loop') if m in sys.modules]\n"
         "print(bad)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

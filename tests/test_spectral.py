@@ -1,4 +1,4 @@
-"""specdef.spectral against independent oracles: a numpy SVD of the paper's construction, Weyl's
+"""specdef.linalg.spectral against independent oracles: a numpy SVD of the paper's construction, Weyl's
 inequality for singular values, and measured rounding in each dtype."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from specdef.errors import SpecdefError
-from specdef.spectral import (
+from specdef.linalg.spectral import (
     deform_with_basis,
     max_safe_alpha,
     reconstruction_error,

@@ -12,12 +12,14 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from specdef import _stream_io
-from specdef.checkpoint import INDEX, MANIFEST, load_defended
-from specdef.defense import DEFAULT_TOLERANCE, SpecDefConfig, apply_specdef_
+from specdef.defense.apply import apply_specdef_
+from specdef.defense.config import SpecDefConfig
+from specdef.defense.guard import DEFAULT_TOLERANCE
 from specdef.errors import SpecdefError
-from specdef.native import apply_native_
-from specdef.streaming import defend_streaming
+from specdef.io.checkpoint import INDEX, MANIFEST, load_defended
+from specdef.native.apply import apply_native_
+from specdef.streaming import shards as _stream_io
+from specdef.streaming.defend import defend_streaming
 from specdef.zoo import load_model
 
 ALPHA = 1e4

@@ -19,12 +19,12 @@ import pytest
 import torch
 import transformers
 
-from specdef import _stream_resume
-from specdef._stream_io import open_source
-from specdef.checkpoint import MANIFEST
 from specdef.cli import main
 from specdef.errors import SpecdefError
-from specdef.streaming import NATIVE_RECORD, defend_streaming
+from specdef.io.checkpoint import MANIFEST
+from specdef.streaming import resume as _stream_resume
+from specdef.streaming.defend import NATIVE_RECORD, defend_streaming
+from specdef.streaming.shards import open_source
 
 ALPHA, TOP_K = 1e3, 4
 
@@ -34,7 +34,8 @@ ALPHA, TOP_K = 1e3, 4
 CHILD = """
 import sys, time
 from pathlib import Path
-from specdef import _stream_io, _stream_resume
+from specdef.streaming import resume as _stream_resume
+from specdef.streaming import shards as _stream_io
 marker = Path(sys.argv[1])
 finish, write = _stream_resume.Staging.finish, _stream_io.ShardWriter.write
 done = []

@@ -16,11 +16,11 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from _attack_helpers import digits_task, pretrained_mlp
-from specdef._io import read_jsonl
 from specdef.architectures import MLP
-from specdef.attack import AttackSpec
-from specdef.sweep import ModelVariant, attack_grid, run_id, run_sweep
+from specdef.attack.loop import AttackSpec
+from specdef.attack.sweep import ModelVariant, attack_grid, run_id, run_sweep
 from specdef.tasks import ClassificationTask
+from specdef.utils.files import read_jsonl
 
 # The child process runs this sweep (six runs of ≈0.1 s) on data and weights the test saved as
 # safetensors, so that it imports neither scikit-learn nor re-trains the starting model.
@@ -29,8 +29,8 @@ import sys, torch
 torch.set_num_threads(1)
 from safetensors.torch import load_file
 from specdef.architectures import MLP
-from specdef.attack import AttackSpec
-from specdef.sweep import ModelVariant, attack_grid, run_sweep
+from specdef.attack.loop import AttackSpec
+from specdef.attack.sweep import ModelVariant, attack_grid, run_sweep
 from specdef.tasks import ClassificationTask
 t = load_file(sys.argv[2])
 task = ClassificationTask("digits-5-9", (t["x"], t["y"]), {"harmful": (t["hx"], t["hy"])})

@@ -22,11 +22,11 @@ __all__ = [
 ]
 
 _LAZY = {
-    "SpecDefConfig": "specdef.defense",
-    "apply_specdef_": "specdef.defense",
-    "undo_specdef_": "specdef.defense",
-    "load_defended": "specdef.checkpoint",
-    "save_defended": "specdef.checkpoint",
+    "SpecDefConfig": "specdef.defense.apply",
+    "apply_specdef_": "specdef.defense.apply",
+    "undo_specdef_": "specdef.defense.apply",
+    "load_defended": "specdef.io.checkpoint",
+    "save_defended": "specdef.io.checkpoint",
 }
 
 

@@ -1,6 +1,6 @@
 """Plain PyTorch architectures specdef can rebuild from a name and kwargs (no pickles, no code in
 checkpoints): an MLP, a small CNN and a small ViT. Hugging Face models are rebuilt from their
-``config.json`` instead (see :mod:`specdef.checkpoint`).
+``config.json`` instead (see :mod:`specdef.io.checkpoint`).
 
 Every linear map is a stock ``nn.Linear`` (the ViT writes attention by hand instead of using
 ``nn.MultiheadAttention``, whose fused input projection is a bare parameter, and so that double
@@ -189,6 +189,6 @@ def build_architecture(name: str, **kwargs: Any) -> nn.Module:
     if name not in ARCHITECTURES:
         raise SpecdefError(did_you_mean(name, ARCHITECTURES, what="architecture"))
     model = ARCHITECTURES[name](**kwargs)
-    # the spec specdef.checkpoint stores beside the weights to rebuild the model without pickles
+    # the spec specdef.io.checkpoint stores beside the weights to rebuild the model without pickles
     setattr(model, "specdef_architecture", {"name": name, "kwargs": dict(kwargs)})  # noqa: B010
     return model

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from specdef import __version__
 from specdef.errors import SpecdefError
+from specdef.utils import progress
 
 COMMANDS = (
     "demo",
@@ -65,7 +66,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from specdef import progress
 
     try:
         with progress.enabled(

@@ -9,7 +9,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from specdef import zoo
+from specdef.attack.loop import AttackSpec
+from specdef.attack.metrics import StepsToThreshold, best_over_grid
+from specdef.attack.sweep import ModelVariant, attack_grid, run_sweep
 from specdef.commands._common import print_json, print_table
+from specdef.errors import SpecdefError
+from specdef.experiments.config import parse_value
+from specdef.informed.transforms import apply_adaptive, parse_adaptive
+from specdef.release.sources import load_source
 
 
 def _floats(text: str) -> list[float]:
@@ -92,8 +100,6 @@ def register(sub: Any) -> None:
 
 
 def _opt_kwargs(items: list[str]) -> dict[str, Any]:
-    from specdef.errors import SpecdefError
-    from specdef.experiment import parse_value
 
     out: dict[str, Any] = {}
     for item in items:
@@ -106,8 +112,6 @@ def _opt_kwargs(items: list[str]) -> dict[str, Any]:
 
 def build_specs(args: argparse.Namespace) -> list[Any]:
     """The attack grid the arguments describe."""
-    from specdef.attack import AttackSpec
-    from specdef.sweep import attack_grid
 
     base = AttackSpec(
         optimizer=args.optimizer[0],
@@ -134,9 +138,6 @@ def build_specs(args: argparse.Namespace) -> list[Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specdef import zoo
-    from specdef.release import load_source
-    from specdef.sweep import ModelVariant, run_sweep
 
     specs = build_specs(args)  # validate the grid before loading anything
     if args.threads:
@@ -180,8 +181,6 @@ def _adaptive(
     """Apply the informed transform to ``model`` in place; keep what it froze frozen in every run."""
     import dataclasses
 
-    from specdef.adaptive import apply_adaptive, parse_adaptive
-
     parse_adaptive(transform)
     _, record = apply_adaptive(model, transform)
     out = []
@@ -195,7 +194,6 @@ def _adaptive(
 
 def print_rows(rows: list[dict[str, Any]], *, threshold: str | None) -> None:
     """One table per (optimizer, seed): steps to threshold and divergence per lr, then the best."""
-    from specdef.metrics import StepsToThreshold, best_over_grid
 
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for row in rows:

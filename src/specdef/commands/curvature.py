@@ -7,7 +7,15 @@ import argparse
 import copy
 from typing import Any
 
+from specdef import zoo
 from specdef.commands._common import print_json, print_table
+from specdef.commands.defend import _selection
+from specdef.curvature.lr import predicted_slowdown
+from specdef.defense.apply import apply_specdef_
+from specdef.defense.certify import measure_curvature
+from specdef.defense.config import SpecDefConfig
+from specdef.errors import SpecdefError
+from specdef.release.sources import load_source
 
 
 def register(sub: Any) -> None:
@@ -63,12 +71,6 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from specdef import zoo
-    from specdef.bounds import measure_curvature
-    from specdef.curvature.lr import predicted_slowdown
-    from specdef.errors import SpecdefError
-    from specdef.release import load_source
-
     if args.top < 1 or args.max_hvps < args.top or args.batches < 1 or args.batch_size < 1:
         raise SpecdefError(
             f"Expected --top ≥ 1, --max-hvps ≥ --top, --batches ≥ 1 and --batch-size ≥ 1; found "
@@ -93,9 +95,6 @@ def run(args: argparse.Namespace) -> int:
     batches = [next(stream) for _ in range(args.batches)]
     models = {"model": source.model}
     if args.alpha is not None:
-        from specdef.commands.defend import _selection
-        from specdef.defense import SpecDefConfig, apply_specdef_
-
         undefended = source.model
         defended = copy.deepcopy(undefended) if args.compare else undefended
         config = SpecDefConfig(alpha=args.alpha, top_k=args.top_k, targets=_selection(args.targets))

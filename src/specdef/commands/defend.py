@@ -6,6 +6,10 @@ import argparse
 from typing import Any
 
 from specdef.commands._common import print_json, print_table
+from specdef.defense.config import SpecDefConfig
+from specdef.errors import SpecdefError
+from specdef.release.defend import defend_native_to, defend_to
+from specdef.streaming.defend import defend_streaming
 
 
 def register(sub: Any) -> None:
@@ -89,15 +93,11 @@ def _selection(values: list[str]) -> str | tuple[str, ...]:
 
 
 def _run_native_or_streaming(args: argparse.Namespace) -> int:
-    """``--mode native`` and ``--streaming`` (issue 8): thin calls into specdef.native / streaming."""
+    """``--mode native`` and ``--streaming`` (issue 8): thin calls into specdef.native.apply / streaming."""
     targets = None if args.targets == ["all-linear"] else _selection(args.targets)
     exclude = _selection(args.exclude) if args.exclude else ()
     if args.streaming:
-        from specdef.streaming import defend_streaming
-
         if args.n_random is not None or args.dtype is not None:
-            from specdef.errors import SpecdefError
-
             raise SpecdefError(
                 "--streaming keeps the source dtype and defends every matched layer; drop "
                 "--n-random / --dtype."
@@ -119,8 +119,6 @@ def _run_native_or_streaming(args: argparse.Namespace) -> int:
                    "bytes_in": result.bytes_in, "bytes_out": result.bytes_out, "layers": list(result.layers),
                    "resumed_shards": list(result.resumed_shards)}  # fmt: skip
     else:
-        from specdef.native import defend_native_to
-
         records = defend_native_to(
             args.src, args.out, alpha=args.alpha, top_k=args.top_k, targets=targets,
             exclude=exclude, method=args.method or "exact", seed=args.seed, tolerance=args.tolerance,
@@ -148,8 +146,6 @@ def _run_native_or_streaming(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "mode", "algorithm1") != "algorithm1" or getattr(args, "streaming", False):
         return _run_native_or_streaming(args)
-    from specdef.defense import SpecDefConfig
-    from specdef.release import defend_to
 
     config = SpecDefConfig(
         alpha=args.alpha,

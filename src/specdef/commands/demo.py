@@ -8,6 +8,9 @@ import argparse
 from typing import Any
 
 from specdef.commands._common import print_json, print_table
+from specdef.defense.config import SpecDefConfig
+from specdef.experiments.demo import run_attack_demo, run_demo
+from specdef.report.attack import normalize
 
 
 def register(sub: Any) -> None:
@@ -33,8 +36,6 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specdef.defense import SpecDefConfig
-    from specdef.demo import run_demo
 
     SpecDefConfig(alpha=args.alpha, top_k=args.top_k)  # validate before training
     import torch
@@ -43,8 +44,6 @@ def run(args: argparse.Namespace) -> int:
     result = run_demo(alpha=args.alpha, top_k=args.top_k, seed=args.seed)
     attack = None
     if not args.no_attack:
-        from specdef.demo import run_attack_demo
-
         attack = run_attack_demo(args.out)
     if args.json:
         out = result.to_dict()
@@ -98,7 +97,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_attack(attack: Any) -> None:
-    from specdef.report import normalize
 
     rows = [normalize(r) for r in attack.rows]
     label = {

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from specdef.commands._common import print_json, print_table
+from specdef.informed.detect import DetectConfig, detect_checkpoint, detect_model
+from specdef.release.sources import load_source
 
 
 def register(sub: Any) -> None:
@@ -45,7 +47,6 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specdef.detect import DetectConfig, detect_checkpoint, detect_model
 
     config = DetectConfig(
         **({} if args.native_threshold is None else {"native_threshold": args.native_threshold})
@@ -54,8 +55,6 @@ def run(args: argparse.Namespace) -> int:
     if path.exists():
         found = detect_checkpoint(path, config=config)
     else:
-        from specdef.release import load_source
-
         found = detect_model(load_source(args.model).model, config=config)
     if args.json:
         print_json(found.to_dict())

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from specdef.commands._common import print_json, print_table
+from specdef.io.checkpoint import read_manifest
 
 
 def register(sub: Any) -> None:
@@ -21,7 +22,6 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specdef.checkpoint import read_manifest
 
     manifest = read_manifest(args.out)
     if args.json:

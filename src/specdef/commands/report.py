@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from specdef.report.page import write_report
+
 
 def register(sub: Any) -> None:
     parser = sub.add_parser(
@@ -20,7 +22,6 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specdef.report import write_report
 
     path = write_report(args.run_dir, out=args.out, title=args.title)
     print(f"report: {path}")

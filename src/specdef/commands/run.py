@@ -6,6 +6,9 @@ import argparse
 from typing import Any
 
 from specdef.commands._common import print_json
+from specdef.experiments.config import expand, load_config
+from specdef.experiments.run import run_experiment
+from specdef.report.page import write_report
 
 
 def register(sub: Any) -> None:
@@ -44,7 +47,6 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specdef.experiment import expand, load_config, run_experiment
 
     config = load_config(args.config, args.overrides)
     if args.threads:
@@ -71,8 +73,6 @@ def run(args: argparse.Namespace) -> int:
         "results": str(summary.results),
     }
     if args.report:
-        from specdef.report import write_report
-
         out["report"] = str(write_report(summary.run_dir))
     if args.json:
         print_json(out)

@@ -8,6 +8,12 @@ import argparse
 from typing import Any
 
 from specdef.commands._common import print_json, print_table
+from specdef.defense import probe as probing
+from specdef.errors import SpecdefError
+from specdef.informed.transforms import apply_adaptive, parse_adaptive
+from specdef.io.checkpoint import save_defended
+from specdef.release.sources import load_source, probe_batch
+from specdef.utils.files import preflight_output
 
 
 def register(sub: Any) -> None:
@@ -41,12 +47,6 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-
-    from specdef import probe as probing
-    from specdef.adaptive import apply_adaptive, parse_adaptive
-    from specdef.checkpoint import save_defended
-    from specdef.errors import SpecdefError
-    from specdef.release import load_source, preflight_output, probe_batch
 
     name, _ = parse_adaptive(args.adaptive)
     if args.out and name not in ("fuse", "rebalance"):

@@ -6,6 +6,9 @@ import argparse
 from typing import Any
 
 from specdef.commands._common import fmt, print_json, print_table
+from specdef.io.checkpoint import read_manifest
+from specdef.release.sources import load_source, parse_dtype
+from specdef.release.verify import verify
 
 
 def register(sub: Any) -> None:
@@ -29,8 +32,6 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specdef.checkpoint import read_manifest
-    from specdef.release import load_source, parse_dtype, verify
 
     manifest = read_manifest(args.out)
     defended = load_source(args.out)

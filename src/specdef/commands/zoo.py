@@ -6,7 +6,11 @@ import argparse
 import logging
 from typing import Any
 
+from specdef import zoo
 from specdef.commands._common import print_json, print_table
+from specdef.errors import SpecdefError, did_you_mean
+from specdef.utils.progress import track
+from specdef.zoo.evaluation import evaluate_zoo_model
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +53,6 @@ def _params(n: int) -> str:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from specdef import zoo
 
     models = zoo.list_models(cache_dir=args.cache_dir)
     datasets = zoo.list_datasets()
@@ -91,9 +94,6 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    from specdef import zoo
-    from specdef.errors import SpecdefError, did_you_mean
-    from specdef.progress import track
 
     names = zoo.model_names() if args.names == ["all"] else args.names
     for name in names:
@@ -124,7 +124,6 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from specdef.zoo.evaluation import evaluate_zoo_model
 
     result = evaluate_zoo_model(
         args.name,

@@ -1,7 +1,7 @@
 """Curvature of the training loss: Hessian-vector products, the Hessian as a linear operator,
 eigenvalue / singular-value / trace estimators, certified lower bounds on σ₁(H), and learning-rate
 ceilings. Pure math: imports nothing from the rest of specdef except :mod:`specdef.errors`; the
-SpecDef-aware wrappers (which find the defended pairs) live in :mod:`specdef.bounds`.
+SpecDef-aware wrappers (which find the defended pairs) live in :mod:`specdef.defense.certify`.
 """
 
 from specdef.curvature.certificates import (

@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from specdef._io import write_json_atomic
 from specdef.errors import SpecdefError
+from specdef.utils.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import torch
 
 from specdef.errors import SpecdefError, did_you_mean
 from specdef.tasks import CausalLMTask, ClassificationTask
-from specdef.zoo import images, text
+from specdef.zoo import _assets, hf, images, text
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +150,7 @@ def _lm_task(
     name: str, tokenizer: Any, max_length: int, seed: int, eval_limit: int | None
 ) -> CausalLMTask:
     if tokenizer is None:
-        from specdef.zoo.models import load_tokenizer
-
-        tokenizer = load_tokenizer("smollm2-135m")
+        tokenizer = hf.smollm2_tokenizer()
     harmful_train, harmful_heldout = text.split_pairs(
         text.harmful_qa_pairs(), n_heldout=text.N_HARMFUL_HELDOUT, seed=seed
     )
@@ -277,7 +275,6 @@ def task_digest(task: CausalLMTask | ClassificationTask) -> str:
 
 def _available(name: str) -> tuple[bool, str]:
     """Whether dataset ``name`` loads here, and a note (the install command when it does not)."""
-    from specdef.zoo import _assets
 
     if name.startswith("fashion-mnist"):
         if images.fashion_mnist_available():

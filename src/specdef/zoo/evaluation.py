@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from specdef.errors import SpecdefError
-from specdef.progress import track
+from specdef.utils.progress import track
 from specdef.zoo.datasets import TASKS, load_task
 from specdef.zoo.models import load_model, load_tokenizer, model_info
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from specdef.errors import SpecdefError
-from specdef.provenance import provenance
+from specdef.utils.provenance import provenance
 from specdef.zoo._assets import MINILM, SMOLLM2
 from specdef.zoo._cache import ensure_entry, entry_dir, fingerprint, read_manifest
 
@@ -69,6 +69,13 @@ def _build_smollm2_tokenizer(tmp: Path) -> dict[str, Any]:
         if list(a) != list(b):
             raise RuntimeError("the saved SmolLM2 tokenizer encodes differently from the GGUF one")
     return {"source": f"{SMOLLM2.distribution}=={SMOLLM2.installed_version()}:{gguf.name}"}
+
+
+def smollm2_tokenizer(cache_dir: CacheDir = None) -> Any:
+    """SmolLM2's tokenizer (a ``transformers`` tokenizer) from the zoo cache."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(cache_dir))
 
 
 def smollm2_tokenizer_dir(cache_dir: CacheDir = None, *, verify: bool = False) -> Path:

@@ -196,7 +196,7 @@ def load_tokenizer(name: str, *, cache_dir: CacheDir = None) -> Any:
 
     hf._hub_offline()
     if tokenizer == "smollm2-135m":
-        return AutoTokenizer.from_pretrained(hf.smollm2_tokenizer_dir(cache_dir))
+        return hf.smollm2_tokenizer(cache_dir)
     return AutoTokenizer.from_pretrained(hf.minilm_dir())
 
 

@@ -19,8 +19,9 @@ from torch import nn
 
 from specdef.architectures import build_architecture
 from specdef.errors import SpecdefError, did_you_mean
-from specdef.provenance import provenance
+from specdef.utils.provenance import provenance
 from specdef.zoo._cache import ensure_entry, entry_dir, fingerprint, read_manifest
+from specdef.zoo.datasets import load_task
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,6 @@ def _recipe(name: str) -> VisionRecipe:
 
 
 def _train(recipe: VisionRecipe) -> tuple[nn.Module, dict[str, float]]:
-    from specdef.zoo.datasets import load_task
 
     task = load_task(recipe.task, seed=0)
     threads = torch.get_num_threads()

@@ -1,0 +1,93 @@
+"""What SpecDef defends and how: :class:`SpecDefConfig`, validated once in ``__post_init__``
+(α, top-k, targets, method, tolerance) so every defend path — in memory, native, streaming — reads
+the same checked values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from specdef.defense import guard
+from specdef.errors import SpecdefError
+from specdef.linalg import spectral
+
+
+@dataclass(frozen=True)
+class SpecDefConfig:
+    """What to defend and how.
+
+    alpha: factor (> 1) applied to the top-k singular values of each selected weight.
+    top_k: number of singular values inflated per layer (1 ≤ top_k ≤ min(m, n) of every layer).
+    targets: layer selection (names/suffixes, regex, ``"all-linear"``, ``"preset:NAME"``); see
+        :mod:`specdef.defense.targets`.
+    exclude: layers removed from the selection (names/suffixes tuple, or a regex string).
+    method: ``"exact"`` (full SVD) or ``"randomized"`` (range finder, O(m·n·k)); both keep C·W̃ = W.
+    seed: seeds the randomized sketch and the ``n_random`` draw.
+    tolerance: precision-guard bound; None = :data:`DEFAULT_TOLERANCE` for the layer's dtype.
+    force: defend even above the tolerance (recorded in the report).
+    n_random: defend only this many of the matched layers, drawn with ``seed``.
+    """
+
+    alpha: float
+    top_k: int
+    targets: str | tuple[str, ...] = "all-linear"
+    exclude: str | tuple[str, ...] = ()
+    method: str = "exact"
+    seed: int = 0
+    tolerance: float | None = None
+    force: bool = False
+    n_random: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float):
+            raise SpecdefError(f"alpha must be a number > 1, found {self.alpha!r}.")
+        if not math.isfinite(self.alpha) or self.alpha <= 1:
+            raise SpecdefError(
+                f"alpha must be a finite number > 1 (the inflation factor), found {self.alpha}; "
+                "e.g. --alpha 1e4."
+            )
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise SpecdefError(
+                f"top_k must be an integer ≥ 1, found {self.top_k!r}; e.g. --top-k 25."
+            )
+        if self.method not in spectral.METHODS:
+            raise SpecdefError(
+                f"method must be one of {', '.join(spectral.METHODS)}, found {self.method!r}."
+            )
+        if self.tolerance is not None and not (
+            self.tolerance > 0 and math.isfinite(self.tolerance)
+        ):
+            raise SpecdefError(f"tolerance must be a positive number, found {self.tolerance}.")
+        if self.n_random is not None and self.n_random < 1:
+            raise SpecdefError(f"n_random must be ≥ 1, found {self.n_random}.")
+        for fname in ("targets", "exclude"):
+            value = getattr(self, fname)
+            if not isinstance(value, str):
+                object.__setattr__(self, fname, tuple(value))
+
+    def tolerance_for(self, dtype: torch.dtype) -> float:
+        if self.tolerance is not None:
+            return self.tolerance
+        return guard.default_tolerance(dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for fname in ("targets", "exclude"):
+            if isinstance(out[fname], tuple):
+                out[fname] = list(out[fname])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SpecDefConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        for fname in ("targets", "exclude"):
+            if isinstance(kwargs.get(fname), list):
+                kwargs[fname] = tuple(kwargs[fname])
+        return cls(**kwargs)

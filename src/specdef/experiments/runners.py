@@ -1,0 +1,307 @@
+"""What one resolved run (:class:`specdef.experiments.config.RunSpec`) of each kind does. Composition only:
+models and tasks come from :mod:`specdef.zoo`, the defense from :mod:`specdef.defense.apply`, attacks from
+:mod:`specdef.attack.loop` (and :mod:`specdef.informed.transforms`), curvature from :mod:`specdef.curvature` and
+:mod:`specdef.defense.certify`. Each function returns the outcome fields of one results row
+(``docs/ARCHITECTURE.md``, "Results rows"); :func:`specdef.experiments.run.run_experiment` adds the
+spec, ``run_id`` and provenance.
+
+A run's ``model`` is a zoo name, or a mapping ``{name, architecture, <kwargs>}`` built by
+:func:`specdef.architectures.build_architecture` (seeded by the run's seed; tiny models whose
+dense Hessian fits in memory), optionally pre-trained with ``data.pretrain`` (an attack spec run on
+``data.pretrain_task`` by the one attack loop), so curvature is measured at a trained point.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from specdef import curvature
+from specdef.architectures import build_architecture
+from specdef.attack.loop import AttackSpec, run_attack
+from specdef.defense import certify as certified
+from specdef.defense import probe as probing
+from specdef.defense.apply import apply_specdef_
+from specdef.defense.config import SpecDefConfig
+from specdef.defense.layer import defended_layers
+from specdef.errors import SpecdefError
+from specdef.informed.transforms import apply_adaptive
+from specdef.tasks import Batch, Task
+from specdef.zoo import TASKS, load_model, load_task, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {
+    "fp64": torch.float64,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+
+def model_name(model: str | Mapping[str, Any]) -> str:
+    return model if isinstance(model, str) else str(model.get("name", model.get("architecture")))
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_zoo_model(name: str, attn_implementation: str | None) -> nn.Module:
+
+    return load_model(name, attn_implementation=attn_implementation)
+
+
+def load_run_model(run: Any) -> nn.Module:
+    """A fresh copy of the run's model in float32 (zoo models are loaded once per process)."""
+    spec = run.model
+    if isinstance(spec, str):
+        attn = run.data.get("attn_implementation")
+        model = copy.deepcopy(_cached_zoo_model(spec, attn))
+    else:
+        kwargs = {k: v for k, v in spec.items() if k not in ("name", "architecture")}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(run.seed)
+            model = build_architecture(str(spec["architecture"]), **kwargs)
+        pretrain = run.data.get("pretrain")
+        if pretrain:
+            task = load_run_task(run, name=run.data.get("pretrain_task", run.task))
+            run_attack(model, task, AttackSpec(**{**pretrain, "seed": run.seed}))
+    model.eval()
+    return model
+
+
+def load_run_task(run: Any, *, name: str | None = None) -> Task:
+    """The run's task (or task ``name``) with ``data.max_length`` / ``eval_limit`` / ``fallback``;
+    language tasks are tokenized with the run model's tokenizer."""
+
+    task_name = name or run.task
+    kwargs = tuple(
+        (k, run.data[k]) for k in ("max_length", "eval_limit", "fallback") if k in run.data
+    )  # data.eval_splits: keep only these held-out splits
+    tokenizer = None
+    if task_name in TASKS and TASKS[task_name].kind == "causal-lm":
+        tokenizer = model_name(run.model)
+    task = _cached_task(task_name, tokenizer, kwargs)
+    train = getattr(task, "train", None)
+    if train is not None and len(train) == 0:  # an empty stream would never yield a batch
+        raise SpecdefError(
+            f"Task {task_name!r} has no training examples with {dict(kwargs)}; every example was "
+            "dropped (e.g. prompts longer than max_length): raise data.max_length."
+        )
+    keep = run.data.get("eval_splits")
+    if keep and name is None:  # evaluate only these held-out splits (CPU budget)
+        heldout = getattr(task, "heldout", {})
+        missing = [k for k in keep if k not in heldout]
+        if missing:
+            raise SpecdefError(
+                f"eval_splits {missing} not in task {task_name!r}; available: {sorted(heldout)}."
+            )
+        task = dataclasses.replace(task, heldout={k: heldout[k] for k in keep})  # type: ignore[type-var]
+    return task
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_task(name: str, tokenizer: str | None, kwargs: tuple[tuple[str, Any], ...]) -> Task:
+
+    extra: dict[str, Any] = dict(kwargs)
+    if tokenizer is not None:
+        extra["tokenizer"] = load_tokenizer(tokenizer)
+    return load_task(name, **extra)
+
+
+def defend(model: nn.Module, defense: Mapping[str, Any], *, probe: Any = None) -> Any:
+    """Apply SpecDef with the run's defense fields; returns the defense report."""
+
+    return apply_specdef_(model, SpecDefConfig.from_dict(defense), probe=probe)
+
+
+def _defense_summary(report: Any) -> dict[str, Any]:
+    return {
+        "layers": len(report.layers),
+        "params_before": report.params_before,
+        "params_after": report.params_after,
+        "max_reconstruction_error": report.max_reconstruction_error,
+    }
+
+
+# ---- attack ------------------------------------------------------------------------------------
+
+
+def run_attack_kind(run: Any) -> dict[str, Any]:
+    """Load, defend (unless ``alpha`` is null), apply the informed transform (``attack.adaptive``),
+    fine-tune with the one attack loop; the row carries the full :class:`AttackResult`."""
+
+    model = load_run_model(run)
+    task = load_run_task(run)
+    out: dict[str, Any] = {"alpha": run.defense.get("alpha"), "task_kind": task.kind}
+    if run.defended:
+        out["defense_report"] = _defense_summary(defend(model, run.defense))
+    attack = dict(run.attack)
+    adaptive = attack.pop("adaptive", None)
+    out["adaptive"] = adaptive
+    if adaptive:
+        model, record = apply_adaptive(model, str(adaptive))
+        attack["frozen"] = [*attack.get("frozen", ()), *record.frozen]
+        if record.train != "all":
+            attack["train"] = record.train
+        out["cost"] = record.to_dict()
+    for key in ("frozen", "lora_targets"):
+        if isinstance(attack.get(key), list | str):
+            value = attack[key]
+            attack[key] = (value,) if isinstance(value, str) else tuple(value)
+    spec = AttackSpec(**{**attack, "seed": run.seed})
+    result = run_attack(model, task, spec)
+    out.update(result.to_dict())
+    return out
+
+
+# ---- curvature ---------------------------------------------------------------------------------
+
+
+def _batches(task: Task, run: Any) -> list[Batch]:
+    size = int(run.measure.get("batch_size", 64))
+    stream = task.train_batches(batch_size=size, seed=run.seed)
+    return [next(stream) for _ in range(int(run.measure.get("batches", 1)))]
+
+
+def _to_dtype(batches: list[Batch], dtype: torch.dtype) -> list[Batch]:
+    return [{k: v.to(dtype) if v.is_floating_point() else v for k, v in b.items()} for b in batches]
+
+
+def run_curvature_kind(run: Any) -> dict[str, Any]:
+    """σ₁(H) of the training loss (float64): exact from the dense Hessian when it fits, Lanczos
+    estimate, and the certified lower bounds of :mod:`specdef.defense.certify`."""
+
+    model = load_run_model(run).double()
+    task = load_run_task(run)
+    batches = _to_dtype(_batches(task, run), torch.float64)
+    out: dict[str, Any] = {"alpha": run.defense.get("alpha")}
+    if run.defended:
+        out["defense_report"] = _defense_summary(defend(model, run.defense))
+    n_params = sum(p.numel() for p in model.parameters())
+    out["parameters"] = n_params
+    exact = None
+    if n_params <= int(run.measure.get("max_dense", curvature.estimators.MAX_DENSE_PARAMETERS)):
+        hess = curvature.dense_hessian(model, task.loss, batches)
+        eig = torch.linalg.eigvalsh(hess)
+        exact = float(eig.abs().max())
+        out["lambda_max_exact"] = float(eig.max())
+    out["sigma1_exact"] = exact
+    op = curvature.HessianOperator(model, task.loss, batches)
+    est = curvature.lanczos(
+        op, k=1, which="LM", max_iter=int(run.measure.get("lanczos_iter", 60)), seed=run.seed
+    )
+    out["sigma1"] = float(abs(est.eigenvalues[0]))
+    bounds: dict[str, float] = {}
+    if run.defended:
+        bounds.update(_certified_bounds(model, task, batches, run))
+    reference = exact if exact is not None else out["sigma1"]
+    out["bounds"] = bounds
+    out["bounds_hold"] = all(b <= reference * (1 + 1e-8) for b in bounds.values())
+    out["lr_ceiling"] = 2.0 / reference if reference > 0 else math.inf
+    out["hvps"] = op.hvps
+    return out
+
+
+def _certified_bounds(
+    model: nn.Module, task: Task, batches: list[Batch], run: Any
+) -> dict[str, float]:
+    """The curvature issue's certified lower bounds on σ₁(H) of a defended model: the
+    weight-spectrum bound, the Rayleigh/Ritz certificate, and the top Ritz value of the
+    compensation block (Poincaré separation: a Rayleigh quotient of a principal block)."""
+
+    spectral = certified.spectral_lower_bound(model, task.loss, batches)
+    certificate = certified.defense_certificate(model, task.loss, batches, spectral=spectral)
+    rows = [f"{name}.compensation.weight" for name in defended_layers(model)]
+    block = curvature.lanczos(
+        curvature.HessianOperator(model, task.loss, batches, rows=rows),
+        k=1,
+        which="LA",
+        max_iter=int(run.measure.get("lanczos_iter", 60)),
+        seed=run.seed,
+    )
+    return {
+        "spectral": spectral.value,
+        "rayleigh": certificate.value,
+        "block": float(block.eigenvalues[0]),
+    }
+
+
+# ---- utility -----------------------------------------------------------------------------------
+
+
+def _probe(task: Task, run: Any) -> Any:
+    split = str(run.measure.get("probe_split", "benign"))
+    splits = task.eval_splits()
+    if split not in splits:
+        raise SpecdefError(f"Probe split {split!r} not in task {task.name!r}: {sorted(splits)}.")
+    batch = splits[split][0]
+    if "x" in batch:
+        return batch["x"]
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def _cast_probe(probe: Any, dtype: torch.dtype) -> Any:
+    if isinstance(probe, torch.Tensor):
+        return probe.to(dtype)
+    return probe
+
+
+def _metrics(task: Task, model: nn.Module, run: Any, dtype: torch.dtype) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for split, batches in task.eval_splits().items():
+        if split not in run.measure.get("splits", [split]):
+            continue
+        cast = _to_dtype(list(batches), dtype)
+        for metric, value in task.evaluate(model, cast).items():
+            out[f"{split}_{metric}"] = float(value)
+    return out
+
+
+def run_utility_kind(run: Any) -> dict[str, Any]:
+    """Defend in ``measure.dtype``: does the precision guard accept it, what is the function gap
+    (max |Δoutput| / max |output| on a held-out probe batch), and how do metrics move?"""
+
+    dtype_name = str(run.measure.get("dtype", "fp32"))
+    if dtype_name not in DTYPES:
+        raise SpecdefError(f"Unknown dtype {dtype_name!r}; expected one of {sorted(DTYPES)}.")
+    dtype = DTYPES[dtype_name]
+    model = load_run_model(run).to(dtype)
+    task = load_run_task(run)
+    probe = _cast_probe(_probe(task, run), dtype)
+    out: dict[str, Any] = {"alpha": run.defense.get("alpha"), "dtype": dtype_name}
+    out["metrics_before"] = _metrics(task, model, run, dtype)
+    reference = probing.model_output(model, probe).double()
+    try:
+        report = defend(model, run.defense, probe=probe)
+        out["guard_accepted"], out["guard_message"] = True, None
+    except SpecdefError as err:
+        if "Precision guard" not in str(err):
+            raise
+        out["guard_accepted"], out["guard_message"] = False, str(err)
+        report = defend(model, {**run.defense, "force": True}, probe=probe)
+    out["defense_report"] = _defense_summary(report)
+    out["reconstruction_error"] = report.max_reconstruction_error
+    after = probing.model_output(model, probe).double()
+    scale = float(reference.abs().max())
+    out["function_gap"] = float((after - reference).abs().max()) / max(scale, 1e-30)
+    out["metrics_after"] = _metrics(task, model, run, dtype)
+    return out
+
+
+RUNNERS = {
+    "attack": run_attack_kind,
+    "curvature": run_curvature_kind,
+    "utility": run_utility_kind,
+}
+
+
+def execute(run: Any) -> dict[str, Any]:
+    """The outcome fields of one run of any kind."""
+    return RUNNERS[run.kind](run)

@@ -1,0 +1,137 @@
+"""Native deformation in :mod:`specdef.informed.detect`: score every symmetric pair of a model — live, or
+built on the ``meta`` device from a checkpoint's ``config.json`` with its tensors read by name —
+with :func:`specdef.native.apply.joint_imbalance`, and relabel the layers of deformed pairs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from specdef.architectures import build_architecture
+from specdef.errors import SpecdefError
+from specdef.informed.detection import NATIVE_THRESHOLD, LayerSpectrum, NativePair
+from specdef.io.checkpoint import MANIFEST
+from specdef.linalg import symmetry as sym
+from specdef.native.apply import joint_imbalance
+from specdef.native.pairs import SymmetricPair, find_symmetric_pairs, read_pair, stored_pair
+
+log = logging.getLogger(__name__)
+
+
+def score_pairs(
+    pairs: Sequence[SymmetricPair], tensors: dict[str, sym.PairTensors], *, threshold: float
+) -> list[NativePair]:
+    """Score ``pairs`` given their stored tensors (``tensors[pair.name]``)."""
+    scores = joint_imbalance(pairs, tensors)
+    return [
+        NativePair(
+            inflated=p.inflated,
+            compensating=p.compensating,
+            kind=p.kind,
+            imbalance_log10=scores[p.name],
+            deformed=scores[p.name] >= threshold,
+        )
+        for p in pairs
+    ]
+
+
+def native_scores(model: nn.Module, *, threshold: float = NATIVE_THRESHOLD) -> list[NativePair]:
+    """Every symmetric pair of a live ``model`` (:func:`specdef.native.pairs.find_symmetric_pairs`) with
+    its imbalance score; empty when it has none."""
+    pairs = find_symmetric_pairs(model)
+    return score_pairs(pairs, {p.name: read_pair(model, p) for p in pairs}, threshold=threshold)
+
+
+def checkpoint_native(
+    root: Path, weights: dict[str, torch.Tensor], files: list[Path], threshold: float
+) -> list[NativePair] | None:
+    """Scores of the symmetric pairs of the checkpoint at ``root`` (``weights``: its 2-D tensors
+    keyed without ``.weight``; biases are read from ``files``), or ``None`` without an architecture.
+    Pairs whose tensors are not stored under their module names (Algorithm 1 renames its layers
+    ``X.inflated`` / ``X.compensation``) are skipped."""
+    arch = architecture(root)
+    if arch is None:
+        return None
+    pairs = [
+        p for p in find_symmetric_pairs(arch) if p.inflated in weights and p.compensating in weights
+    ]
+    biases = _read_tensors(files, {f"{p.inflated}.bias" for p in pairs})
+    tensors = {
+        p.name: stored_pair(
+            p, weights[p.inflated], biases.get(f"{p.inflated}.bias"), weights[p.compensating]
+        )
+        for p in pairs
+    }
+    return score_pairs(pairs, tensors, threshold=threshold)
+
+
+def relabel(
+    layers: list[LayerSpectrum], suspects: list[LayerSpectrum], native: list[NativePair]
+) -> tuple[list[LayerSpectrum], list[LayerSpectrum]]:
+    """``(layers, suspects)`` with the layers of deformed pairs as ``native-inflated`` /
+    ``native-compensating`` and removed from the suspects."""
+    roles = {p.compensating: "native-compensating" for p in native if p.deformed}
+    roles.update({p.inflated: "native-inflated" for p in native if p.deformed})
+    relabelled = [
+        replace(s, role=roles[s.name]) if s.name in roles and s.role in ("suspect", "clean") else s
+        for s in layers
+    ]
+    return relabelled, [s for s in suspects if s.name not in roles]
+
+
+def _read_tensors(files: list[Path], names: set[str]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in names.intersection(handle.keys()):
+                out[key] = handle.get_tensor(key)
+    return out
+
+
+def model_from_config(root: Path) -> nn.Module:
+    """The class ``config.json`` names (a ``transformers`` class, no remote code), randomly
+    initialised; a causal LM (or the base model) when it names none. Build under
+    ``torch.device("meta")`` for the structure alone."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(root), trust_remote_code=False)
+    names = list(getattr(config, "architectures", None) or [])
+    cls = getattr(transformers, names[0], None) if names else None
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+        return cls(config)
+    try:
+        return transformers.AutoModelForCausalLM.from_config(config)
+    except ValueError:
+        return transformers.AutoModel.from_config(config)
+
+
+def architecture(root: Path) -> nn.Module | None:
+    """The checkpoint's modules on the ``meta`` device (no weights, no memory): from
+    ``config.json``, or for specdef's own architectures (saved without one) from the ``model``
+    entry of the specdef manifest (``{name, kwargs}`` for ``build_architecture``; nothing about the
+    defense is read). ``None`` when neither is there or the model cannot be built (then native
+    deformation is reported as not checked; the Algorithm 1 scan needs no architecture)."""
+
+    try:
+        with torch.device("meta"):
+            if (root / "config.json").is_file():
+                return model_from_config(root)
+            if not (root / MANIFEST).is_file():
+                return None
+            spec = json.loads((root / MANIFEST).read_text()).get("model") or {}
+            arch = spec.get("architecture") if spec.get("kind") == "architecture" else None
+            if not isinstance(arch, dict) or "name" not in arch:
+                return None
+            return build_architecture(str(arch["name"]), **dict(arch.get("kwargs") or {}))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SpecdefError) as err:
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        log.warning("native deformation not checked: cannot build the architecture (%s)", reason)
+        return None

@@ -1,0 +1,323 @@
+"""Save and load defended models: safetensors weights + ``config.json`` + ``specdef_manifest.json``.
+
+A checkpoint directory holds
+
+- ``model.safetensors`` (or ``model-0000i-of-0000N.safetensors`` shards with
+  ``model.safetensors.index.json`` in Hugging Face's layout when larger than ``max_shard_bytes``);
+- ``config.json`` of the base Hugging Face model, or for :mod:`specdef.architectures` models the
+  manifest's ``model.architecture`` spec ``{"name", "kwargs"}``;
+- ``specdef_manifest.json``: the defense config and report (per-layer shapes, singular values
+  before/after, reconstruction errors, parameter counts), the defended structure used to rebuild
+  the model, dtype, tied-weight aliases and provenance;
+- the tokenizer files, when one is passed.
+
+Loading builds the base model from its config (a class of the ``transformers`` package itself —
+no remote code), re-creates the :class:`~specdef.defense.layer.DefendedLinear` modules listed in the
+manifest and loads the tensors with safetensors. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from specdef.architectures import build_architecture
+from specdef.defense.apply import DefenseReport
+from specdef.defense.layer import DefendedLinear, defended_layers, set_submodule
+from specdef.errors import SpecdefError
+from specdef.utils.files import atomic_directory, write_json_atomic
+from specdef.utils.provenance import provenance
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "specdef_manifest.json"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+FORMAT = "specdef-checkpoint"
+FORMAT_VERSION = 1
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the first floating-point parameter (float32 when there is none)."""
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.float32
+
+
+def _model_spec(model: nn.Module) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        return {"kind": "transformers", "class": type(model).__name__}
+    arch = getattr(model, "specdef_architecture", None)
+    if isinstance(arch, dict) and "name" in arch:
+        return {"kind": "architecture", "architecture": arch}
+    raise SpecdefError(
+        f"Cannot save a {type(model).__name__}: specdef rebuilds Hugging Face models from their "
+        "config and its own architectures from {name, kwargs}; build the model with "
+        "specdef.architectures.build_architecture or pass architecture={'name': …, 'kwargs': …}."
+    )
+
+
+def structure(model: nn.Module) -> list[dict[str, Any]]:
+    """The defended layers as the loader needs them: name, shape (m, n), bias, alpha, top_k, source."""
+    return [
+        {
+            "name": name,
+            "shape": [layer.out_features, layer.in_features],
+            "bias": layer.compensation.bias is not None,
+            "alpha": layer.alpha,
+            "top_k": layer.top_k,
+            "source": layer.source,
+        }
+        for name, layer in defended_layers(model).items()
+    ]
+
+
+def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict with each shared tensor stored once; ``aliases[dropped] = kept``."""
+    state: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen and tensor.numel() > 0:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        state[name] = tensor.detach().contiguous().cpu()
+    return state, aliases
+
+
+def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def save_defended(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    report: DefenseReport | None = None,
+    tokenizer: Any | None = None,
+    architecture: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (defended or not) to directory ``path`` atomically and return it.
+
+    ``report`` defaults to ``model.specdef_report`` (set by ``apply_specdef_``); ``extra`` is
+    stored verbatim in the manifest (e.g. the source model's name).
+    """
+    from safetensors.torch import save_file
+
+    if architecture is not None:
+        setattr(model, "specdef_architecture", dict(architecture))  # noqa: B010
+    spec = _model_spec(model)
+    report = report if report is not None else getattr(model, "specdef_report", None)
+    state, aliases = _unique_state(model)
+    shards = _shards(state, max_shard_bytes)
+    dtype = model_dtype(model)
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        files: list[str] = []
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / WEIGHTS), metadata={"format": "pt"})
+            files.append(WEIGHTS)
+        else:
+            weight_map: dict[str, str] = {}
+            for i, shard in enumerate(shards, start=1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                files.append(fname)
+                weight_map.update(dict.fromkeys(shard, fname))
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            write_json_atomic(
+                tmp / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map}
+            )
+        if spec["kind"] == "transformers":
+            config: Any = model.config
+            (tmp / "config.json").write_text(config.to_json_string(use_diff=False))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": spec,
+            "dtype": str(dtype).removeprefix("torch."),
+            "structure": structure(model),
+            "defense": report.to_dict() if report is not None else None,
+            "params": sum(p.numel() for p in model.parameters()),
+            "weights": {"files": files, "tensors": len(state), "aliases": aliases},
+            "extra": extra or {},
+            "provenance": provenance(),
+        }
+        write_json_atomic(tmp / MANIFEST, manifest)
+    log.info("saved %s (%d tensors in %d file(s))", path, len(state), len(files))
+    return Path(path)
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of checkpoint directory ``path`` (a :class:`SpecdefError` when absent/invalid)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise SpecdefError(
+            f"Expected a checkpoint directory, found nothing at {str(root)!r}; pass the -o folder "
+            "of `specdef defend`."
+        )
+    target = root / MANIFEST
+    if not target.exists():
+        raise SpecdefError(
+            f"{str(root)!r} is not a specdef checkpoint: {MANIFEST} is missing; save it with "
+            "specdef defend / save_defended."
+        )
+    try:
+        manifest = json.loads(target.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SpecdefError(
+            f"{str(target)!r} is not valid JSON ({err}); re-save the checkpoint."
+        ) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise SpecdefError(f"{str(target)!r} is not a {FORMAT} manifest; re-save the checkpoint.")
+    return manifest
+
+
+def _build_base(root: Path, spec: dict[str, Any], attn_implementation: str | None) -> nn.Module:
+    if spec.get("kind") == "transformers":
+        import transformers
+
+        cls = getattr(transformers, str(spec.get("class")), None)
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+            raise SpecdefError(
+                f"Manifest names model class {spec.get('class')!r}, which is not a model class of "
+                f"transformers {transformers.__version__}; only built-in classes are loaded."
+            )
+        if not (root / "config.json").exists():
+            raise SpecdefError(f"{str(root)!r} has no config.json; re-save the checkpoint.")
+        config = transformers.AutoConfig.from_pretrained(str(root), trust_remote_code=False)
+        if attn_implementation is not None:
+            return cls._from_config(config, attn_implementation=attn_implementation)
+        return cls(config)
+    if spec.get("kind") == "architecture":
+        arch = spec["architecture"]
+        return build_architecture(arch["name"], **arch.get("kwargs", {}))
+    raise SpecdefError(f"Unknown model kind {spec.get('kind')!r} in the manifest.")
+
+
+def _read_weights(root: Path, files: list[str]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for fname in files:
+        target = root / fname
+        if not target.exists():
+            raise SpecdefError(
+                f"Weights file {str(target)!r} is missing; the checkpoint is incomplete — re-save it."
+            )
+        try:
+            state.update(load_file(str(target)))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise SpecdefError(
+                f"Weights file {str(target)!r} is truncated or corrupt ({str(err).splitlines()[0]}); "
+                "re-save the checkpoint."
+            ) from None
+    return state
+
+
+def load_defended(
+    path: str | os.PathLike[str],
+    *,
+    device: torch.device | str | None = None,
+    attn_implementation: str | None = None,
+) -> nn.Module:
+    """Rebuild the model saved at ``path`` with its defended structure and load its weights.
+
+    The returned model is in eval mode, in the saved dtype; its manifest is attached as
+    ``model.specdef_manifest``. ``attn_implementation`` (Hugging Face models) is e.g. ``"eager"``,
+    which double backward needs on CPU.
+    """
+    root = Path(path)
+    manifest = read_manifest(root)
+    dtype = getattr(torch, str(manifest.get("dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype):
+        raise SpecdefError(f"Manifest dtype {manifest.get('dtype')!r} is not a torch dtype.")
+    files = list(manifest.get("weights", {}).get("files", []))
+    if not files:
+        files = [WEIGHTS]
+    state = _read_weights(root, files)
+    model = _build_base(root, manifest.get("model", {}), attn_implementation).to(dtype)
+    for entry in manifest.get("structure", []):
+        name = entry["name"]
+        try:
+            original = model.get_submodule(name)
+        except AttributeError:
+            raise SpecdefError(
+                f"Manifest lists defended layer {name!r}, which the model does not have; the "
+                "manifest does not match the model — re-save the checkpoint."
+            ) from None
+        m, n = entry["shape"]
+        layer = DefendedLinear(
+            n, m, bias=bool(entry["bias"]), alpha=float(entry["alpha"]), top_k=int(entry["top_k"]),
+            source=str(entry.get("source", "linear")), dtype=dtype,
+        )  # fmt: skip
+        weight = getattr(original, "weight", None)
+        expected = (m, n) if entry.get("source") != "conv1d" else (n, m)
+        if weight is None or tuple(weight.shape) != expected:
+            raise SpecdefError(
+                f"Manifest shape {m}×{n} of layer {name!r} does not match the model's "
+                f"{tuple(weight.shape) if weight is not None else 'missing weight'}; re-save it."
+            )
+        set_submodule(model, name, layer)
+    aliases = dict(manifest.get("weights", {}).get("aliases", {}))
+    wanted = model.state_dict()
+    missing = [k for k in wanted if k not in state and k not in aliases]
+    unexpected = [k for k in state if k not in wanted]
+    if missing or unexpected:
+        detail = (f"missing {missing[:3]}" if missing else "") + (
+            f"{'; ' if missing else ''}unexpected {unexpected[:3]}" if unexpected else ""
+        )
+        raise SpecdefError(
+            f"The manifest does not match the weights in {str(root)!r}: {detail}; re-save the "
+            "checkpoint with specdef (do not edit the manifest or tensors by hand)."
+        )
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(wanted[key].shape):
+            raise SpecdefError(
+                f"Tensor {key!r} has shape {tuple(tensor.shape)} in the weights but "
+                f"{tuple(wanted[key].shape)} in the rebuilt model; the manifest does not match."
+            )
+    for dropped, kept in aliases.items():
+        if dropped in wanted and kept in state:
+            state[dropped] = state[kept]  # re-tie even if the rebuilt model did not tie them
+    model.load_state_dict(state, strict=False)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    setattr(model, "specdef_manifest", manifest)  # noqa: B010
+    return model
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> Any | None:
+    """The tokenizer saved beside the checkpoint, or ``None`` when there is none."""
+    root = Path(path)
+    if not any((root / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(root), trust_remote_code=False)

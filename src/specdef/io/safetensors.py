@@ -1,0 +1,57 @@
+"""Reading a checkpoint for :mod:`specdef.informed.detect`: its safetensors files (one file, a directory,
+or a sharded directory with its index) and every 2-D floating tensor in them, without reading a
+manifest or running any code. Public through :mod:`specdef.informed.detect`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from specdef.errors import SpecdefError
+
+
+def safetensors_files(path: str | Path) -> list[Path]:
+    """The ``*.safetensors`` files of ``path`` (a file, or a directory; the shards its index names)."""
+    root = Path(path)
+    if root.is_file():
+        files = [root]
+    elif root.is_dir():
+        files = sorted(root.glob("*.safetensors"))
+    else:
+        raise SpecdefError(
+            f"Expected a checkpoint directory or .safetensors file, found nothing at {str(root)!r}; "
+            "pass the folder that holds model.safetensors."
+        )
+    if not files:
+        raise SpecdefError(
+            f"Expected *.safetensors files in {str(root)!r}, found none; "
+            "pass a folder saved with save_pretrained or specdef defend."
+        )
+    if root.is_dir() and (root / "model.safetensors.index.json").exists():
+        index = json.loads((root / "model.safetensors.index.json").read_text())
+        files = sorted({root / f for f in index.get("weight_map", {}).values()})
+    return files
+
+
+def checkpoint_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """All 2-D floating tensors of a safetensors checkpoint (file or directory, sharded or not),
+    keyed by tensor name without a trailing ``.weight``. Reads no manifest and runs no code."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for file in safetensors_files(path):
+        try:
+            tensors = load_file(str(file))
+        except (SafetensorError, OSError) as err:
+            raise SpecdefError(
+                f"Cannot read {str(file)!r} as safetensors ({err}); the file is missing or "
+                "truncated — re-save the checkpoint."
+            ) from None
+        for key, t in tensors.items():
+            if t.ndim == 2 and t.is_floating_point():
+                out[key.removesuffix(".weight")] = t
+    return out

@@ -1,0 +1,238 @@
+"""Where a model's exact linear symmetries are, and how their tensors are read and written.
+
+:func:`find_symmetric_pairs` walks the modules for the three kinds :mod:`specdef.native.apply` deforms
+(attention V/O per KV head, gated-MLP up/down, Linear→ReLU→Linear); :func:`select_pairs` maps a
+layer selection onto them; :func:`read_pair` / :func:`stored_pair` / :func:`write_pair` move a
+pair's tensors between the model (or a checkpoint) and the Linear-layout float64
+:class:`specdef.linalg.symmetry.PairTensors` the symmetry math works on. Public through
+:mod:`specdef.native.apply`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from specdef.defense.targets import ALL_LINEAR, select_targets
+from specdef.errors import SpecdefError
+from specdef.linalg import symmetry as sym
+
+KINDS = ("attention", "gated_mlp", "relu_mlp")
+# Activations f with f(c·x) = c·f(x) for every c > 0: a positive diagonal passes through them.
+_HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.Identity)
+
+
+@dataclass(frozen=True)
+class SymmetricPair:
+    """Two modules joined by an exact linear symmetry.
+
+    ``inflated`` is the module whose weight is deformed (V, up, or the first ReLU layer);
+    ``compensating`` absorbs the inverse (O, down, or the next layer). ``heads`` / ``kv_heads`` are
+    set for attention pairs. ``layout`` is ``"linear"`` (weights stored out×in) or ``"gpt2"``
+    (``Conv1D`` weights stored in×out, V is the slice ``[v_offset, v_offset + width)`` of
+    ``c_attn``'s output).
+    """
+
+    kind: str
+    inflated: str
+    compensating: str
+    heads: int = 0
+    kv_heads: int = 0
+    layout: str = "linear"
+    v_offset: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.inflated}+{self.compensating}"
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _attention_pair(name: str, module: nn.Module) -> SymmetricPair | None:
+    prefix = f"{name}." if name else ""
+    children = dict(module.named_children())
+    config = getattr(module, "config", None)
+    if isinstance(children.get("v_proj"), nn.Linear) and isinstance(
+        children.get("o_proj"), nn.Linear
+    ):
+        v, o = children["v_proj"], children["o_proj"]
+        assert isinstance(v, nn.Linear) and isinstance(o, nn.Linear)
+        if "v_norm" in children:  # a norm on V (some recent models) breaks V → M·V
+            return None
+        heads = int(getattr(config, "num_attention_heads", 0) or getattr(module, "heads", 0) or 0)
+        kv_heads = int(getattr(config, "num_key_value_heads", 0) or 0) or heads
+        if heads <= 0:
+            return None
+        head_dim = o.in_features // heads
+        if head_dim * heads != o.in_features or head_dim * kv_heads != v.out_features:
+            return None
+        return SymmetricPair("attention", prefix + "v_proj", prefix + "o_proj", heads, kv_heads)
+    if _is_conv1d(children.get("c_attn", nn.Identity())) and _is_conv1d(
+        children.get("c_proj", nn.Identity())
+    ):
+        heads = int(getattr(module, "num_heads", 0) or 0)
+        embed = int(getattr(module, "embed_dim", 0) or 0)
+        c_attn = children["c_attn"]
+        if heads <= 0 or embed <= 0 or c_attn.nf % embed:  # type: ignore[operator]
+            return None
+        offset = int(c_attn.nf) - embed  # type: ignore[arg-type]
+        return SymmetricPair(
+            "attention", prefix + "c_attn", prefix + "c_proj", heads, heads, "gpt2", offset
+        )
+    self_attn, output = children.get("self"), children.get("output")
+    if self_attn is not None and output is not None:
+        value, dense = getattr(self_attn, "value", None), getattr(output, "dense", None)
+        heads = int(getattr(self_attn, "num_attention_heads", 0) or 0)
+        if isinstance(value, nn.Linear) and isinstance(dense, nn.Linear) and heads > 0:
+            return SymmetricPair(
+                "attention", prefix + "self.value", prefix + "output.dense", heads, heads
+            )
+    return None
+
+
+def _mlp_pairs(name: str, module: nn.Module) -> list[SymmetricPair]:
+    prefix = f"{name}." if name else ""
+    children = dict(module.named_children())
+    if all(isinstance(children.get(c), nn.Linear) for c in ("gate_proj", "up_proj", "down_proj")):
+        return [SymmetricPair("gated_mlp", prefix + "up_proj", prefix + "down_proj")]
+    if not isinstance(module, nn.Sequential):
+        return []
+    pairs = []
+    items = list(children.items())
+    for i, (first_name, first) in enumerate(items):
+        if not isinstance(first, nn.Linear):
+            continue
+        j = i + 1
+        saw_activation = False
+        while j < len(items) and isinstance(items[j][1], (*_HOMOGENEOUS, nn.Dropout)):
+            saw_activation = saw_activation or isinstance(items[j][1], nn.ReLU | nn.LeakyReLU)
+            j += 1
+        if saw_activation and j < len(items) and isinstance(items[j][1], nn.Linear):
+            pairs.append(SymmetricPair("relu_mlp", prefix + first_name, prefix + items[j][0]))
+    return pairs
+
+
+def find_symmetric_pairs(model: nn.Module) -> list[SymmetricPair]:
+    """Every exact linear symmetry specdef can use in ``model``, in module order."""
+    pairs: list[SymmetricPair] = []
+    for name, module in model.named_modules():
+        pair = _attention_pair(name, module)
+        if pair is not None:
+            pairs.append(pair)
+        pairs.extend(_mlp_pairs(name, module))
+    return pairs
+
+
+def select_pairs(
+    model: nn.Module,
+    targets: str | Sequence[str] | None = None,
+    *,
+    exclude: str | Sequence[str] = (),
+) -> list[SymmetricPair]:
+    """The symmetric pairs a selection touches, in module order.
+
+    ``targets`` follows :func:`specdef.defense.targets.select_targets` (names / dotted suffixes, regex,
+    ``"preset:NAME"``); ``None`` or ``"all-linear"`` means every pair in the model. A pair is
+    selected when either of its modules is (selecting ``o_proj`` selects the V/O pair; V is always
+    the inflated side). Raises :class:`SpecdefError` when a selected layer has no usable symmetry
+    (e.g. ``gate_proj``, whose SiLU allows no scaling, GPT-2's or BERT's GELU MLP, ``q_proj``):
+    native mode cannot defend it, and silently skipping it would leave it undefended.
+    """
+    pairs = find_symmetric_pairs(model)
+    usable = sorted({n.rsplit(".", 1)[-1] for p in pairs for n in (p.inflated, p.compensating)})
+    if not pairs:
+        raise SpecdefError(
+            f"Native mode found no exact linear symmetry in {type(model).__name__} (expected "
+            "attention V/O, gated-MLP up/down or Linear→ReLU→Linear layers); use --mode algorithm1."
+        )
+    if targets is None or (isinstance(targets, str) and targets.lower() == ALL_LINEAR):
+        chosen = list(pairs)
+        if exclude:
+            excluded = set(select_targets(model, ALL_LINEAR, exclude=()))
+            excluded -= set(select_targets(model, ALL_LINEAR, exclude=exclude))
+            chosen = [p for p in pairs if not {p.inflated, p.compensating} & excluded]
+    else:
+        names = select_targets(model, targets, exclude=exclude)
+        members = {m: p for p in pairs for m in (p.inflated, p.compensating)}
+        orphans = [n for n in names if n not in members]
+        if orphans:
+            raise SpecdefError(
+                f"Native mode needs an exact linear symmetry, but {orphans[0]!r}"
+                + (f" (and {len(orphans) - 1} more)" if len(orphans) > 1 else "")
+                + f" has none; exclude it, use --mode algorithm1, or select layers ending in: "
+                f"{', '.join(usable)}."
+            )
+        chosen = [p for p in pairs if p.inflated in names or p.compensating in names]
+    if not chosen:
+        raise SpecdefError("The exclusions remove every symmetric pair; loosen --exclude.")
+    return chosen
+
+
+# --------------------------------------------------------------------------- tensor access
+
+
+def _params(model: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    module = model.get_submodule(name)
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if not isinstance(weight, torch.Tensor):
+        raise SpecdefError(f"{name}: expected a layer with a weight tensor, found {module!r}.")
+    return weight, bias if isinstance(bias, torch.Tensor) else None
+
+
+def _f64(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.detach().to(torch.float64, copy=True)
+
+
+def read_pair(model: nn.Module, pair: SymmetricPair) -> sym.PairTensors:
+    """The pair's tensors in Linear layout (out×in), float64 copies."""
+    (w1, b1), (w2, _) = _params(model, pair.inflated), _params(model, pair.compensating)
+    return stored_pair(pair, w1, b1, w2)
+
+
+def stored_pair(
+    pair: SymmetricPair, weight: torch.Tensor, bias: torch.Tensor | None, compensating: torch.Tensor
+) -> sym.PairTensors:
+    """The pair's tensors as stored (the inflated module's weight and bias, the compensating
+    module's weight; GPT-2 ``Conv1D`` layout for ``pair.layout == "gpt2"``) → Linear layout, float64
+    copies. Used on a live model and on tensors read from a checkpoint."""
+    w1, b1, w2 = weight.detach(), None if bias is None else bias.detach(), compensating.detach()
+    if pair.layout == "gpt2":
+        cols = slice(pair.v_offset, pair.v_offset + w2.shape[0])
+        return sym.PairTensors(
+            w1[:, cols].T.to(torch.float64, copy=True),
+            None if b1 is None else b1[cols].to(torch.float64, copy=True),
+            w2.T.to(torch.float64, copy=True),
+        )
+    return sym.PairTensors(
+        w1.to(torch.float64, copy=True), _f64(b1), w2.to(torch.float64, copy=True)
+    )
+
+
+@torch.no_grad()
+def write_pair(model: nn.Module, pair: SymmetricPair, tensors: sym.PairTensors) -> None:
+    """Copy ``tensors`` (Linear layout) into the model, cast to each parameter's dtype."""
+    (w1, b1), (w2, _) = _params(model, pair.inflated), _params(model, pair.compensating)
+    if pair.layout == "gpt2":
+        cols = slice(pair.v_offset, pair.v_offset + w2.shape[0])
+        w1[:, cols] = tensors.inflated.T.to(w1.dtype)
+        if b1 is not None and tensors.bias is not None:
+            b1[cols] = tensors.bias.to(b1.dtype)
+        w2.copy_(tensors.compensating.T.to(w2.dtype))
+        return
+    w1.copy_(tensors.inflated.to(w1.dtype))
+    if b1 is not None and tensors.bias is not None:
+        b1.copy_(tensors.bias.to(b1.dtype))
+    w2.copy_(tensors.compensating.to(w2.dtype))
+
+
+def pair_dtype(model: nn.Module, pair: SymmetricPair) -> torch.dtype:
+    """The stored dtype of the pair's inflated weight."""
+    return _params(model, pair.inflated)[0].dtype

@@ -1,0 +1,212 @@
+"""Native mode of :mod:`specdef.streaming.defend`: a first pass computes each symmetric pair's transform
+(per-KV-head bases or a diagonal: a few KB) and checks precision, holding one pair's tensors; the
+second pass rewrites every touched tensor alone, applying the transforms of all pairs it belongs to
+in pair order (so overlapping pairs, e.g. the middle layer of a ReLU MLP, compose as in memory).
+The plan is saved in the staging dir, so a resumed run does not recompute it (each pair's random
+sketch is seeded by the pair's name, so a recomputed plan would be the same)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from specdef.defense.config import SpecDefConfig
+from specdef.errors import SpecdefError
+from specdef.linalg import symmetry as sym
+from specdef.native.pairs import SymmetricPair
+from specdef.streaming import shards as sio
+from specdef.streaming.resume import Staging, file_sha256, tensor_seed
+from specdef.streaming.shards import DTYPES, Item, Source, write_shards
+from specdef.utils.files import write_json_atomic
+from specdef.utils.progress import track
+
+
+def _keys(pair: SymmetricPair, source: Source) -> dict[str, str]:
+    keys = {
+        "w": f"{pair.inflated}.weight",
+        "b": f"{pair.inflated}.bias",
+        "o": f"{pair.compensating}.weight",
+    }
+    if keys["b"] not in source.specs:
+        del keys["b"]
+    for role in ("w", "o"):
+        if keys[role] not in source.specs:
+            raise SpecdefError(
+                f"Pair {pair.name}: tensor {keys[role]!r} is not in the checkpoint (tied or renamed "
+                "weights cannot be streamed); exclude the pair with --exclude."
+            )
+    return keys
+
+
+def _gpt2_cols(pair: SymmetricPair, role: str, x: torch.Tensor) -> slice:
+    return slice(pair.v_offset, x.shape[-1])  # V is the last third of c_attn's (d, 3d) and bias
+
+
+def _linear_view(pair: SymmetricPair, role: str, x: torch.Tensor) -> torch.Tensor:
+    """One of the pair's tensors (stored layout) as the Linear-layout piece the symmetry acts on."""
+    if pair.layout != "gpt2":
+        return x
+    if role == "o":
+        return x.T
+    cols = _gpt2_cols(pair, role, x)
+    return x[:, cols].T if role == "w" else x[cols]
+
+
+def _transform(
+    pair: SymmetricPair, role: str, x: torch.Tensor, transform: Any, alpha: float
+) -> torch.Tensor:
+    """Apply one pair's transform to one of its tensors (stored layout, float64), out of place.
+    The other two tensors of the pair are passed as empty placeholders of the right width."""
+    lin = _linear_view(pair, role, x)
+    if pair.kind == "attention":
+        rows = sum(b.shape[0] for b in transform)
+        placeholder_w = torch.empty(rows, 0, dtype=torch.float64)
+        placeholder_o = torch.empty(0, pair.heads * rows // pair.kv_heads, dtype=torch.float64)
+        t = {
+            "w": sym.PairTensors(lin, None, placeholder_o),
+            "b": sym.PairTensors(placeholder_w, lin, placeholder_o),
+            "o": sym.PairTensors(placeholder_w, None, lin),
+        }[role]
+        done = sym.apply_attention(
+            t, transform, alpha=alpha, heads=pair.heads, kv_heads=pair.kv_heads
+        )
+        new = {"w": done.inflated, "b": done.bias, "o": done.compensating}[role]
+    else:
+        scale = transform if role == "b" else transform.unsqueeze(1 if role == "w" else 0)
+        new = lin / scale if role == "o" else lin * scale
+    assert new is not None
+    if pair.layout != "gpt2":
+        return new
+    if role == "o":
+        return new.T.contiguous()
+    out = x.clone()
+    cols = _gpt2_cols(pair, role, x)
+    if role == "w":
+        out[:, cols] = new.T
+    else:
+        out[cols] = new
+    return out
+
+
+def run_native(
+    source: Source, pairs: list[SymmetricPair], staging: Staging, config: SpecDefConfig
+) -> list[dict[str, Any]]:
+    keys = [_keys(p, source) for p in pairs]
+    roles: dict[str, list[tuple[int, str]]] = {}
+    for i, k in enumerate(keys):
+        for role, key in k.items():
+            roles.setdefault(key, []).append((i, role))
+    transforms: list[Any] = []
+
+    def current(key: str, upto: int) -> torch.Tensor:
+        x = sio.read_tensor(source, key).to(torch.float64)
+        for i, role in roles[key]:
+            if i < upto:
+                x = _transform(pairs[i], role, x, transforms[i], config.alpha)
+        return x
+
+    saved = staging.load_plan()
+    if saved is not None and saved[0]["pairs"] == [p.name for p in pairs]:
+        records: list[dict[str, Any]] = saved[0]["records"]
+        transforms += _unflatten(pairs, load_file(str(saved[1])))
+    else:
+        records = _plan(source, pairs, keys, transforms, current, config)
+        _save_plan(staging, pairs, transforms, records)
+    items = {
+        key: Item(
+            key,
+            [(key, *source.specs[key])],
+            lambda key=key: {key: current(key, len(pairs)).to(DTYPES[source.specs[key][0]])},
+        )
+        for key in roles
+    }
+    write_shards(source, staging, items, reports=[])
+    return records
+
+
+def _plan(
+    source: Source,
+    pairs: list[SymmetricPair],
+    keys: list[dict[str, str]],
+    transforms: list[Any],
+    current: Callable[[str, int], torch.Tensor],
+    config: SpecDefConfig,
+) -> list[dict[str, Any]]:
+    """First pass: each pair's transform (appended to ``transforms``) and its precision check."""
+    records = []
+    for i, (pair, k) in enumerate(track(list(zip(pairs, keys, strict=True)), "planning pairs")):
+        stored = {role: current(key, i) for role, key in k.items()}
+        lin = {role: _linear_view(pair, role, x) for role, x in stored.items()}
+        t = sym.PairTensors(lin["w"], lin.get("b"), lin["o"])
+        if pair.kind == "attention":
+            transforms.append(
+                sym.attention_bases(
+                    t,
+                    top_k=config.top_k,
+                    heads=pair.heads,
+                    kv_heads=pair.kv_heads,
+                    method=config.method,
+                    generator=torch.Generator().manual_seed(tensor_seed(config.seed, pair.name)),
+                    name=pair.inflated,
+                )
+            )
+        else:
+            transforms.append(
+                sym.diagonal_scale(t.inflated, t.bias, alpha=config.alpha, top_k=config.top_k)
+            )
+        dtype = DTYPES[source.specs[k["w"]][0]]
+        after = {
+            r: _linear_view(pair, r, _transform(pair, r, x, transforms[i], config.alpha).to(dtype))
+            for r, x in stored.items()
+        }
+        rounded = sym.PairTensors(after["w"], after.get("b"), after["o"])
+        error = sym.product_error(
+            pair.kind, t, rounded, heads=pair.heads, kv_heads=pair.kv_heads, probe_columns=8
+        )
+        bound = config.tolerance_for(dtype)
+        if error > bound and not config.force:
+            raise SpecdefError(
+                f"{pair.name}: the {str(dtype).removeprefix('torch.')} weights reproduce the pair's "
+                f"product with relative error {error:.2e} > tolerance {bound:.3g} at "
+                f"alpha={config.alpha:g}; lower --alpha, store in a wider dtype, or pass --force."
+            )
+        records.append(
+            {
+                "pair": pair.name,
+                "kind": pair.kind,
+                "product_error": error,
+                "imbalance_log10": sym.imbalance(
+                    pair.kind, rounded, heads=pair.heads, kv_heads=pair.kv_heads
+                ),
+            }
+        )
+        del stored, lin, t, after, rounded
+    return records
+
+
+def _save_plan(
+    staging: Staging, pairs: list[SymmetricPair], transforms: list[Any], records: list[Any]
+) -> None:
+    record_path, tensor_path = staging.plan_paths()
+    flat: dict[str, torch.Tensor] = {}
+    for i, transform in enumerate(transforms):
+        parts = transform if isinstance(transform, list) else [transform]
+        flat.update({f"{i}.{j}": part.contiguous() for j, part in enumerate(parts)})
+    partial = tensor_path.with_suffix(".partial")
+    save_file(flat, str(partial))
+    partial.replace(tensor_path)
+    names = [p.name for p in pairs]
+    write_json_atomic(
+        record_path, {"pairs": names, "records": records, "sha256": file_sha256(tensor_path)}
+    )
+
+
+def _unflatten(pairs: list[SymmetricPair], flat: dict[str, torch.Tensor]) -> list[Any]:
+    out: list[Any] = []
+    for i, pair in enumerate(pairs):
+        parts = [flat[f"{i}.{j}"] for j in range(sum(k.startswith(f"{i}.") for k in flat))]
+        out.append(parts if pair.kind == "attention" else parts[0])
+    return out
