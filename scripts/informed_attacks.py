@@ -105,7 +105,7 @@ fine-tuned loses the two-value spectrum; and a defended checkpoint's tensor name
 | `untouched` | train only the parameters outside defended layers | 0 |
 | `undefended+inject` | control, not an attack: `inject`'s identity layers on the *undefended* model | m² + m |
 
-Each keeps the function: `tests/test_adaptive.py` checks the logit gap against the undefended and
+Each keeps the function: `tests/informed/test_transforms.py` checks the logit gap against the undefended and
 the released model (≤ 1e-4 relative at α = 1e2, within the defense's fp32 tolerance 1e-2 at
 α = 1e4; measured ≤ 1e-3), the parameter delta against a count from the layer shapes, that
 `inject`'s delta grows linearly over 1…5 defended layers, that each factor's spectrum is α^{1/j}
@@ -130,7 +130,7 @@ What the digits runs show (all numbers in the tables above):
   the same identity layers after the same layers of the *undefended* model (no defense at all),
   and its ratio on the same line is as large or larger (the spread is the seeds'). So nothing of the defense is left after
   `inject` (in exact arithmetic the adapters get identical gradients with and without it, a
-  float64 test in `tests/test_adaptive.py`); what remains is the cost of training `A` in `A·W`
+  float64 test in `tests/informed/test_transforms.py`); what remains is the cost of training `A` in `A·W`
   instead of `W` (an Adam step on A moves `W_eff` by `ΔA·W`, a different geometry).
   **`inject:parallel`** (frozen pair plus a zero-initialised m×n layer beside it, `W·x + B·x`)
   has no such price: it trains as the undefended model does (step for step in exact arithmetic, a
