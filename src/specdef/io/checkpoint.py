@@ -31,6 +31,7 @@ from specdef.architectures import build_architecture
 from specdef.defense.apply import DefenseReport
 from specdef.defense.layer import DefendedLinear, defended_layers, set_submodule
 from specdef.errors import SpecdefError
+from specdef.io import hf
 from specdef.utils.files import atomic_directory, write_json_atomic
 from specdef.utils.provenance import provenance
 
@@ -109,6 +110,13 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, to
     return shards
 
 
+def _config_json(model: nn.Module) -> dict[str, Any]:
+    """The model's full config, re-typed as a specdef config while it has defended layers, so stock
+    transformers refuses it instead of loading random weights where the defended layers are."""
+    config: Any = model.config
+    return hf.config_json(config.to_dict(), structure(model), model_class=type(model).__name__)
+
+
 def save_defended(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -151,8 +159,7 @@ def save_defended(
                 tmp / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map}
             )
         if spec["kind"] == "transformers":
-            config: Any = model.config
-            (tmp / "config.json").write_text(config.to_json_string(use_diff=False))
+            write_json_atomic(tmp / "config.json", _config_json(model))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         manifest = {
