@@ -64,6 +64,18 @@ class DefendedLinear(nn.Module):
     def out_features(self) -> int:
         return self.inflated.out_features
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective m×n weight C·W̃ (= W up to rounding) in the layer's dtype, for modelling
+        code that reads ``layer.weight`` (T5 checks its dtype). Read-only: a detached product, not a
+        parameter — training updates ``inflated`` and ``compensation``."""
+        return self.fused_weight().to(self.inflated.weight.dtype)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The layer's bias (carried by ``compensation``)."""
+        return self.compensation.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.compensation(self.inflated(x))
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from specdef.defense.layer import DefendedLinear
 from specdef.defense.targets import ALL_LINEAR, select_targets
 from specdef.errors import SpecdefError
 from specdef.linalg import symmetry as sym
@@ -181,6 +182,11 @@ def select_pairs(
 
 def _params(model: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     module = model.get_submodule(name)
+    if isinstance(module, DefendedLinear):  # its .weight is a computed product: nothing to write
+        raise SpecdefError(
+            f"{name} is an Algorithm-1 defended layer; native deformation needs the undefended "
+            "model (undo or fuse it first)."
+        )
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
     if not isinstance(weight, torch.Tensor):
         raise SpecdefError(f"{name}: expected a layer with a weight tensor, found {module!r}.")
