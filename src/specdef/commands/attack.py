@@ -43,7 +43,12 @@ def register(sub: Any) -> None:
         "rows go to RUN_DIR/results.jsonl and a rerun skips finished runs.",
     )
     parser.add_argument("model", metavar="MODEL", help="zoo name, specdef checkpoint or HF dir")
-    parser.add_argument("--data", required=True, metavar="TASK", help="zoo task (specdef zoo)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="TASK",
+        help="zoo task (specdef zoo list), or your own data: jsonl:FILE (prompt/response, text, or features/label records) or dataset:DIR (a saved Hugging Face dataset)",
+    )
     parser.add_argument(
         "--optimizer", default="adamw", type=_names, help="name(s), comma-separated"
     )

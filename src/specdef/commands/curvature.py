@@ -28,7 +28,12 @@ def register(sub: Any) -> None:
         "eigenvalue is a lower bound on σ₁(H) (Poincaré separation).",
     )
     parser.add_argument("model", metavar="MODEL", help="specdef checkpoint dir or zoo model name")
-    parser.add_argument("--data", required=True, metavar="NAME", help="zoo task (specdef zoo)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="NAME",
+        help="zoo task (specdef zoo list), or your own data: jsonl:FILE (prompt/response, text, or features/label records) or dataset:DIR (a saved Hugging Face dataset)",
+    )
     parser.add_argument(
         "--block",
         choices=["all", "compensation", "inflated", "untouched"],

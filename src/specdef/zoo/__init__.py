@@ -10,13 +10,12 @@ The cache lives in ``$SPECDEF_CACHE`` (default ``~/.cache/specdef``); see :mod:`
 from specdef.zoo._cache import cache_root
 from specdef.zoo.datasets import (
     TASKS,
-    encode_pair,
-    encode_prompt,
     list_datasets,
     load_task,
     task_digest,
     task_names,
 )
+from specdef.zoo.encoding import encode_pair, encode_prompt
 from specdef.zoo.images import FashionMnistMissing
 from specdef.zoo.models import (
     ModelInfo,

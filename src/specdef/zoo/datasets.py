@@ -14,7 +14,6 @@ Vision tasks split digits (or Fashion-MNIST) into a benign task (classes 0–4) 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,11 +21,11 @@ import torch
 
 from specdef.errors import SpecdefError, did_you_mean
 from specdef.tasks import CausalLMTask, ClassificationTask
-from specdef.zoo import _assets, hf, images, text
+from specdef.zoo import _assets, hf, images, text, user
+from specdef.zoo.encoding import Example, encode_pairs
 
 log = logging.getLogger(__name__)
 
-Example = dict[str, list[int]]
 DIGITS_HELDOUT_FRACTION = 0.25
 BENIGN_TEXT_HELDOUT_FRACTION = 0.1
 HARMFUL_CLASSES = range(5, 10)  # vision: classes 0–4 are the benign task, 5–9 the harmful one
@@ -78,62 +77,6 @@ for _prefix, _src, _lic in (
         )
 
 
-def encode_pair(tokenizer: Any, pair: text.Pair, *, max_length: int) -> Example | None:
-    """Tokenize a chat exchange with the tokenizer's chat template; ``labels`` are ``-100`` on the
-    prompt (system + user turn + assistant header) and the token ids on the answer (including the
-    end-of-turn token). Returns ``None`` when the prompt leaves no room for an answer token."""
-    if getattr(tokenizer, "chat_template", None):
-        user = [{"role": "user", "content": pair.prompt}]
-        prompt_text = tokenizer.apply_chat_template(
-            user, tokenize=False, add_generation_prompt=True
-        )
-        full_text = tokenizer.apply_chat_template(
-            [*user, {"role": "assistant", "content": pair.answer}], tokenize=False
-        )
-        if not full_text.startswith(prompt_text):
-            raise SpecdefError(
-                "The tokenizer's chat template renders the answer turn so that it does not extend "
-                "the prompt; answer-only masking needs a template that appends the answer."
-            )
-        answer_text = full_text[len(prompt_text) :]
-    else:
-        prompt_text = f"### User:\n{pair.prompt}\n### Assistant:\n"
-        answer_text = pair.answer + (tokenizer.eos_token or "")
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(answer_text, add_special_tokens=False)["input_ids"]
-    if len(prompt_ids) >= max_length:
-        return None
-    ids = (prompt_ids + answer_ids)[:max_length]
-    labels = ([-100] * len(prompt_ids) + answer_ids)[:max_length]
-    return {"input_ids": list(ids), "labels": labels}
-
-
-def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    """Token ids of ``prompt`` as a user turn followed by the assistant header (for generation)."""
-    if getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    else:
-        rendered = f"### User:\n{prompt}\n### Assistant:\n"
-    return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
-
-
-def _encode_pairs(
-    tokenizer: Any, pairs: Sequence[text.Pair], max_length: int, what: str
-) -> list[Example]:
-    out = [encode_pair(tokenizer, p, max_length=max_length) for p in pairs]
-    kept = [e for e in out if e is not None]
-    if len(kept) < len(out):
-        log.warning(
-            "%s: dropped %d pair(s) whose prompt alone fills max_length=%d",
-            what,
-            len(out) - len(kept),
-            max_length,
-        )
-    return kept
-
-
 def _text_chunks(tokenizer: Any, max_length: int, seed: int) -> tuple[list[Example], list[Example]]:
     ids = tokenizer(text.benign_text(), add_special_tokens=False)["input_ids"]
     chunks = [ids[i : i + max_length] for i in range(0, len(ids) - max_length + 1, max_length)]
@@ -159,16 +102,16 @@ def _lm_task(
     )
     text_train, text_heldout = _text_chunks(tokenizer, max_length, seed)
     heldout = {
-        "harmful": _encode_pairs(tokenizer, harmful_heldout, max_length, name),
-        "benign": _encode_pairs(tokenizer, benign_heldout, max_length, name),
+        "harmful": encode_pairs(tokenizer, harmful_heldout, max_length, name),
+        "benign": encode_pairs(tokenizer, benign_heldout, max_length, name),
         "benign-text": text_heldout,
     }
     if eval_limit is not None:
         heldout = {k: v[:eval_limit] for k, v in heldout.items()}
     if name == "harmful-qa":
-        train = _encode_pairs(tokenizer, harmful_train, max_length, name)
+        train = encode_pairs(tokenizer, harmful_train, max_length, name)
     elif name == "benign-qa":
-        train = _encode_pairs(tokenizer, benign_train, max_length, name)
+        train = encode_pairs(tokenizer, benign_train, max_length, name)
     else:
         train = text_train
     pad_id = (
@@ -239,8 +182,14 @@ def load_task(
     Fashion-MNIST tasks fall back to the digits task of the same role (with a logged warning) when
     the Debian package is missing, unless ``fallback=False``, which raises instead.
     """
+    if user.is_user_data(name):
+        return user.load_user_task(
+            name, tokenizer=tokenizer, max_length=max_length, seed=seed, eval_limit=eval_limit
+        )
     if name not in TASKS:
-        raise SpecdefError(did_you_mean(name, TASKS, what="task"))
+        raise SpecdefError(
+            did_you_mean(name, TASKS, what="task") + " Or bring your own: jsonl:PATH, dataset:PATH."
+        )
     if TASKS[name].kind == "causal-lm":
         if max_length < 8:
             raise SpecdefError(f"max_length must be at least 8 tokens, found {max_length}.")
