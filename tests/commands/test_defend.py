@@ -224,7 +224,7 @@ def test_verify_language_model_generations_and_perplexity(
     assert rc == 0 and result["passed"]
     gen = result["generations"]
     # a random-init model's logits are nearly flat, so greedy decoding can flip on a near-tie; the
-    # trained SmolLM2's generations are compared in test_defense_smollm2.py
+    # trained SmolLM2's generations are compared in tests/defense/test_apply_smollm2.py
     assert gen["prompt"] and gen["original"] and gen["defended"]
     ppl = result["perplexity"]
     assert ppl["defended"] == pytest.approx(ppl["original"], rel=1e-3)

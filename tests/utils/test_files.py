@@ -1,4 +1,4 @@
-"""Foundation utilities: atomic writes, JSONL resume semantics, CLI error handling."""
+"""specdef.utils.files: atomic writes, JSONL resume semantics, marked-region rewrites."""
 
 from __future__ import annotations
 
@@ -7,8 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from specdef.errors import SpecdefError, did_you_mean
-from specdef.utils.files import append_jsonl, atomic_directory, read_jsonl, write_json_atomic
+from specdef.errors import SpecdefError
+from specdef.utils.files import (
+    append_jsonl,
+    atomic_directory,
+    read_jsonl,
+    replace_markdown_section,
+    replace_marked_region,
+    write_json_atomic,
+)
 
 
 def test_read_jsonl_skips_truncated_last_line(tmp_path: Path) -> None:
@@ -43,28 +50,7 @@ def test_write_json_atomic_roundtrip(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "m.json").read_text()) == {"x": [1, 2]}
 
 
-def test_did_you_mean() -> None:
-    msg = did_you_mean("adamww", ["adam", "adamw", "sgd"], what="optimizer")
-    assert msg.startswith("Unknown optimizer 'adamww'. Did you mean: adamw")
-    assert "Available: adam, adamw, sgd" in msg
-
-
-def test_empty_training_set_is_a_user_error_not_an_endless_loop() -> None:
-    import torch
-
-    from specdef.tasks import CausalLMTask, ClassificationTask
-
-    empty = ClassificationTask("e", (torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)), {})
-    with pytest.raises(SpecdefError, match="no training examples"):
-        next(empty.train_batches(batch_size=4, seed=0))
-    lm = CausalLMTask("lm", [], {}, pad_id=0)
-    with pytest.raises(SpecdefError, match="no training examples"):
-        next(lm.train_batches(batch_size=4, seed=0))
-
-
 def test_replace_markdown_section_touches_only_its_section(tmp_path: Path) -> None:
-    from specdef.utils.files import replace_markdown_section
-
     doc = tmp_path / "b.md"
     doc.write_text("# Benchmarks\n\n## A\n\nold a\n\n## B\n\nb stays\n")
     replace_markdown_section(doc, "## A", "## A\n\nnew a\n")
@@ -75,8 +61,6 @@ def test_replace_markdown_section_touches_only_its_section(tmp_path: Path) -> No
 
 
 def test_replace_marked_region_keeps_markers_and_surroundings(tmp_path: Path) -> None:
-    from specdef.utils.files import replace_marked_region
-
     doc = tmp_path / "p.md"
     doc.write_text("intro\n<!-- a -->\nold\n<!-- /a -->\noutro\n")
     replace_marked_region(doc, "<!-- a -->", "<!-- /a -->", "\nnew\n")

@@ -1,3 +1,3 @@
-"""The attacker: the one fine-tuning loop, the optimizer registry, learning-rate sweeps and
-steps-to-threshold metrics.
+"""The attacker's fine-tuning: the one training loop (loop), the optimizer registry with capability
+flags (optim), learning-rate sweeps (sweep) and steps-to-threshold metrics (metrics).
 """

@@ -1,7 +1,6 @@
-"""Curvature of the training loss: Hessian-vector products, the Hessian as a linear operator,
-eigenvalue / singular-value / trace estimators, certified lower bounds on σ₁(H), and learning-rate
-ceilings. Pure math: imports nothing from the rest of specdef except :mod:`specdef.errors`; the
-SpecDef-aware wrappers (which find the defended pairs) live in :mod:`specdef.defense.certify`.
+"""Curvature of the training loss, pure math: Hessian-vector products and operator (hvp), eigen /
+trace estimators (estimators), certified σ₁ bounds (certificates), learning-rate ceilings (lr).
+Re-exports their public names as a facade (``from specdef.curvature import lanczos``).
 """
 
 from specdef.curvature.certificates import (

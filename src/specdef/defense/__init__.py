@@ -1,3 +1,4 @@
-"""SpecDef Algorithm 1 on a live model: the config, the defended layer, apply/undo, target
-selection, the precision guard, probe batches and SpecDef-aware curvature certificates.
+"""SpecDef Algorithm 1 on a live model: the config (config), DefendedLinear (layer), apply/undo
+(apply), target selection (targets), the precision guard (guard), probe batches (probe) and
+SpecDef-aware curvature bounds (certify).
 """

@@ -1,3 +1,3 @@
-"""Experiments as data: YAML configs expanded into runs, the runners for each experiment kind,
-resumable run directories and the demo.
+"""Experiments as data: YAML configs and their grids (config), what a run of each kind does
+(runners), resumable run directories (run) and the digits demo (demo).
 """

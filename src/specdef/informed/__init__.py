@@ -1,3 +1,3 @@
-"""The informed attacker: detection of defended pairs from the weights alone and the
-function-preserving transforms (fuse, factor, inject, untouched, rebalance) that undo the defense.
+"""The informed attacker: finding defended pairs from the weights alone (detect, detect_native,
+detection) and the function-preserving transforms that undo it (transforms, inject, targets).
 """

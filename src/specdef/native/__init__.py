@@ -1,3 +1,3 @@
-"""Zero-overhead native deformation: finding a model's symmetric layer pairs and deforming them
-in place (apply, rebalance, imbalance scores).
+"""Zero-overhead native deformation: a model's symmetric layer pairs and their tensors (pairs), and
+deforming them in place, rebalancing and imbalance scores (apply).
 """

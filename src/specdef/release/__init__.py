@@ -1,3 +1,3 @@
-"""What a model releaser runs: load a source, defend it (one entry point for every mode) and
-verify the defended checkpoint against the source.
+"""What a model releaser runs: load a source and its probe batch (sources), defend it to a
+checkpoint (defend) and verify the checkpoint against the source (verify).
 """

@@ -1,3 +1,3 @@
-"""results.jsonl → report.md: the page, its attack / curvature / utility sections, markdown
-helpers and plots. Imports no training code.
+"""results.jsonl → report.md, no training code: the page (page), its attack and curvature / utility
+sections (attack, measure), markdown helpers (markdown) and PNG figures (plots).
 """

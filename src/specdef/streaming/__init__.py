@@ -1,3 +1,3 @@
-"""Defending a sharded safetensors checkpoint tensor by tensor: shard reading and writing,
-the native plan, and the resumable staging directory.
+"""Defending a sharded safetensors checkpoint tensor by tensor (defend): shard reading and writing
+(shards), the native plan (native) and the resumable staging directory (resume).
 """

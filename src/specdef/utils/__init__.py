@@ -1,3 +1,3 @@
-"""Plumbing every floor may use: atomic writes and output preflight (files), provenance stamps,
-progress bars. No torch model code lives here.
+"""Plumbing every floor may use: atomic writes and output preflight (files), provenance stamps
+(provenance), progress bars (progress). No model code.
 """

@@ -1,10 +1,6 @@
-"""The offline zoo: real models and datasets by name, cached and licensed, never downloaded.
-
->>> from specdef.zoo import load_model, load_tokenizer, load_task, load_prompts
->>> model = load_model("smollm2-135m", attn_implementation="eager")  # doctest: +SKIP
->>> task = load_task("harmful-qa", tokenizer=load_tokenizer("smollm2-135m"))  # doctest: +SKIP
-
-The cache lives in ``$SPECDEF_CACHE`` (default ``~/.cache/specdef``); see :mod:`specdef.zoo._cache`.
+"""The offline zoo, real models and datasets by name, never downloaded: models, datasets, text,
+images, hf and vision builders, evaluation; a checked cache (_cache, in ``$SPECDEF_CACHE``).
+Re-exports ``load_model``, ``load_tokenizer``, ``load_task``, ``load_prompts`` … as a facade.
 """
 
 from specdef.zoo._cache import cache_root
