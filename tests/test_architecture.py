@@ -30,9 +30,12 @@ FLOORS_MARKER = "<!-- floors: read by tests/test_architecture.py -->"
 TOP = "specdef"  # the package itself: light, see test_package_root_is_light
 
 # Function-level specdef imports that are allowed, as {(module, imported module): why}. A lazy
-# import is for a heavy optional third-party dependency, never to dodge a cycle; there is none
-# today. An entry that no longer matches an import fails test_function_level_imports.
-ALLOWED_LOCAL_IMPORTS: dict[tuple[str, str], str] = {}
+# import is for a heavy optional third-party dependency, never to dodge a cycle. An entry that no
+# longer matches an import fails test_function_level_imports.
+ALLOWED_LOCAL_IMPORTS: dict[tuple[str, str], str] = {
+    ("specdef", "specdef.io.hf"): "registers model_type 'specdef' with transformers' Auto classes "
+    "only once transformers itself loads them (a post-import hook): `import specdef` stays light",
+}
 
 MAX_INIT_DOCSTRING_LINES = 3
 
@@ -190,7 +193,7 @@ def _floor_violation(edge: Edge) -> str | None:
     if dst == TOP or src == dst or (src not in level and src != TOP) or dst not in level:
         return None  # the root is light and open to all; undeclared concepts fail their own test
     if src == TOP:
-        if level[dst] == 0:
+        if level[dst] == 0 or (edge.source, edge.target) in ALLOWED_LOCAL_IMPORTS:
             return None
         return f"the package root imports {edge.target} (floor {level[dst]}): the root stays light"
     if level[dst] > level[src]:

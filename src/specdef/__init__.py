@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 _LAZY = {
-    "SpecDefConfig": "specdef.defense.apply",
+    "SpecDefConfig": "specdef.defense.config",
     "apply_specdef_": "specdef.defense.apply",
     "undo_specdef_": "specdef.defense.apply",
     "load_defended": "specdef.io.checkpoint",

@@ -1,3 +1,3 @@
 """Checkpoints on disk: the specdef checkpoint format with its one manifest builder (checkpoint)
-and reading safetensors files without unpickling (safetensors).
+reading safetensors files without unpickling (safetensors), and the Hugging Face face of it (hf).
 """
