@@ -67,3 +67,30 @@ def test_replace_marked_region_keeps_markers_and_surroundings(tmp_path: Path) ->
     assert doc.read_text() == "intro\n<!-- a -->\nnew\n<!-- /a -->\noutro\n"
     with pytest.raises(SpecdefError, match="lacks the markers"):
         replace_marked_region(doc, "<!-- b -->", "<!-- /b -->", "x")
+
+
+def test_confined_paths_stay_inside_their_directory(tmp_path: Path) -> None:
+    from specdef.utils.files import confined
+
+    root = tmp_path / "ckpt"
+    (root / "sub").mkdir(parents=True)
+    (root / "model.safetensors").write_bytes(b"x")
+    assert (
+        confined(root, "model.safetensors", what="index") == (root / "model.safetensors").resolve()
+    )
+    assert confined(root, "sub/a.safetensors", what="index").parent == (root / "sub").resolve()
+    outside = tmp_path / "secret"
+    outside.write_text("s")
+    (root / "link.safetensors").symlink_to(outside)
+    for bad, message in [
+        ("../secret", "leaves"),
+        ("/etc/passwd", "leaves"),
+        ("sub/../../secret", "leaves"),
+        ("~/x", "leaves"),
+        ("link.safetensors", "symlink"),
+        ("", "expected a file name"),
+        (None, "expected a file name"),
+        (3, "expected a file name"),
+    ]:
+        with pytest.raises(SpecdefError, match=message):
+            confined(root, bad, what="index")

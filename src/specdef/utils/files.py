@@ -155,3 +155,25 @@ def preflight_output(path: str | os.PathLike[str], *, overwrite: bool) -> None:
     finally:
         if probe_dir is not None:
             shutil.rmtree(probe_dir, ignore_errors=True)
+
+
+def confined(root: str | os.PathLike[str], relative: object, *, what: str) -> Path:
+    """``root / relative`` for a path read from a file (a shard index, a manifest), refused unless it
+    is a plain relative path that stays inside ``root`` after resolving symlinks."""
+    base = Path(root).resolve()
+    if not isinstance(relative, str) or not relative or "\x00" in relative:
+        raise SpecdefError(
+            f"{what}: expected a file name inside {str(base)!r}, found {relative!r}."
+        )
+    candidate = Path(relative)
+    if candidate.is_absolute() or ".." in candidate.parts or relative.startswith("~"):
+        raise SpecdefError(
+            f"{what}: {relative!r} leaves {str(base)!r} (absolute or '..' path); a checkpoint names "
+            "only files inside its own directory."
+        )
+    target = (base / candidate).resolve()
+    if target != base and base not in target.parents:
+        raise SpecdefError(
+            f"{what}: {relative!r} resolves outside {str(base)!r} (a symlink); refusing to follow it."
+        )
+    return target
