@@ -157,11 +157,27 @@ def open_storage(storage: str | None, out: str | os.PathLike[str]) -> tuple[Any,
         if storage.startswith("sqlite"):
             # several processes on one SQLite file: wait for its write lock instead of failing
             kwargs = {"connect_args": {"timeout": 120}}
-        return optuna.storages.RDBStorage(storage, engine_kwargs=kwargs), storage
+        return _rdb_storage(storage, kwargs), storage
     path = Path(storage) if storage is not None else Path(out) / "study.journal"
     path.parent.mkdir(parents=True, exist_ok=True)
     backend = JournalFileBackend(str(path))
     return optuna.storages.JournalStorage(backend), f"journal:{path}"
+
+
+def _rdb_storage(url: str, engine_kwargs: dict[str, Any], *, attempts: int = 5) -> Any:
+    """``RDBStorage(url)``, retried: processes that open a new database together race to create
+    its schema (a unique-constraint error on alembic's version row); the losers find it made."""
+    import optuna  # see open_storage
+    import sqlalchemy.exc  # optuna's RDB dependency
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _pruner(config: SearchConfig, base: AttackSpec) -> Any:
