@@ -22,9 +22,9 @@ from optuna.trial import TrialState
 
 import specdef
 from specdef import zoo
-from specdef.attack import search as search_module
 from specdef.attack.loop import AttackSpec
 from specdef.attack.search import SURPLUS, SearchConfig, read_rows, run_search
+from specdef.attack.search import storage as slots
 from specdef.attack.sweep import ModelVariant
 from specdef.cli import main
 from specdef.release.sources import load_source
@@ -167,19 +167,19 @@ def test_kill_between_row_and_tell_reuses_the_row(
     config = SearchConfig(trials=3, study="tell", pruner="none")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)  # fmt: skip
-    gone = {"host": search_module.socket.gethostname(), "pid": int(dead.stdout), "created": 0.0,
+    gone = {"host": slots.socket.gethostname(), "pid": int(dead.stdout), "created": 0.0,
             "heartbeat": 0.0}  # fmt: skip
-    monkeypatch.setattr(search_module, "_owner", lambda: dict(gone))  # as if a dead process ran it
-    real_tell = search_module._tell_from_row
+    monkeypatch.setattr(slots, "owner", lambda: dict(gone))  # as if a dead process ran it
+    real_tell = slots.tell_from_row
 
     def killed(*_: Any) -> None:
         raise KeyboardInterrupt  # the process dies after the row is on disk, before the tell
 
-    monkeypatch.setattr(search_module, "_tell_from_row", killed)
+    monkeypatch.setattr(slots, "tell_from_row", killed)
     with pytest.raises(KeyboardInterrupt):
         run_search(task, variant, base, ["sgd"], config, out=tmp_path)
     assert len(read_rows(tmp_path / "results.jsonl")) == 1
-    monkeypatch.setattr(search_module, "_tell_from_row", real_tell)
+    monkeypatch.setattr(slots, "tell_from_row", real_tell)
     summary = run_search(task, variant, base, ["sgd"], config, out=tmp_path)
     assert summary.ran == 2  # trials 1 and 2; trial 0 was told from its row, not trained again
     storage = journal(tmp_path / "study.journal")
