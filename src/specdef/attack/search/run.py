@@ -138,10 +138,10 @@ def _work(
         row = _run_trial(study, trial, task, variant, base, optimizer, config,
                          threshold=threshold, rid=rid, experiment=experiment, where=where,
                          edge=edge, runner=runner)  # fmt: skip
-        ran += 1
         if slots.slot(study, trial.number) > config.trials:
             slots.discard(study, trial)  # lost a race that only an RDB server's commit order shows
             continue
+        ran += 1
         append_row(results, row)
         slots.tell_from_row(study, trial, row)
 

@@ -59,6 +59,8 @@ def _rdb_storage(url: str, engine_kwargs: dict[str, Any], *, attempts: int = 5) 
 
 
 def pruner(config: SearchConfig, base: AttackSpec) -> Any:
+    """The Optuna pruner ``config.pruner`` names; its resource is training steps (the pruner sees
+    the provisional objective reported at each evaluation)."""
     import optuna  # see open_storage
 
     first = config.min_resource or max(base.eval_every, base.steps // 8)
@@ -113,12 +115,15 @@ def slot(study: Any, number: int) -> int:
 
 
 def owner() -> dict[str, Any]:
+    """This process as a trial's owner: host, pid, the pid's start time (a reused pid is not the
+    owner) and a heartbeat timestamp."""
     me = psutil.Process()
     return {"host": socket.gethostname(), "pid": me.pid, "created": me.create_time(),
             "heartbeat": time.time()}  # fmt: skip
 
 
 def discard(study: Any, trial: Any) -> None:
+    """Fail a surplus trial (created past the N slots) without running it; it is never counted."""
     from optuna.trial import TrialState  # see open_storage
 
     trial.set_user_attr(SURPLUS, True)
@@ -126,6 +131,8 @@ def discard(study: Any, trial: Any) -> None:
 
 
 def tell_from_row(study: Any, trial: Any, row: Mapping[str, Any]) -> None:
+    """Finish ``trial`` in the storage as its row says (complete with its objective, pruned, or
+    failed)."""
     from optuna.trial import TrialState  # see open_storage
 
     state = row["trial_state"]
