@@ -42,7 +42,7 @@ def test_sampled_specs_build_and_step(name: str) -> None:
 def test_assemble_kwargs_and_errors() -> None:
     got = assemble_kwargs({"betas.1": 0.99, "betas.0": 0.9, "eps": 1e-8})
     assert got == {"betas": (0.9, 0.99), "eps": 1e-8}
-    with pytest.raises(SpecdefError, match="numbered 0..0"):
+    with pytest.raises(SpecdefError, match=r"numbered 0\.\.0"):
         assemble_kwargs({"betas.1": 0.99})
 
 
