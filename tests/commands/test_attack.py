@@ -59,3 +59,41 @@ def test_attack_cli_user_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert "Did you mean: adam" in capsys.readouterr().err
     assert main(["attack", "mlp-digits", "--data", "digits", "--train", "some"]) == 2
     assert "train in" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def defended_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The zoo's mlp-digits defended as the issue says: α = 1e4, top_k = 8, every linear layer."""
+    out = tmp_path_factory.mktemp("zoo") / "mlp-digits-defended"
+    assert main(["defend", "mlp-digits", "-o", str(out), "--alpha", "1e4", "--top-k", "8"]) == 0
+    return out
+
+
+EDGE = ["--data", "digits-harmful", "--optimizer", "adam,sgd", "--stability-edge"]
+EDGE += ["--batch-size", "32", "--edge-steps", "30"]
+
+
+def test_stability_edge_cli_on_defended_digits(
+    defended_zoo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    capsys.readouterr()
+    assert main(["attack", str(defended_zoo), *EDGE, "--json"]) == 0
+    edges = json.loads(capsys.readouterr().out)["stability_edge"]
+    # the same 2/λ_max as `specdef curvature` on the same batch (same Lanczos start and budget)
+    argv = ["curvature", str(defended_zoo), "--data", "digits-harmful", "--batch-size", "32"]
+    assert main([*argv, "--no-bounds", "--json"]) == 0
+    ceiling = json.loads(capsys.readouterr().out)["model"]["lr_ceiling"]
+    for optimizer in ("adam", "sgd"):
+        e = edges[optimizer]
+        assert e["ceiling"] == pytest.approx(ceiling, rel=1e-3)
+        assert e["ceiling"] == pytest.approx(2 / e["lambda_max"], rel=1e-12)
+        assert e["edge"] < e["diverging"] <= e["edge"] * 10**0.05 * (1 + 1e-9)
+        assert e["ratio_to_ceiling"] == pytest.approx(e["edge"] / e["ceiling"], rel=1e-12)
+        probes = {p["lr"]: p["diverged_at"] for p in e["probes"]}
+        assert probes[e["edge"]] is None and probes[e["diverging"]] is not None
+        assert e["probes"][0]["lr"] == pytest.approx(e["ceiling"])  # bisection starts at 2/λ_max
+    # Adam normalizes its steps, so its edge is far above GD's ceiling; SGD's is not
+    assert edges["adam"]["edge"] > 100 * edges["sgd"]["edge"]
+    assert main(["attack", str(defended_zoo), *EDGE]) == 0
+    text = capsys.readouterr().out
+    assert "adam: " in text and "sgd: " in text and "× 2/λ_max" in text

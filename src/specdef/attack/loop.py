@@ -24,7 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from specdef.attack.metrics import StepsToThreshold, Threshold, steps_to_threshold
+from specdef.attack.metrics import (
+    DEFAULT_METRIC,
+    Ladder,
+    StepsToThreshold,
+    Threshold,
+    steps_to_threshold,
+    threshold_ladder,
+)
 from specdef.attack.optim import get_optimizer_entry, make_optimizer
 from specdef.defense.layer import defended_layers, parameter_roles
 from specdef.errors import SpecdefError
@@ -102,7 +109,9 @@ class AttackSpec:
 class AttackResult:
     """What one attack measured. ``history``: one row per update (``step``, ``train_loss``,
     ``grad_norm``, ``lr``); ``evals``: one row per evaluation (``step``, then ``<split>_<metric>``
-    such as ``harmful_loss``, ``harmful_accuracy``, ``benign_loss``)."""
+    such as ``harmful_loss``, ``harmful_accuracy``, ``benign_loss``). ``stopped_at``: the step at
+    which ``on_eval`` ended the run early (a search's pruner). ``ladder``: the first step each rung
+    of the threshold ladder was reached on the threshold's metric (else the task's default one)."""
 
     spec: AttackSpec
     history: list[dict[str, float]]
@@ -112,6 +121,8 @@ class AttackResult:
     trainable_parameters: int
     seconds: float
     outcome: StepsToThreshold | None = None
+    stopped_at: int | None = None
+    ladder: Ladder | None = None
 
     def summary(self) -> dict[str, Any]:
         last = self.evals[-1] if self.evals else {}
@@ -121,9 +132,12 @@ class AttackResult:
             "trainable_parameters": self.trainable_parameters,
             "seconds": round(self.seconds, 3),
             "final": {k: v for k, v in last.items() if k != "step"},
+            "stopped_at": self.stopped_at,
         }
         if self.outcome is not None:
             out.update(self.outcome.to_dict())
+        if self.ladder is not None:
+            out["ladder"] = self.ladder.to_dict()
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -224,11 +238,14 @@ def run_attack(
     *,
     accelerator: Any | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
+    on_eval: Callable[[dict[str, float]], bool] | None = None,
 ) -> AttackResult:
     """Fine-tune ``model`` on ``task`` as ``spec`` says; the model is trained **in place**.
 
     Seeds a forked RNG with ``spec.seed`` (the caller's global RNG state is untouched). Returns the
-    per-step history, the evaluations and, if ``spec.threshold`` is set, the steps to reach it.
+    per-step history, the evaluations, the threshold ladder and, if ``spec.threshold`` is set, the
+    steps to reach it. ``on_eval`` sees each evaluation row after step 0; returning ``True`` ends
+    the run there (``stopped_at``; what was not reached is censored at that step).
     """
     if not isinstance(task, Task):
         raise SpecdefError(f"Expected a specdef Task; found {type(task).__name__}.")
@@ -291,6 +308,7 @@ def run_attack(
         history: list[dict[str, float]] = []
         evals: list[dict[str, float]] = []
         diverged_at: int | None = None
+        stopped_at: int | None = None
         initial_loss: float | None = None
         start = time.perf_counter()
         model.eval()
@@ -337,16 +355,30 @@ def run_attack(
                     and threshold.met(evals[-1].get(threshold.metric, math.nan))
                 ):
                     break
+                if on_eval is not None and on_eval(evals[-1]) and step < spec.steps:
+                    stopped_at = step
+                    break
         seconds = time.perf_counter() - start
         model.eval()
     if diverged_at is not None:
         log.info("attack %s lr=%g diverged at step %d", spec.optimizer, spec.lr, diverged_at)
+    # a run stopped from outside is censored at the steps it ran, not at the budget it never used
+    budget = stopped_at if stopped_at is not None else spec.steps
+    stopped = stopped_at is not None
     outcome = (
-        steps_to_threshold(evals, threshold, budget=spec.steps, diverged_at=diverged_at)
+        steps_to_threshold(
+            evals, threshold, budget=budget, diverged_at=diverged_at, stopped=stopped
+        )
         if threshold is not None
         else None
     )
-    return AttackResult(spec, history, evals, diverged_at, step, n_trainable, seconds, outcome)
+    metric = threshold.metric if threshold is not None else DEFAULT_METRIC.get(task.kind, "")
+    ladder = threshold_ladder(
+        evals, metric=metric, budget=budget, diverged_at=diverged_at, stopped=stopped
+    )
+    return AttackResult(
+        spec, history, evals, diverged_at, step, n_trainable, seconds, outcome, stopped_at, ladder
+    )
 
 
 @torch.no_grad()

@@ -6,7 +6,9 @@ and declares what the training loop must do for it, so the loop reads flags, nev
 - ``needs_closure``: call ``optimizer.step(closure)``; the closure zeroes gradients, runs forward and
   backward on the step's batches and returns the loss;
 - ``second_order``: uses curvature (informational; reported with results);
-- ``splits_matrices``: hidden 2-D weights go to one inner optimizer, the rest to another.
+- ``splits_matrices``: hidden 2-D weights go to one inner optimizer, the rest to another;
+- ``search_space``: the optimizer's own hyperparameters a worst-case attacker searches
+  (``specdef.attack.search``), by keyword name; ``"betas.0"`` is element 0 of the ``betas`` tuple.
 
 :func:`make_optimizer` returns the optimizer and its entry. Every optimizer exposes
 ``param_groups`` (each group keeps its ``initial_lr``, which learning-rate schedules scale),
@@ -38,6 +40,78 @@ class OptimizerLike(Protocol):
     def zero_grad(self, set_to_none: bool = True) -> None: ...
 
 
+SEARCH_KINDS = ("log", "float", "int", "choice")
+
+
+@dataclass(frozen=True)
+class SearchParam:
+    """One searched hyperparameter: ``"log"`` (log-uniform on [low, high]), ``"float"`` (uniform),
+    ``"int"`` (integers in [low, high]) or ``"choice"`` (one of ``choices``: None/bool/int/float/
+    str, what a search storage can hold)."""
+
+    kind: str
+    low: float = 0.0
+    high: float = 0.0
+    choices: tuple[Any, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in SEARCH_KINDS:
+            raise SpecdefError(f"Search kind must be one of {SEARCH_KINDS}; found {self.kind!r}.")
+        if self.kind == "choice":
+            if not self.choices:
+                raise SpecdefError("A 'choice' search parameter needs at least one choice.")
+        elif not self.low <= self.high or (self.kind == "log" and self.low <= 0):
+            raise SpecdefError(
+                f"Search range must have low <= high (and low > 0 for 'log'); found "
+                f"[{self.low}, {self.high}] for {self.kind!r}."
+            )
+
+
+def log_uniform(low: float, high: float) -> SearchParam:
+    return SearchParam("log", low, high)
+
+
+def uniform(low: float, high: float) -> SearchParam:
+    return SearchParam("float", low, high)
+
+
+def integers(low: int, high: int) -> SearchParam:
+    return SearchParam("int", low, high)
+
+
+def choice(*options: Any) -> SearchParam:
+    return SearchParam("choice", choices=tuple(options))
+
+
+def assemble_kwargs(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Optimizer keywords from searched values: ``{"betas.0": .9, "betas.1": .99}`` →
+    ``{"betas": (.9, .99)}`` (indices must run 0..n-1); other keys pass through."""
+    out: dict[str, Any] = {}
+    parts: dict[str, dict[int, Any]] = {}
+    for key, value in values.items():
+        name, dot, index = key.partition(".")
+        if dot and index.isdigit():
+            parts.setdefault(name, {})[int(index)] = value
+        else:
+            out[key] = value
+    for name, items in parts.items():
+        if sorted(items) != list(range(len(items))):
+            raise SpecdefError(
+                f"Searched elements of {name!r} must be numbered 0..{len(items) - 1}; found "
+                f"{sorted(items)}."
+            )
+        out[name] = tuple(items[i] for i in range(len(items)))
+    return out
+
+
+_ADAM_SPACE = {
+    "betas.0": uniform(0.5, 0.99),
+    "betas.1": choice(0.9, 0.95, 0.99, 0.999),
+    "eps": log_uniform(1e-12, 1e-4),
+}
+_MOMENTUM_SPACE = {"momentum": uniform(0.5, 0.99)}
+
+
 @dataclass(frozen=True)
 class OptimizerEntry:
     """A registered optimizer: how to build it and what the loop must do for it."""
@@ -50,6 +124,7 @@ class OptimizerEntry:
     needs_closure: bool = False
     second_order: bool = False
     splits_matrices: bool = False
+    search_space: Mapping[str, SearchParam] = field(default_factory=dict)
 
 
 class CompositeOptimizer:
@@ -238,21 +313,54 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
             "sgd-momentum",
             _torch(torch.optim.SGD, momentum=0.9),
             "SGD with heavy-ball momentum 0.9",
+            search_space=_MOMENTUM_SPACE,
         ),
         OptimizerEntry(
             "nesterov",
             _torch(torch.optim.SGD, momentum=0.9, nesterov=True),
             "SGD with Nesterov momentum 0.9",
+            search_space=_MOMENTUM_SPACE,
         ),
-        OptimizerEntry("adam", _torch(torch.optim.Adam), "Adam (L2 weight decay)"),
-        OptimizerEntry("adamw", _torch(torch.optim.AdamW), "AdamW (decoupled weight decay)"),
-        OptimizerEntry("adagrad", _torch(torch.optim.Adagrad), "Adagrad"),
-        OptimizerEntry("rmsprop", _torch(torch.optim.RMSprop), "RMSprop"),
+        OptimizerEntry(
+            "adam", _torch(torch.optim.Adam), "Adam (L2 weight decay)", search_space=_ADAM_SPACE
+        ),
+        OptimizerEntry(
+            "adamw",
+            _torch(torch.optim.AdamW),
+            "AdamW (decoupled weight decay)",
+            search_space=_ADAM_SPACE,
+        ),
+        OptimizerEntry(
+            "adagrad",
+            _torch(torch.optim.Adagrad),
+            "Adagrad",
+            search_space={
+                "eps": log_uniform(1e-12, 1e-4),
+                "initial_accumulator_value": choice(0.0, 0.1),
+            },
+        ),
+        OptimizerEntry(
+            "rmsprop",
+            _torch(torch.optim.RMSprop),
+            "RMSprop",
+            search_space={
+                "alpha": uniform(0.9, 0.999),
+                "momentum": choice(0.0, 0.5, 0.9),
+                "eps": log_uniform(1e-12, 1e-4),
+            },
+        ),
         OptimizerEntry(
             "muon",
             _muon,
             "torch.optim.Muon on hidden 2-D weights + AdamW on the rest",
             splits_matrices=True,
+            search_space={
+                "momentum": uniform(0.8, 0.99),
+                "nesterov": choice(True, False),
+                "adjust_lr_fn": choice("original", "match_rms_adamw"),
+                # the AdamW half (biases, output layer) gets its own rate, searched as widely
+                "adamw_lr": log_uniform(1e-12, 1.0),
+            },
         ),
         OptimizerEntry(
             "adahessian",
@@ -260,6 +368,11 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
             "AdaHessian (pytorch_optimizer), Hutchinson Hessian diagonal every step",
             needs_create_graph=True,
             second_order=True,
+            search_space={
+                "betas.0": uniform(0.5, 0.99),
+                "betas.1": choice(0.99, 0.999),
+                "hessian_power": uniform(0.5, 1.0),
+            },
         ),
         OptimizerEntry(
             "sophiah",
@@ -267,6 +380,11 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
             "SophiaH (pytorch_optimizer), clipped Hutchinson-preconditioned steps",
             needs_create_graph=True,
             second_order=True,
+            search_space={
+                "betas.0": uniform(0.5, 0.99),
+                "betas.1": choice(0.99, 0.999),
+                "p": log_uniform(1e-3, 1e-1),
+            },
         ),
         OptimizerEntry(
             "newton-cg",
@@ -276,6 +394,7 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
             needs_create_graph=True,
             needs_closure=True,
             second_order=True,
+            search_space={"damping": log_uniform(1e-4, 10.0), "cg_iters": integers(2, 20)},
         ),
     )
 }

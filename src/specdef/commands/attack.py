@@ -1,23 +1,32 @@
 """``specdef attack MODEL --data TASK``: fine-tune a (defended) model over a learning-rate grid and
-report the steps each run needed to reach the threshold, the best case and divergence points."""
+report the steps each run needed to reach the threshold, the best case and divergence points;
+``--search N``: the worst-case attacker (an Optuna search per optimizer); ``--stability-edge``: the
+largest learning rate that does not diverge, against the curvature ceiling 2/λ_max."""
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import hashlib
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from specdef import zoo
+from specdef.attack.edge import StabilityEdge, stability_edge
 from specdef.attack.loop import AttackSpec
 from specdef.attack.metrics import StepsToThreshold, best_over_grid
+from specdef.attack.search import PRUNERS, SearchConfig, SearchSummary, read_rows, run_search
 from specdef.attack.sweep import ModelVariant, attack_grid, run_sweep
 from specdef.commands._common import print_json, print_table
 from specdef.errors import SpecdefError
 from specdef.experiments.config import parse_value
 from specdef.informed.transforms import apply_adaptive, parse_adaptive
 from specdef.release.sources import load_source
+from specdef.utils.files import append_jsonl
+from specdef.utils.provenance import provenance
 
 
 def _floats(text: str) -> list[float]:
@@ -101,7 +110,83 @@ def register(sub: Any) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", metavar="RUN_DIR", help="keep results.jsonl here (resumable)")
     parser.add_argument("--json", action="store_true", help="print the rows' summaries as JSON")
-    parser.set_defaults(func=run)
+    search = parser.add_argument_group(
+        "worst-case attacker (docs/attacks.md)",
+        "--search N runs an Optuna study per optimizer over lr, warm-up, clipping, weight decay, "
+        "schedule and the optimizer's own hyperparameters, minimizing censored steps to "
+        "--threshold; it resumes from its storage and several processes can share one.",
+    )
+    search.add_argument(
+        "--search",
+        type=int,
+        default=None,
+        metavar="N",
+        help="finished trials per optimizer (replaces the --lr grid)",
+    )
+    search.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="Optuna RDB URL (sqlite:///study.db, postgresql://…) or a journal "
+        "file path; default RUN_DIR/study.journal",
+    )
+    search.add_argument(
+        "--study",
+        default=None,
+        metavar="NAME",
+        help="study name prefix (default: derived from model, task and spec)",
+    )
+    search.add_argument(
+        "--pruner",
+        default="halving",
+        choices=PRUNERS,
+        help="successive halving (default), Hyperband, or none",
+    )
+    search.add_argument(
+        "--min-resource",
+        type=int,
+        default=None,
+        metavar="STEPS",
+        help="steps before the pruner's first rung (default max(eval, steps/8))",
+    )
+    search.add_argument("--search-seed", type=int, default=0, help="TPE sampler seed")
+    search.add_argument(
+        "--lr-range",
+        type=_floats,
+        default=[1e-12, 1.0],
+        metavar="LO,HI",
+        help="log-uniform learning-rate range searched (default 1e-12,1)",
+    )
+    search.add_argument(
+        "--stale-after",
+        type=float,
+        default=900.0,
+        metavar="S",
+        help="re-run another host's running trial after S s without heartbeat",
+    )
+    edge = parser.add_argument_group(
+        "stability edge",
+        "--stability-edge bisects log(lr) from 2/λ_max (Lanczos on the training loss) down to "
+        "1e-12 for the largest rate that does not diverge within --edge-steps, per optimizer.",
+    )
+    edge.add_argument(
+        "--stability-edge",
+        action="store_true",
+        help="print each optimizer's stability edge and its ratio to 2/λ_max",
+    )
+    edge.add_argument("--edge-steps", type=int, default=50, help="horizon of each probe")
+    edge.add_argument(
+        "--edge-tol",
+        type=float,
+        default=0.05,
+        metavar="DECADES",
+        help="bisect until the bracket spans this many decades",
+    )
+    edge.add_argument("--edge-hvps", type=int, default=20, help="Lanczos budget for λ_max")
+    edge.add_argument(
+        "--edge-batches", type=int, default=1, help="training batches (of --batch-size) for λ_max"
+    )
+    parser.set_defaults(func=run)  # fmt: skip
 
 
 def _opt_kwargs(items: list[str]) -> dict[str, Any]:
@@ -142,9 +227,24 @@ def build_specs(args: argparse.Namespace) -> list[Any]:
     return attack_grid(base, optimizers=args.optimizer, lrs=args.lr, seeds=args.seeds)
 
 
+def _search_config(args: argparse.Namespace) -> SearchConfig | None:
+    if args.search is None:
+        return None
+    if not args.threshold:
+        raise SpecdefError("--search needs --threshold (e.g. harmful_accuracy>=0.75).")
+    if len(args.lr_range) != 2:
+        raise SpecdefError(f"Expected --lr-range LO,HI (two numbers); found {args.lr_range}.")
+    return SearchConfig(
+        trials=args.search, storage=args.storage, study=args.study, seed=args.search_seed,
+        pruner=args.pruner, min_resource=args.min_resource, lr_low=args.lr_range[0],
+        lr_high=args.lr_range[1], stale_after=args.stale_after,
+    )  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
 
     specs = build_specs(args)  # validate the grid before loading anything
+    search = _search_config(args)
     if args.threads:
         import torch
 
@@ -165,6 +265,22 @@ def run(args: argparse.Namespace) -> int:
         specs, info = _adaptive(pristine, specs, info, args.adaptive)
         name = f"{source.name}+{args.adaptive}"
     variant = ModelVariant(name, lambda: copy.deepcopy(pristine), info)
+    edges: dict[str, StabilityEdge] = {}
+    if args.stability_edge:
+        edges = _edges(args, task, variant, specs[0])
+    if search is not None:
+        if args.out:
+            found = run_search(task, variant, specs[0], args.optimizer, search, out=args.out,
+                               edges=edges)  # fmt: skip
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                found = run_search(task, variant, specs[0], args.optimizer, search, out=tmp,
+                                   edges=edges)  # fmt: skip
+        _print_search(found, edges, as_json=args.json)
+        return 0
+    if args.stability_edge:
+        _print_edges(edges, as_json=args.json, model=name, task=task.name)
+        return 0
     if args.out:
         summary = run_sweep(task, [variant], specs, results=Path(args.out) / "results.jsonl")
     else:
@@ -178,6 +294,99 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         print(f"{summary.ran} runs now, {summary.skipped} resumed; rows in {summary.results}")
     return 0
+
+
+def _edges(
+    args: argparse.Namespace, task: Any, variant: ModelVariant, base: AttackSpec
+) -> dict[str, StabilityEdge]:
+    """Each optimizer's stability edge; with --out also one ``stability-edge`` row each."""
+    edges = {}
+    for optimizer in args.optimizer:
+        spec = dataclasses.replace(base, optimizer=optimizer)
+        edge = stability_edge(
+            variant.build, task, spec, horizon=args.edge_steps, tol_decades=args.edge_tol,
+            hessian_batches=args.edge_batches, max_hvps=args.edge_hvps,
+        )  # fmt: skip
+        edges[optimizer] = edge
+        if args.out:
+            _record_edge(Path(args.out) / "results.jsonl", edge, variant, task.name, spec)
+    return edges
+
+
+def _record_edge(
+    path: Path, edge: StabilityEdge, variant: ModelVariant, task: str, spec: AttackSpec
+) -> None:
+    identity = {
+        "variant": variant.name,
+        "info": dict(variant.info),
+        "task": task,
+        "spec": spec.to_dict(),
+        "horizon": edge.horizon,
+        "probes": len(edge.probes),
+    }
+    text = json.dumps(identity, sort_keys=True, default=str)
+    rid = "edge-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+    if any(r.get("run_id") == rid for r in read_rows(path)):
+        return
+    row = {"run_id": rid, "experiment": "attack", "kind": "stability-edge",
+           "model": variant.name, "task": task, **dict(variant.info),
+           "optimizer": edge.optimizer, "spec": spec.to_dict(),
+           "stability_edge": edge.to_dict(), "provenance": provenance()}  # fmt: skip
+    append_jsonl(path, row)
+
+
+def _print_edges(edges: dict[str, StabilityEdge], *, as_json: bool, model: str, task: str) -> None:
+    if as_json:
+        print_json({"stability_edge": {k: e.to_dict() for k, e in edges.items()}})
+        return
+    table = [
+        (opt, e.edge if e.edge is not None else f"< {e.lr_min:g}",
+         e.diverging if e.diverging is not None else f"none ≤ {e.lr_max:g}",
+         e.ceiling.lr, e.ratio if e.ratio is not None else "—", e.ceiling.lambda_max,
+         len(e.probes))
+        for opt, e in edges.items()
+    ]  # fmt: skip
+    horizon = next(iter(edges.values())).horizon if edges else 0
+    print_table(
+        f"stability edge on {model} ({task}): largest lr not diverging within {horizon} steps",
+        ["optimizer", "edge (stable)", "diverges at", "2/λ_max", "edge / (2/λ_max)", "λ_max",
+         "probes"],
+        table,
+    )  # fmt: skip
+    for opt, e in edges.items():
+        print(f"{opt}: {e}")
+
+
+def _print_search(found: SearchSummary, edges: dict[str, StabilityEdge], *, as_json: bool) -> None:
+    rows = [{k: v for k, v in r.items() if k != "history"} for r in found.rows]
+    if as_json:
+        bests = {k: ({kk: vv for kk, vv in v.items() if kk != "history"} if v else None)
+                 for k, v in found.best.items()}  # fmt: skip
+        print_json({"rows": rows, "best": bests, "studies": found.studies,
+                    "storage": found.storage, "trials_run_now": found.ran,
+                    "stability_edge": {k: e.to_dict() for k, e in edges.items()}})  # fmt: skip
+        return
+    for optimizer, study in found.studies.items():
+        table = []
+        for r in rows:
+            if r["optimizer"] != optimizer:
+                continue
+            s = r.get("summary") or {}
+            reached = str(StepsToThreshold.from_dict(s)) if "budget" in s else r.get("error", "")
+            table.append((r["trial"], r["trial_state"], r["params"].get("lr", "—"), reached,
+                          r["objective"] if r["objective"] is not None else "—"))  # fmt: skip
+        print_table(f"search {study}", ["trial", "state", "lr", "steps to threshold",
+                                         "objective"], table)  # fmt: skip
+        best = found.best.get(optimizer)
+        if best is None:
+            print(f"best {optimizer}: no completed trial")
+        else:
+            outcome = StepsToThreshold.from_dict(best["summary"])
+            print(f"best {optimizer}: trial {best['trial']}, {outcome} steps to "
+                  f"{best['threshold']}, params {best['params']}")  # fmt: skip
+        if optimizer in edges:
+            print(f"stability edge {optimizer}: {edges[optimizer]}")
+    print(f"{found.ran} trials run now; study storage {found.storage}")
 
 
 def _adaptive(
