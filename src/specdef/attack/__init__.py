@@ -1,3 +1,3 @@
-"""The attacker's fine-tuning: the one training loop (loop), the optimizer registry with capability
-flags (optim), learning-rate sweeps (sweep) and steps-to-threshold metrics (metrics).
+"""The attacker's fine-tuning: the one training loop (loop), the optimizer registry (optim), sweeps
+(sweep), the threshold ladder (metrics), the stability edge (edge) and the Optuna search (search).
 """
