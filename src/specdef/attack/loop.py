@@ -6,8 +6,9 @@ a non-finite loss, or a training loss above ``divergence_factor`` × the first o
 outcome (``diverged_at``): training stops there and the result says so; nothing is raised.
 
 Multi-GPU / multi-node: pass an ``accelerate.Accelerator`` (see ``docs/attacks.md``); the model is
-prepared for data parallelism, each process draws its own batch stream, and backward goes through
-the accelerator. Without one, the loop is plain single-process PyTorch.
+prepared for data parallelism, every process draws the same global stream of
+``batch_size × processes`` examples and trains on its own slice of each batch (so N processes see
+exactly what one process with the global batch sees), and backward goes through the accelerator. Without one, the loop is plain single-process PyTorch.
 """
 
 from __future__ import annotations
@@ -275,10 +276,10 @@ def run_attack(
         )
         params = [p for p in model.parameters() if p.requires_grad]
         n_trainable = sum(p.numel() for p in params)
-        stream_seed = spec.seed
+        rank, world = 0, 1
         if accelerator is not None:
             model = accelerator.prepare_model(model)
-            stream_seed += 1000003 * accelerator.process_index
+            rank, world = int(accelerator.process_index), int(accelerator.num_processes)
         backward: Callable[..., None] = (
             accelerator.backward if accelerator is not None else torch.Tensor.backward
         )
@@ -287,7 +288,9 @@ def run_attack(
             if spec.precision == "bf16"
             else contextlib.nullcontext
         )
-        stream: Iterator[Batch] = task.train_batches(batch_size=spec.batch_size, seed=stream_seed)
+        stream = _shard(
+            task.train_batches(batch_size=spec.batch_size * world, seed=spec.seed), rank, world
+        )
         splits = {k: [_to_device(b, device) for b in v] for k, v in task.eval_splits().items()}
         create_graph = entry.needs_create_graph
 
@@ -382,6 +385,17 @@ def run_attack(
 
 
 @torch.no_grad()
+def _shard(stream: Iterator[Batch], rank: int, world: int) -> Iterator[Batch]:
+    """Process ``rank``'s slice of every batch of a global stream (the whole batch for one process)."""
+    for batch in stream:
+        if world == 1:
+            yield batch
+            continue
+        size = next(iter(batch.values())).shape[0]
+        per = -(-size // world)
+        yield {key: value[rank * per : (rank + 1) * per] for key, value in batch.items()}
+
+
 def _grad_norm(params: list[nn.Parameter], clip: float | None) -> float:
     grads = [p.grad.detach() for p in params if p.grad is not None]
     if not grads:
