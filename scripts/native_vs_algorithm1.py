@@ -97,7 +97,7 @@ def make_variant(
         if variant.endswith("fuse"):
             model, _ = fuse_(model)
     elif variant.startswith("native"):
-        records = apply_native_(model, alpha=ALPHA, top_k=cfg["top_k"], force=True)
+        records = apply_native_(model, SpecDefConfig(alpha=ALPHA, top_k=cfg["top_k"], force=True))
         facts["max_error"] = max(r.product_error for r in records)
         facts["pairs"] = len(records)
     if variant.endswith("rebalance"):
