@@ -1,6 +1,7 @@
 """The one defend pipeline: the same request defended in memory and by streaming writes the same
 tensors, bit for bit, and the same manifest / native record apart from provenance — in both modes,
-with either top-k method. Plus the request's own refusals."""
+with either top-k method, on a tiny Llama and a tiny GPT-2 (Conv1D, fused c_attn). Plus the
+request's own refusals."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _tiny import tiny_llama
+from _tiny import tiny_gpt2, tiny_llama
 from specdef.defense.config import SpecDefConfig
 from specdef.errors import SpecdefError
 from specdef.io.checkpoint import MANIFEST, NATIVE_RECORD
@@ -20,11 +21,18 @@ from specdef.release.defend import DefendRequest, DefendResult, defend
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny GQA Llama with tied embeddings, saved as a Hugging Face safetensors directory."""
-    folder = tmp_path_factory.mktemp("pipeline") / "src"
-    tiny_llama(seed=3).save_pretrained(folder)
-    return folder
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny GQA Llama with tied embeddings and a tiny GPT-2, saved as Hugging Face safetensors
+    directories."""
+    root = tmp_path_factory.mktemp("pipeline")
+    tiny_llama(seed=3).save_pretrained(root / "llama")
+    tiny_gpt2(seed=3).save_pretrained(root / "gpt2")
+    return {"llama": root / "llama", "gpt2": root / "gpt2"}
+
+
+@pytest.fixture
+def source(sources: dict[str, Path]) -> Path:
+    return sources["llama"]
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -40,7 +48,9 @@ def _record(folder: Path, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return data, data.pop("provenance")
 
 
-def _both(source: Path, tmp_path: Path, mode: str, config: SpecDefConfig) -> tuple[Path, Path]:
+def _both(
+    source: Path, tmp_path: Path, mode: str, config: SpecDefConfig, *, pairs: int = 4
+) -> tuple[Path, Path]:
     memory, streamed = tmp_path / "memory", tmp_path / "streamed"
     results: list[DefendResult] = [
         defend(DefendRequest(str(source), memory, config, mode=mode, probe=False)),
@@ -51,21 +61,33 @@ def _both(source: Path, tmp_path: Path, mode: str, config: SpecDefConfig) -> tup
     in_memory, streaming = results
     assert (in_memory.report is None) == (streaming.report is None) == (mode == "native")
     if mode == "native":
-        assert (
-            in_memory.pairs == streaming.pairs and len(in_memory.pairs) == 4
-        )  # 2 × (V/O, up/down)
+        assert in_memory.pairs == streaming.pairs and len(in_memory.pairs) == pairs
     else:
         assert in_memory.report == streaming.report
     return memory, streamed
 
 
+# (architecture, linear layers, symmetric pairs): Llama 2 × (q, k, v, o, gate, up, down) and
+# 2 × (V/O, up/down); GPT-2 2 × (c_attn, c_proj, c_fc, mlp.c_proj) and 2 × V/O (its GELU MLP has
+# no symmetry)
+ARCHITECTURES = [("llama", 14, 4), ("gpt2", 8, 2)]
+
+
 @pytest.mark.parametrize("method", ["exact", "randomized"])
 @pytest.mark.parametrize("mode", ["algorithm1", "native"])
+@pytest.mark.parametrize(("arch", "layers", "pairs"), ARCHITECTURES)
 def test_in_memory_and_streaming_write_the_same_release(
-    source: Path, tmp_path: Path, mode: str, method: str
+    sources: dict[str, Path],
+    tmp_path: Path,
+    arch: str,
+    layers: int,
+    pairs: int,
+    mode: str,
+    method: str,
 ) -> None:
+    source = sources[arch]
     config = SpecDefConfig(alpha=1e3, top_k=4, method=method, seed=7)
-    memory, streamed = _both(source, tmp_path, mode, config)
+    memory, streamed = _both(source, tmp_path, mode, config, pairs=pairs)
 
     a, b = _tensors(memory), _tensors(streamed)
     assert a.keys() == b.keys()
@@ -81,17 +103,18 @@ def test_in_memory_and_streaming_write_the_same_release(
     assert (prov_a["streaming"], prov_b["streaming"]) == (False, True)
     assert record_a["extra"] == {"source": str(source), "source_kind": "transformers-dir"}
     if mode == "algorithm1":
-        layers = record_a["defense"]["layers"]
-        assert len(layers) == 14 and not record_a["defense"]["forced"]  # 2 × 7 linears
-        assert [e["name"] for e in record_a["structure"]] == [r["name"] for r in layers]
+        rows = record_a["defense"]["layers"]
+        assert len(rows) == layers and not record_a["defense"]["forced"]
+        assert [e["name"] for e in record_a["structure"]] == [r["name"] for r in rows]
         # the record's spectra are the stored W̃'s (a separate SVD), and with the exact basis
         # σ₁(W̃) = α·σ₁(W) (the randomized basis only approximates the top-k subspace)
-        for row in layers:
+        for row in rows:
             stored = a[f"{row['name']}.inflated.weight"].double()
             sigma = float(torch.linalg.svdvals(stored)[0])
             assert sigma == pytest.approx(row["sigma_after"][0], rel=1e-4)
             if method == "exact":
                 weight = original[f"{row['name']}.weight"].double()
+                weight = weight.T if row["source"] == "conv1d" else weight
                 assert sigma == pytest.approx(
                     1e3 * float(torch.linalg.svdvals(weight)[0]), rel=1e-5
                 )

@@ -26,12 +26,9 @@ from specdef.errors import SpecdefError
 from specdef.io.checkpoint import NATIVE_RECORD, native_record, save_defended
 from specdef.native.apply import PairRecord, apply_native_
 from specdef.release.sources import Source, check_finite, load_source, probe_batch
-from specdef.streaming.defend import defend_streaming
+from specdef.streaming.defend import MODES, defend_streaming
 from specdef.utils.dtypes import parse_dtype
 from specdef.utils.files import atomic_directory, preflight_output, write_json_atomic
-
-MODES = ("algorithm1", "native")
-
 
 @dataclass(frozen=True)
 class DefendRequest:
