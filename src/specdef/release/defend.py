@@ -30,6 +30,7 @@ from specdef.streaming.defend import MODES, defend_streaming
 from specdef.utils.dtypes import parse_dtype
 from specdef.utils.files import atomic_directory, preflight_output, write_json_atomic
 
+
 @dataclass(frozen=True)
 class DefendRequest:
     """One defense, whatever the path. α, top-k, targets, method, seed, tolerance and force live
