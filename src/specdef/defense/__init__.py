@@ -1,3 +1,3 @@
-"""SpecDef Algorithm 1 on a live model: the config, the defended layer, apply/undo, target
-selection, the precision guard, probe batches and SpecDef-aware curvature certificates.
+"""SpecDef Algorithm 1: the config, the per-layer step every defend path shares, the defended
+layer, apply/undo, target selection, the tolerance table and guard, probe batches, certificates.
 """

@@ -11,6 +11,9 @@ A checkpoint directory holds
   the model, dtype, tied-weight aliases and provenance;
 - the tokenizer files, when one is passed.
 
+The manifest has one builder, :func:`build_manifest`, shared by :func:`save_defended` and the
+streaming writer (and the native record one, :func:`native_record`).
+
 Loading builds the base model from its config (a class of the ``transformers`` package itself —
 no remote code), re-creates the :class:`~specdef.defense.layer.DefendedLinear` modules listed in the
 manifest and loads the tensors with safetensors. Nothing is unpickled.
