@@ -135,7 +135,8 @@ def child(mode: str, src: Path, out: Path) -> dict[str, float]:
     torch.set_num_threads(1)
     import transformers  # noqa: F401 - the same import floor for every mode
 
-    import specdef.streaming.defend
+    from specdef.defense.config import SpecDefConfig
+    from specdef.release.defend import DefendRequest, defend
 
     start = time.perf_counter()
     shards = sorted(src.glob("*.safetensors"))
@@ -155,13 +156,16 @@ def child(mode: str, src: Path, out: Path) -> dict[str, float]:
         if profiler:
             profiler.enable()
         if mode.startswith("algorithm1"):
-            specdef.streaming.defend.defend_streaming(
-                src, out, alpha=ALPHA, top_k=TOP_K, targets="preset:llama", method="randomized"
+            config = SpecDefConfig(
+                alpha=ALPHA, top_k=TOP_K, targets="preset:llama", method="randomized"
             )
+            defend(DefendRequest(str(src), out, config, streaming=True, probe=False))
         elif mode.startswith("native"):
-            specdef.streaming.defend.defend_streaming(
-                src, out, mode="native", alpha=ALPHA, top_k=TOP_K, method="randomized"
+            config = SpecDefConfig(alpha=ALPHA, top_k=TOP_K, method="randomized")
+            request = DefendRequest(
+                str(src), out, config, mode="native", streaming=True, probe=False
             )
+            defend(request)
         if profiler:
             profiler.disable()
             seconds = time.perf_counter() - start

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from specdef.defense.config import SpecDefConfig
 from specdef.informed.detect import DetectConfig
 from specdef.native.apply import apply_native_, native_imbalance
 from specdef.native.pairs import find_symmetric_pairs
@@ -64,7 +65,8 @@ def measure(name: str) -> dict[str, float]:
                 model = copy.deepcopy(base)
                 method = "randomized" if name == "smollm2-135m" else "exact"
                 records = apply_native_(
-                    model, alpha=alpha, top_k=k, targets=targets, method=method, force=True
+                    model,
+                    SpecDefConfig(alpha=alpha, top_k=k, targets=targets, method=method, force=True),
                 )
                 deformed = {r.pair for r in records}
                 scores = native_imbalance(model)

@@ -28,7 +28,7 @@ from specdef.informed.transforms import apply_adaptive, parse_adaptive
 from specdef.linalg import symmetry as sym
 from specdef.native.apply import apply_native_, native_imbalance, rebalance_
 from specdef.native.pairs import find_symmetric_pairs, read_pair
-from specdef.release.defend import defend_native_to
+from specdef.release.defend import DefendRequest, defend
 from specdef.zoo import load_model
 
 MODELS = ("tiny-llama", "tiny-gpt2", "tiny-bert", "mlp-digits")
@@ -41,11 +41,11 @@ def _base(name: str) -> nn.Module:
     return load_model(name)
 
 
-def _selections(model: nn.Module) -> dict[str, list[str] | None]:
+def _selections(model: nn.Module) -> dict[str, list[str] | str]:
     """First pair, last pair (named by its compensating side, which no other pair contains — the
     middle layer of a ReLU chain belongs to two pairs), every pair."""
     pairs = find_symmetric_pairs(model)
-    return {"first": [pairs[0].inflated], "last": [pairs[-1].compensating], "all": None}
+    return {"first": [pairs[0].inflated], "last": [pairs[-1].compensating], "all": "all-linear"}
 
 
 def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +80,7 @@ def test_detect_finds_exactly_the_natively_deformed_pairs(name: str) -> None:
     for alpha in ALPHAS:
         for label, targets in _selections(base).items():
             model = copy.deepcopy(base)
-            records = apply_native_(model, alpha=alpha, top_k=4, targets=targets)
+            records = apply_native_(model, SpecDefConfig(alpha=alpha, top_k=4, targets=targets))
             truth = {r.pair for r in records}
             assert truth and (label == "all" or len(truth) == 1)
             found = detect_model(model)
@@ -113,7 +113,7 @@ def test_joint_score_does_not_flag_the_neighbour_in_a_relu_chain() -> None:
     model = copy.deepcopy(_base("mlp-digits"))
     first, second = find_symmetric_pairs(model)
     before = native_imbalance(model)[first.name]
-    apply_native_(model, alpha=1e4, top_k=8, targets=[second.compensating])
+    apply_native_(model, SpecDefConfig(alpha=1e4, top_k=8, targets=[second.compensating]))
     one_pair = sym.imbalance(first.kind, read_pair(model, first))
     joint = native_imbalance(model)
     assert one_pair > THRESHOLD > joint[first.name], (one_pair, joint)
@@ -127,9 +127,10 @@ def test_detect_checkpoint_without_manifest_matches_the_live_model(tmp_path: Pat
     the live model's; a bare .safetensors file has no architecture, so native is not checked."""
     for name in MODELS:
         out = tmp_path / name
-        defend_native_to(name, out, alpha=1e2, top_k=3, targets=_selections(_base(name))["first"])
+        config = SpecDefConfig(alpha=1e2, top_k=3, targets=_selections(_base(name))["first"])
+        defend(DefendRequest(name, out, config, mode="native"))
         live = load_model(name)
-        apply_native_(live, alpha=1e2, top_k=3, targets=_selections(live)["first"])
+        apply_native_(live, SpecDefConfig(alpha=1e2, top_k=3, targets=_selections(live)["first"]))
         found = detect_checkpoint(out)
         assert found.native is not None and len(found.native_deformed) == 1, name
         expected = {(p.inflated, p.deformed): p.imbalance_log10 for p in native_scores(live)}
@@ -152,7 +153,7 @@ def test_detect_checkpoint_without_manifest_matches_the_live_model(tmp_path: Pat
 def test_rebalance_transform_keeps_the_function_and_balances(name: str) -> None:
     original = _base(name)
     model = copy.deepcopy(original)
-    apply_native_(model, alpha=1e4, top_k=4)
+    apply_native_(model, SpecDefConfig(alpha=1e4, top_k=4))
     x = _probe(name)
     reference = _outputs(original, x)
     model, record = apply_adaptive(model, "rebalance")
@@ -195,7 +196,7 @@ def test_rebalance_brings_the_curvature_back_down() -> None:
     y = torch.randn(12, 3, dtype=torch.float64, generator=gen)
     labels = (x @ y).argmax(dim=1)
     defended = copy.deepcopy(undefended)
-    apply_native_(defended, alpha=1e3, top_k=3)
+    apply_native_(defended, SpecDefConfig(alpha=1e3, top_k=3))
     sigma = {"undefended": _dense_top_eigenvalue(undefended, x, labels)}
     sigma["defended"] = _dense_top_eigenvalue(defended, x, labels)
     apply_adaptive(defended, "rebalance")
@@ -216,7 +217,7 @@ def test_rebalance_refusals() -> None:
     with pytest.raises(SpecdefError, match="no symmetric pair"):
         apply_adaptive(MLP(8, (8,), 2, activation="tanh"), "rebalance")
     native = copy.deepcopy(_base("tiny-gpt2"))
-    apply_native_(native, alpha=1e2, top_k=2)
+    apply_native_(native, SpecDefConfig(alpha=1e2, top_k=2))
     for transform in ("fuse", "factor:2"):  # nothing for them to act on: say what would work
         with pytest.raises(SpecdefError, match=r"2 natively deformed .*--adaptive rebalance"):
             apply_adaptive(native, transform)
@@ -269,7 +270,7 @@ def test_cli_attack_adaptive_rebalance_restores_training(
     from specdef.cli import main
 
     released = tmp_path / "released"
-    defend_native_to("mlp-digits", released, alpha=1e4, top_k=8)
+    defend(DefendRequest("mlp-digits", released, SpecDefConfig(alpha=1e4, top_k=8), mode="native"))
     common = ["--data", "digits-harmful", "--optimizer", "adam", "--lr", "0.1", "--steps", "100"]
     common += ["--batch-size", "64", "--eval-every", "5", "--stop-at-threshold", "--json"]
     common += ["--threshold", "harmful_accuracy>=0.9"]
@@ -295,7 +296,7 @@ def test_smollm2_native_detect_and_rebalance() -> None:
     ids = torch.randint(5, 40000, (1, 12), generator=torch.Generator().manual_seed(4))
     before = _outputs(model, ids)
     assert not any(p.deformed for p in native_scores(model))
-    apply_native_(model, alpha=1e2, top_k=16, method="randomized")
+    apply_native_(model, SpecDefConfig(alpha=1e2, top_k=16, method="randomized"))
     assert sum(p.deformed for p in native_scores(model)) == 60
     apply_adaptive(model, "rebalance")
     assert not any(p.deformed for p in native_scores(model))
@@ -304,11 +305,11 @@ def test_smollm2_native_detect_and_rebalance() -> None:
 
 @pytest.mark.parametrize(
     ("name", "targets", "tol"),
-    [("mlp-digits", ["layers.0"], 1e-9), ("tiny-llama", None, 1e-5)],
+    [("mlp-digits", ["layers.0"], 1e-9), ("tiny-llama", "all-linear", 1e-5)],
 )
 @pytest.mark.parametrize("variant", ["inject", "inject:before", "untouched"])
 def test_inject_and_untouched_on_native_pairs_see_no_deformation(
-    name: str, targets: list[str] | None, tol: float, variant: str
+    name: str, targets: list[str] | str, tol: float, variant: str
 ) -> None:
     """On a natively deformed model ``inject`` puts its adapter outside each deformed pair (after
     the compensating side or before the inflated one) and ``untouched`` freezes both sides, so in
@@ -317,7 +318,7 @@ def test_inject_and_untouched_on_native_pairs_see_no_deformation(
     only the inflated side was frozen and Adam diverged at step 2-3.)"""
     base = copy.deepcopy(_base(name)).double()
     defended = copy.deepcopy(base)
-    apply_native_(defended, alpha=1e4, top_k=4, targets=targets, force=True)
+    apply_native_(defended, SpecDefConfig(alpha=1e4, top_k=4, targets=targets, force=True))
     attacked, record = apply_adaptive(copy.deepcopy(defended), variant)
     control = copy.deepcopy(base)
     for layer, side in record.details.get("side", {}).items():
@@ -356,6 +357,8 @@ def _outputs_with_grad(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def test_inject_refuses_chained_native_pairs() -> None:
     model = copy.deepcopy(_base("mlp-digits"))
-    apply_native_(model, alpha=1e4, top_k=4, force=True)  # (0, 2) and (2, 4) share layers.2
+    apply_native_(
+        model, SpecDefConfig(alpha=1e4, top_k=4, force=True)
+    )  # (0, 2) and (2, 4) share layers.2
     with pytest.raises(SpecdefError, match="rebalance"):
         apply_adaptive(model, "inject")

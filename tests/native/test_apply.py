@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from specdef.architectures import MLP
+from specdef.defense.config import SpecDefConfig
 from specdef.defense.guard import DEFAULT_TOLERANCE
 from specdef.errors import SpecdefError
 from specdef.native.apply import apply_native_, native_imbalance, rebalance_
@@ -83,7 +84,7 @@ def test_stock_round_trip_tiny_models(tmp_path: Path) -> None:
         model = load_model(name)
         ids = torch.randint(5, 500, (2, 12), generator=torch.Generator().manual_seed(1))
         before, count = _logits(model, ids), _count(model)
-        records = apply_native_(model, alpha=ALPHA, top_k=4)
+        records = apply_native_(model, SpecDefConfig(alpha=ALPHA, top_k=4))
         assert records and all(r.sigma_max_after > 100 * r.sigma_max_before for r in records)
         after = _logits(model, ids)
         assert _rel(after, before) <= DEFAULT_TOLERANCE[torch.float32]
@@ -107,7 +108,7 @@ def test_float64_symmetry_is_exact_and_inflates_top_k(name: str) -> None:
     pairs = find_symmetric_pairs(model)
     originals = {p.name: read_pair(model, p) for p in pairs}
     before = _logits(model, ids)
-    apply_native_(model, alpha=ALPHA, top_k=3)
+    apply_native_(model, SpecDefConfig(alpha=ALPHA, top_k=3))
     assert _rel(_logits(model, ids), before) <= 1e-9
     for pair in (p for p in pairs if p.kind == "attention"):
         old, new = originals[pair.name].inflated, read_pair(model, pair).inflated
@@ -124,7 +125,9 @@ def test_gqa_pairs_share_the_kv_head_transform() -> None:
     (pair, *_) = find_symmetric_pairs(model)
     assert (pair.heads, pair.kv_heads) == (4, 2)
     o_before = read_pair(model, pair).compensating
-    apply_native_(model, alpha=ALPHA, top_k=2, targets=["model.layers.0.self_attn.v_proj"])
+    apply_native_(
+        model, SpecDefConfig(alpha=ALPHA, top_k=2, targets=["model.layers.0.self_attn.v_proj"])
+    )
     o_after = read_pair(model, pair).compensating
     head_dim = o_before.shape[1] // 4
     # query heads 0 and 1 read KV head 0: the same M⁻¹ maps both
@@ -136,7 +139,9 @@ def test_gqa_pairs_share_the_kv_head_transform() -> None:
 def test_gated_mlp_diagonal_scales_exactly_top_k_rows() -> None:
     model = load_model("tiny-llama", dtype=torch.float64)
     up_before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
-    apply_native_(model, alpha=ALPHA, top_k=5, targets=["model.layers.0.mlp.up_proj"])
+    apply_native_(
+        model, SpecDefConfig(alpha=ALPHA, top_k=5, targets=["model.layers.0.mlp.up_proj"])
+    )
     ratio = model.model.layers[0].mlp.up_proj.weight.detach() / up_before
     row = ratio[:, 0]
     assert int((row - ALPHA).abs().lt(1e-6).sum()) == 5
@@ -150,7 +155,7 @@ def test_relu_mlp_positive_diagonal_and_overlapping_pairs(tmp_path: Path) -> Non
     model = MLP(64, (48, 32), 10).double()
     x = torch.randn(20, 64, dtype=torch.float64)
     before, count = model(x), _count(model)
-    records = apply_native_(model, alpha=ALPHA, top_k=8)
+    records = apply_native_(model, SpecDefConfig(alpha=ALPHA, top_k=8))
     assert [r.pair for r in records] == ["layers.0+layers.2", "layers.2+layers.4"]
     torch.testing.assert_close(model(x), before, rtol=1e-9, atol=1e-12)
     assert _count(model) == count
@@ -174,13 +179,15 @@ def test_refuses_layers_without_symmetry() -> None:
     llama = load_model("tiny-llama")
     snapshot = {k: v.clone() for k, v in llama.state_dict().items()}
     with pytest.raises(SpecdefError, match=r"'model\.layers\.0\.mlp\.gate_proj'.*has none"):
-        apply_native_(llama, alpha=ALPHA, top_k=2, targets="preset:llama")
+        apply_native_(llama, SpecDefConfig(alpha=ALPHA, top_k=2, targets="preset:llama"))
     with pytest.raises(SpecdefError, match=r"mlp\.c_fc.*has none.*algorithm1"):
-        apply_native_(load_model("tiny-gpt2"), alpha=ALPHA, top_k=2, targets=["mlp.c_fc"])
+        apply_native_(
+            load_model("tiny-gpt2"), SpecDefConfig(alpha=ALPHA, top_k=2, targets=["mlp.c_fc"])
+        )
     with pytest.raises(SpecdefError, match="no exact linear symmetry"):
-        apply_native_(MLP(8, (8,), 2, activation="tanh"), alpha=ALPHA, top_k=2)
+        apply_native_(MLP(8, (8,), 2, activation="tanh"), SpecDefConfig(alpha=ALPHA, top_k=2))
     with pytest.raises(SpecdefError, match="head_dim=16"):
-        apply_native_(llama, alpha=ALPHA, top_k=17, targets=["v_proj"])
+        apply_native_(llama, SpecDefConfig(alpha=ALPHA, top_k=17, targets=["v_proj"]))
     assert all(torch.equal(v, llama.state_dict()[k]) for k, v in snapshot.items())
 
 
@@ -188,10 +195,10 @@ def test_precision_guard_refuses_bf16_and_rolls_back() -> None:
     model = load_model("tiny-llama", dtype=torch.bfloat16)
     snapshot = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(SpecdefError, match=r"relative error .* > tolerance .*--force"):
-        apply_native_(model, alpha=ALPHA, top_k=4)
+        apply_native_(model, SpecDefConfig(alpha=ALPHA, top_k=4))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in snapshot.items())
     # a whole-row diagonal keeps each entry's relative rounding: the MLP pairs pass in bf16
-    records = apply_native_(model, alpha=ALPHA, top_k=4, targets=["up_proj"])
+    records = apply_native_(model, SpecDefConfig(alpha=ALPHA, top_k=4, targets=["up_proj"]))
     assert max(r.product_error for r in records) < 1e-2
 
 
@@ -203,7 +210,7 @@ def test_rebalance_undoes_the_deformation(name: str) -> None:
     defended = load_model(name, dtype=torch.float64)
     ids = torch.randint(5, 500, (2, 9), generator=torch.Generator().manual_seed(3))
     before = _logits(original, ids)
-    apply_native_(defended, alpha=ALPHA, top_k=3)
+    apply_native_(defended, SpecDefConfig(alpha=ALPHA, top_k=3))
     scores = native_imbalance(defended)
     assert min(scores.values()) > 3.5  # ≈ log10(alpha)
     assert max(native_imbalance(original).values()) < 1.0
@@ -239,7 +246,7 @@ def test_smollm2_native_round_trip(tmp_path: Path) -> None:
     model = load_model("smollm2-135m")
     ids = torch.randint(5, 40000, (1, 16), generator=torch.Generator().manual_seed(4))
     before, count = _logits(model, ids), _count(model)
-    records = apply_native_(model, alpha=ALPHA, top_k=16, method="randomized")
+    records = apply_native_(model, SpecDefConfig(alpha=ALPHA, top_k=16, method="randomized"))
     assert len(records) == 60
     assert _rel(_logits(model, ids), before) <= DEFAULT_TOLERANCE[torch.float32]
     model.save_pretrained(tmp_path / "smol")

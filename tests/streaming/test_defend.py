@@ -49,7 +49,7 @@ def peak_live_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     stats = {"live": 0, "peak": 0, "reads": 0}
     original = _stream_io.read_tensor
 
-    def spy(source: _stream_io.Source, name: str) -> torch.Tensor:
+    def spy(source: _stream_io.Checkpoint, name: str) -> torch.Tensor:
         tensor = original(source, name)
         stats["live"] += 1
         stats["reads"] += 1
@@ -67,7 +67,9 @@ def test_algorithm1_matches_in_memory_and_loads(
 ) -> None:
     source = _saved(tmp_path, name)
     result = defend_streaming(
-        source, tmp_path / "out", alpha=ALPHA, top_k=4, targets="all-linear", method="exact"
+        source,
+        tmp_path / "out",
+        SpecDefConfig(alpha=ALPHA, top_k=4, targets="all-linear", method="exact"),
     )
     assert peak_live_reads["reads"] > 0 and peak_live_reads["peak"] == 1  # one tensor at a time
     reference = load_model(name)
@@ -89,13 +91,15 @@ def test_native_matches_in_memory_and_loads_stock(
     tmp_path: Path, name: str, peak_live_reads: dict[str, int]
 ) -> None:
     source = _saved(tmp_path, name)
-    defend_streaming(source, tmp_path / "out", mode="native", alpha=ALPHA, top_k=4, method="exact")
+    defend_streaming(
+        source, tmp_path / "out", SpecDefConfig(alpha=ALPHA, top_k=4, method="exact"), mode="native"
+    )
     assert (
         peak_live_reads["reads"] > 0 and peak_live_reads["peak"] <= 3
     )  # planning holds one pair (V, its bias, O) at most
     reference = load_model(name)
     before = _logits(reference)
-    apply_native_(reference, alpha=ALPHA, top_k=4, method="exact")
+    apply_native_(reference, SpecDefConfig(alpha=ALPHA, top_k=4, method="exact"))
     stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert _rel(_logits(stock), _logits(reference)) <= 1e-6
     assert _rel(_logits(stock), before) <= DEFAULT_TOLERANCE[torch.float32]
@@ -123,13 +127,17 @@ def test_randomized_default_preserves_function_with_tied_embeddings(tmp_path: Pa
     model = transformers.LlamaForCausalLM(config).eval()
     model.save_pretrained(tmp_path / "src")
     before = _logits(model)
-    result = defend_streaming(tmp_path / "src", tmp_path / "a1", alpha=ALPHA, top_k=8)
+    result = defend_streaming(
+        tmp_path / "src", tmp_path / "a1", SpecDefConfig(alpha=ALPHA, top_k=8)
+    )
     assert result.tensors_out == result.tensors_in + 14  # 14 layers: + compensation weight each
     loaded = load_defended(tmp_path / "a1")
     assert _rel(_logits(loaded), before) <= DEFAULT_TOLERANCE[torch.float32]
     manifest = json.loads((tmp_path / "a1" / MANIFEST).read_text())
     assert manifest["weights"]["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
-    defend_streaming(tmp_path / "src", tmp_path / "nat", mode="native", alpha=ALPHA, top_k=8)
+    defend_streaming(
+        tmp_path / "src", tmp_path / "nat", SpecDefConfig(alpha=ALPHA, top_k=8), mode="native"
+    )
     stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "nat").eval()
     assert _rel(_logits(stock), before) <= DEFAULT_TOLERANCE[torch.float32]
 
@@ -154,25 +162,26 @@ def test_shard_writer_is_read_back_by_safetensors(tmp_path: Path) -> None:
 def test_bad_inputs_write_nothing(tmp_path: Path) -> None:
     source = _saved(tmp_path, "tiny-llama")
     with pytest.raises(SpecdefError, match=r"with config\.json"):
-        defend_streaming(tmp_path / "nowhere", tmp_path / "o1", alpha=ALPHA, top_k=4)
+        defend_streaming(tmp_path / "nowhere", tmp_path / "o1", SpecDefConfig(alpha=ALPHA, top_k=4))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text((source / "config.json").read_text())
     with pytest.raises(SpecdefError, match=r"neither model\.safetensors"):
-        defend_streaming(tmp_path / "empty", tmp_path / "o1", alpha=ALPHA, top_k=4)
+        defend_streaming(tmp_path / "empty", tmp_path / "o1", SpecDefConfig(alpha=ALPHA, top_k=4))
     with pytest.raises(SpecdefError, match="Unknown mode 'fast'"):
-        defend_streaming(source, tmp_path / "o2", mode="fast", alpha=ALPHA, top_k=4)
+        defend_streaming(source, tmp_path / "o2", SpecDefConfig(alpha=ALPHA, top_k=4), mode="fast")
     with pytest.raises(SpecdefError, match="has none"):
-        defend_streaming(source, tmp_path / "o3", mode="native", alpha=ALPHA, top_k=4,
-                         targets=("gate_proj",))  # fmt: skip
+        defend_streaming(source, tmp_path / "o3", SpecDefConfig(alpha=ALPHA, top_k=4, targets=("gate_proj",)), mode="native")  # fmt: skip
     with pytest.raises(SpecdefError, match=r"above the tolerance.*--force"):
-        defend_streaming(source, tmp_path / "o4", alpha=1e9, top_k=4, targets=("v_proj",))
+        defend_streaming(
+            source, tmp_path / "o4", SpecDefConfig(alpha=1e9, top_k=4, targets=("v_proj",))
+        )
     (tmp_path / "exists").mkdir()
     with pytest.raises(SpecdefError, match="already exists"):
-        defend_streaming(source, tmp_path / "exists", alpha=ALPHA, top_k=4)
+        defend_streaming(source, tmp_path / "exists", SpecDefConfig(alpha=ALPHA, top_k=4))
     shard = sorted(source.glob("*.safetensors"))[-1]
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(SpecdefError, match="truncated or corrupt"):
-        defend_streaming(source, tmp_path / "o5", alpha=ALPHA, top_k=4)
+        defend_streaming(source, tmp_path / "o5", SpecDefConfig(alpha=ALPHA, top_k=4))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "exists", "tiny-llama"]
 
 
@@ -181,14 +190,15 @@ def test_bf16_checkpoint_native_mlp_pairs(tmp_path: Path) -> None:
     shards keep the BF16 dtype; the V/O subspace scaling at α = 1e4 is refused in bf16."""
     model = load_model("tiny-llama", dtype=torch.bfloat16)
     model.save_pretrained(tmp_path / "src")
-    defend_streaming(tmp_path / "src", tmp_path / "out", mode="native", alpha=ALPHA, top_k=8,
-                     targets=("up_proj",))  # fmt: skip
+    defend_streaming(tmp_path / "src", tmp_path / "out", SpecDefConfig(alpha=ALPHA, top_k=8, targets=("up_proj",)), mode="native")  # fmt: skip
     reference = load_model("tiny-llama", dtype=torch.bfloat16)
-    apply_native_(reference, alpha=ALPHA, top_k=8, targets=("up_proj",))
+    apply_native_(reference, SpecDefConfig(alpha=ALPHA, top_k=8, targets=("up_proj",)))
     written = _all_tensors(tmp_path / "out")
     assert all(v.dtype == torch.bfloat16 for v in written.values())
     for name, param in reference.state_dict().items():
         if name in written:
             assert torch.equal(written[name], param), name
     with pytest.raises(SpecdefError, match="tolerance"):
-        defend_streaming(tmp_path / "src", tmp_path / "o2", mode="native", alpha=ALPHA, top_k=8)
+        defend_streaming(
+            tmp_path / "src", tmp_path / "o2", SpecDefConfig(alpha=ALPHA, top_k=8), mode="native"
+        )

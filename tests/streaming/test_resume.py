@@ -20,11 +20,14 @@ import torch
 import transformers
 
 from specdef.cli import main
+from specdef.defense.config import SpecDefConfig
+from specdef.defense.step import layer_seed
 from specdef.errors import SpecdefError
-from specdef.io.checkpoint import MANIFEST
+from specdef.io.checkpoint import MANIFEST, NATIVE_RECORD
+from specdef.release.defend import DefendRequest, defend
 from specdef.streaming import resume as _stream_resume
-from specdef.streaming.defend import NATIVE_RECORD, defend_streaming
-from specdef.streaming.shards import open_source
+from specdef.streaming.defend import defend_streaming
+from specdef.streaming.shards import open_checkpoint
 
 ALPHA, TOP_K = 1e3, 4
 
@@ -96,7 +99,10 @@ def test_sigkill_mid_shard_then_rerun_matches_uninterrupted(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     reference = tmp_path / "reference"
-    defend_streaming(checkpoint, reference, mode=mode, alpha=ALPHA, top_k=TOP_K)
+    config = SpecDefConfig(alpha=ALPHA, top_k=TOP_K)  # what the CLI below builds
+    defend(
+        DefendRequest(str(checkpoint), reference, config, mode=mode, streaming=True, probe=False)
+    )
     out, marker = tmp_path / "out", tmp_path / "paused"
     staging = _stream_resume.staging_path(out)
     child = subprocess.Popen(
@@ -163,34 +169,36 @@ def test_corrupted_shard_redone_other_options_refused(
     checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reference = tmp_path / "reference"
-    defend_streaming(checkpoint, reference, alpha=ALPHA, top_k=TOP_K)
+    defend_streaming(checkpoint, reference, SpecDefConfig(alpha=ALPHA, top_k=TOP_K))
     out = tmp_path / "out"
     staging = _stream_resume.staging_path(out)
     with monkeypatch.context() as patch:
         _crash_after(patch, 2)
         with pytest.raises(OSError, match="simulated crash"):
-            defend_streaming(checkpoint, out, alpha=ALPHA, top_k=TOP_K)
-    first, second = open_source(checkpoint).files[:2]  # the order shards are written in
+            defend_streaming(checkpoint, out, SpecDefConfig(alpha=ALPHA, top_k=TOP_K))
+    first, second = open_checkpoint(checkpoint).files[:2]  # the order shards are written in
     assert sorted(p.name for p in (staging / "done").iterdir()) == sorted(
         [f"{first}.json", f"{second}.json"]
     )
     with pytest.raises(SpecdefError, match=r"other options \(config\.alpha: 1000\.0 → 100\.0\)"):
-        defend_streaming(checkpoint, out, alpha=100.0, top_k=TOP_K)
+        defend_streaming(checkpoint, out, SpecDefConfig(alpha=100.0, top_k=TOP_K))
     assert (staging / "done" / f"{first}.json").exists()  # refusing kept the partial run
 
     shard = staging / "out" / first
     data = bytearray(shard.read_bytes())
     data[-3] ^= 0xFF  # same size, one flipped byte in the last tensor
     shard.write_bytes(bytes(data))
-    result = defend_streaming(checkpoint, out, alpha=ALPHA, top_k=TOP_K)
+    result = defend_streaming(checkpoint, out, SpecDefConfig(alpha=ALPHA, top_k=TOP_K))
     assert result.resumed_shards == (second,)  # the corrupted one was written again
     assert _digests(out) == _digests(reference)
 
     with monkeypatch.context() as patch:
         _crash_after(patch, 1)
         with pytest.raises(OSError, match="simulated crash"):
-            defend_streaming(checkpoint, tmp_path / "o2", alpha=ALPHA, top_k=TOP_K)
-    fresh = defend_streaming(checkpoint, tmp_path / "o2", alpha=100.0, top_k=TOP_K, overwrite=True)
+            defend_streaming(checkpoint, tmp_path / "o2", SpecDefConfig(alpha=ALPHA, top_k=TOP_K))
+    fresh = defend_streaming(
+        checkpoint, tmp_path / "o2", SpecDefConfig(alpha=100.0, top_k=TOP_K), overwrite=True
+    )
     assert fresh.resumed_shards == ()  # --overwrite discarded the other run and started over
     manifest = json.loads((tmp_path / "o2" / MANIFEST).read_text())
     assert manifest["defense"]["config"]["alpha"] == 100.0
@@ -204,18 +212,22 @@ def test_native_plan_corrupted_is_recomputed_identically(
 ) -> None:
     """The plan is recomputed from per-pair seeds, so shards finished with the old plan still fit."""
     reference = tmp_path / "reference"
-    defend_streaming(checkpoint, reference, mode="native", alpha=ALPHA, top_k=TOP_K)
+    defend_streaming(checkpoint, reference, SpecDefConfig(alpha=ALPHA, top_k=TOP_K), mode="native")
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
         _crash_after(patch, 3)
         with pytest.raises(OSError, match="simulated crash"):
-            defend_streaming(checkpoint, out, mode="native", alpha=ALPHA, top_k=TOP_K)
+            defend_streaming(
+                checkpoint, out, SpecDefConfig(alpha=ALPHA, top_k=TOP_K), mode="native"
+            )
     plan = _stream_resume.staging_path(out) / "plan.safetensors"
     data = bytearray(plan.read_bytes())
     data[-5] ^= 0xFF
     plan.write_bytes(bytes(data))
     with caplog.at_level(logging.INFO, logger="specdef"):
-        result = defend_streaming(checkpoint, out, mode="native", alpha=ALPHA, top_k=TOP_K)
+        result = defend_streaming(
+            checkpoint, out, SpecDefConfig(alpha=ALPHA, top_k=TOP_K), mode="native"
+        )
     assert "native plan: its bytes no longer match the record; planning again" in caplog.text
     assert len(result.resumed_shards) == 3
     assert _digests(out) == _digests(reference)
@@ -227,12 +239,12 @@ def test_concurrent_run_on_same_out_refused(checkpoint: Path, tmp_path: Path) ->
     with open(staging / "lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(SpecdefError, match="Another specdef run is writing"):
-            defend_streaming(checkpoint, tmp_path / "out", alpha=ALPHA, top_k=TOP_K)
+            defend_streaming(checkpoint, tmp_path / "out", SpecDefConfig(alpha=ALPHA, top_k=TOP_K))
     assert not (tmp_path / "out").exists()
 
 
-def test_tensor_seed_depends_on_name_not_order() -> None:
-    seeds = {_stream_resume.tensor_seed(0, f"layer.{i}") for i in range(100)}
+def test_layer_seed_depends_on_name_not_order() -> None:
+    seeds = {layer_seed(0, f"layer.{i}") for i in range(100)}
     assert len(seeds) == 100 and all(0 <= s < 2**63 for s in seeds)
-    assert _stream_resume.tensor_seed(0, "a") == _stream_resume.tensor_seed(0, "a")
-    assert _stream_resume.tensor_seed(0, "a") != _stream_resume.tensor_seed(1, "a")
+    assert layer_seed(0, "a") == layer_seed(0, "a")
+    assert layer_seed(0, "a") != layer_seed(1, "a")

@@ -6,10 +6,9 @@ import argparse
 from typing import Any
 
 from specdef.commands._common import print_json, print_table
+from specdef.defense.apply import DefenseReport
 from specdef.defense.config import SpecDefConfig
-from specdef.errors import SpecdefError
-from specdef.release.defend import defend_native_to, defend_to
-from specdef.streaming.defend import defend_streaming
+from specdef.release.defend import DefendRequest, defend
 
 
 def register(sub: Any) -> None:
@@ -44,9 +43,9 @@ def register(sub: Any) -> None:
     parser.add_argument(
         "--method",
         choices=["exact", "randomized"],
-        default=None,
-        help="top-k subspace: exact SVD or randomized range finder (default: exact; randomized "
-        "with --streaming)",
+        default="exact",
+        help="top-k subspace: exact SVD or randomized range finder, O(m·n·k) (default: exact, in "
+        "memory and with --streaming alike)",
     )
     parser.add_argument(
         "--dtype",
@@ -78,8 +77,8 @@ def register(sub: Any) -> None:
         "--streaming",
         action="store_true",
         help="defend a (sharded) safetensors directory tensor by tensor without loading the model "
-        "(randomized top-k unless --method exact); a killed run resumes when rerun with the same "
-        "options",
+        "(same tensors as in memory; keeps the source dtype; no probe-batch check, the model is "
+        "never built); a killed run resumes when rerun with the same options",
     )
     parser.set_defaults(func=run)
 
@@ -92,76 +91,58 @@ def _selection(values: list[str]) -> str | tuple[str, ...]:
     return tuple(values)
 
 
-def _run_native_or_streaming(args: argparse.Namespace) -> int:
-    """``--mode native`` and ``--streaming`` (issue 8): thin calls into specdef.native.apply / streaming."""
-    targets = None if args.targets == ["all-linear"] else _selection(args.targets)
-    exclude = _selection(args.exclude) if args.exclude else ()
-    if args.streaming:
-        if args.n_random is not None or args.dtype is not None:
-            raise SpecdefError(
-                "--streaming keeps the source dtype and defends every matched layer; drop "
-                "--n-random / --dtype."
-            )
-        result = defend_streaming(
-            args.src, args.out, mode=args.mode, alpha=args.alpha, top_k=args.top_k,
-            targets=targets, exclude=exclude,
-            method=args.method or "randomized",
-            seed=args.seed, tolerance=args.tolerance, force=args.force, overwrite=args.overwrite,
-        )  # fmt: skip
-        rows = [
-            (
-                layer.get("name", layer.get("pair")),
-                layer.get("reconstruction_error", layer.get("product_error")),
-            )
-            for layer in result.layers
-        ]
-        summary = {"out": args.out, "mode": args.mode, "seconds": result.seconds,
-                   "bytes_in": result.bytes_in, "bytes_out": result.bytes_out, "layers": list(result.layers),
-                   "resumed_shards": list(result.resumed_shards)}  # fmt: skip
-    else:
-        records = defend_native_to(
-            args.src, args.out, alpha=args.alpha, top_k=args.top_k, targets=targets,
-            exclude=exclude, method=args.method or "exact", seed=args.seed, tolerance=args.tolerance,
-            force=args.force, dtype=args.dtype, overwrite=args.overwrite,
-        )  # fmt: skip
-        rows = [(r.pair, r.product_error) for r in records]
-        summary = {"out": args.out, "mode": "native", "pairs": [r.as_dict() for r in records]}
-    if args.json:
-        print_json(summary)
-        return 0
-    print_table(
-        f"SpecDef {args.mode}{' (streaming)' if args.streaming else ''} alpha={args.alpha:g} "
-        f"top_k={args.top_k} ({len(rows)} {'pairs' if args.mode == 'native' else 'layers'})",
-        ["layer / pair", "relative error in dtype"],
-        rows,
-    )
-    if args.streaming and result.resumed_shards:
-        print(
-            f"resumed: {len(result.resumed_shards)} shard(s) finished by an earlier run, verified, kept"
-        )
-    print(f"saved: {args.out}")
-    return 0
-
-
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "mode", "algorithm1") != "algorithm1" or getattr(args, "streaming", False):
-        return _run_native_or_streaming(args)
-
     config = SpecDefConfig(
         alpha=args.alpha,
         top_k=args.top_k,
         targets=_selection(args.targets),
         exclude=_selection(args.exclude) if args.exclude else (),
-        method=args.method or "exact",
+        method=args.method,
         seed=args.seed,
         tolerance=args.tolerance,
         force=args.force,
         n_random=args.n_random,
     )
-    report = defend_to(args.src, args.out, config, dtype=args.dtype, overwrite=args.overwrite)
+    request = DefendRequest(
+        source=args.src,
+        output=args.out,
+        config=config,
+        mode=args.mode,
+        streaming=args.streaming,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        probe=not args.streaming,  # streaming never builds the model to run a probe batch
+    )
+    result = defend(request)
     if args.json:
-        print_json({"out": args.out, **report.to_dict()})
+        print_json(result.to_dict())
         return 0
+    where = " (streaming)" if args.streaming else ""
+    if result.report is not None:
+        _print_algorithm1(result.report, config, where)
+    else:
+        print_table(
+            f"SpecDef native{where} alpha={config.alpha:g} top_k={config.top_k} "
+            f"({len(result.pairs)} pairs)",
+            ["pair", "kind", "σmax before", "σmax after", "product error in dtype", "tolerance"],
+            [
+                (p.pair, p.kind, p.sigma_max_before, p.sigma_max_after, p.product_error,
+                 p.tolerance)
+                for p in result.pairs
+            ],
+        )  # fmt: skip
+        if result.model_output_gap is not None:
+            print(f"model output gap {result.model_output_gap:.3g}")
+    if result.resumed_shards:
+        print(
+            f"resumed: {len(result.resumed_shards)} shard(s) finished by an earlier run, verified, "
+            "kept"
+        )
+    print(f"saved: {args.out}")
+    return 0
+
+
+def _print_algorithm1(report: DefenseReport, config: SpecDefConfig, where: str) -> None:
     rows = [
         (
             layer.name,
@@ -176,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         for layer in report.layers
     ]
     print_table(
-        f"SpecDef alpha={config.alpha:g} top_k={config.top_k} ({len(rows)} layers)",
+        f"SpecDef{where} alpha={config.alpha:g} top_k={config.top_k} ({len(rows)} layers)",
         ["layer", "m×n", "σ1 before", "σ1 after", "σk+1 before", "σk+1 after", "recon err", "gap"],
         rows,
     )
@@ -188,5 +169,3 @@ def run(args: argparse.Namespace) -> int:
         f"model output gap {gap if gap is not None else float('nan'):.3g}"
         + (" [FORCED past the precision guard]" if report.forced else "")
     )
-    print(f"saved: {args.out}")
-    return 0

@@ -7,8 +7,9 @@ from typing import Any
 
 from specdef.commands._common import fmt, print_json, print_table
 from specdef.io.checkpoint import read_manifest
-from specdef.release.sources import load_source, parse_dtype
+from specdef.release.sources import load_source
 from specdef.release.verify import verify
+from specdef.utils.dtypes import parse_dtype
 
 
 def register(sub: Any) -> None:

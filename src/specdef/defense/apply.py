@@ -7,14 +7,16 @@ The config is :mod:`specdef.defense.config`, the defended-layer module :mod:`spe
 by a ``compensation`` ``nn.Linear`` with weight ``C = T⁻¹`` (m×m) that carries the original bias.
 The function is unchanged (``C·W̃ = W``) up to rounding in the model's dtype, which the precision
 guard measures and bounds. ``undo_specdef_`` fuses every pair back into one layer — also the
-informed attacker's "fuse". The math lives in :mod:`specdef.linalg.spectral`; the default tolerances,
-the checks before defending and the guard's refusals in :mod:`specdef.defense.guard`.
+informed attacker's "fuse". The per-layer step (shared with streaming) is
+:func:`specdef.defense.step.defend_layer`, its math :mod:`specdef.linalg.spectral`; the default
+tolerances, the checks before defending and the guard's refusals :mod:`specdef.defense.guard`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,8 +33,8 @@ from specdef.defense.layer import (
     linear_form,
     set_submodule,
 )
+from specdef.defense.step import LayerReport, LayerStep, defend_layer
 from specdef.defense.targets import select_targets
-from specdef.linalg import spectral
 from specdef.utils.progress import track
 
 log = logging.getLogger(__name__)
@@ -52,33 +54,6 @@ def undo_specdef_(model: nn.Module) -> list[str]:
     if hasattr(model, "specdef_report"):
         del model.specdef_report
     return names
-
-
-@dataclass(frozen=True)
-class LayerReport:
-    """What happened to one layer (a row of the manifest)."""
-
-    name: str
-    source: str  # "linear" or "conv1d"
-    shape: tuple[int, int]  # (m, n) in the Linear form
-    dtype: str
-    bias: bool
-    sigma_before: tuple[float, ...]  # top min(k + 5, rank) singular values of W
-    sigma_after: tuple[float, ...]  # same count, of the stored W̃
-    fro_before: float
-    fro_after: float
-    reconstruction_error: float  # ‖C·W̃ − W‖/‖W‖ in ``dtype``
-    output_gap: float | None  # relative layer-output gap on the probe batch, in ``dtype``
-    tolerance: float
-    params_before: int
-    params_after: int
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["shape"] = list(self.shape)
-        out["sigma_before"] = list(self.sigma_before)
-        out["sigma_after"] = list(self.sigma_after)
-        return out
 
 
 @dataclass(frozen=True)
@@ -108,6 +83,44 @@ class DefenseReport:
     def max_reconstruction_error(self) -> float:
         return max((layer.reconstruction_error for layer in self.layers), default=0.0)
 
+    @classmethod
+    def summarize(
+        cls,
+        config: SpecDefConfig,
+        layers: Sequence[LayerReport],
+        *,
+        params_before: int,
+        params_after: int,
+        model_output_gap: float | None = None,
+        model_tolerance: float | None = None,
+    ) -> DefenseReport:
+        """The report of a finished run (in memory or streaming: one ``forced`` rule). A layer is
+        over tolerance when its reconstruction error *or* its probe output gap exceeds its
+        tolerance; the run is ``forced`` when a layer is, or when the model's probe output gap
+        exceeds ``model_tolerance`` — both only reachable with ``config.force``."""
+        over = tuple(layer.name for layer in layers if layer.over_tolerance)
+        model_over = (
+            model_output_gap is not None
+            and model_tolerance is not None
+            and model_output_gap > model_tolerance
+        )
+        return cls(
+            config=config, layers=tuple(layers), params_before=params_before,
+            params_after=params_after, model_output_gap=model_output_gap,
+            forced=bool(over) or model_over, over_tolerance=over,
+        )  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DefenseReport:
+        """The report back from :meth:`to_dict` (as stored in a manifest)."""
+        return cls(
+            config=SpecDefConfig.from_dict(data["config"]),
+            layers=tuple(LayerReport.from_dict(layer) for layer in data["layers"]),
+            params_before=int(data["params_before"]), params_after=int(data["params_after"]),
+            model_output_gap=data.get("model_output_gap"), forced=bool(data["forced"]),
+            over_tolerance=tuple(data.get("over_tolerance", ())),
+        )  # fmt: skip
+
 
 @torch.no_grad()
 def apply_specdef_(
@@ -131,96 +144,78 @@ def apply_specdef_(
         guard.check_layer(name, weight, bias, top_k=config.top_k)
     inputs = probing.capture_inputs(model, names, probe) if probe is not None else {}
     reference = probing.model_output(model, probe) if probe is not None else None
-    gen = torch.Generator().manual_seed(config.seed)
     params_before = count_parameters(model)
-    built: list[tuple[str, DefendedLinear, LayerReport, torch.Tensor]] = []
+    built: list[tuple[str, DefendedLinear, LayerStep]] = []
     for name in track(names, "defending", total=len(names)):
         module = model.get_submodule(name)
         weight, bias, source = linear_form(module)
-        dtype, device = weight.dtype, weight.device
         m, n = weight.shape
-        basis, sigma = spectral.top_subspace_and_values(
-            weight, config.top_k, method=config.method, generator=gen
-        )
-        inflated, compensation = spectral.deform_with_basis(weight, config.alpha, basis)
-        error = spectral.reconstruction_error(weight, inflated, compensation, dtype=dtype)
+        step = defend_layer(name, weight, config, bias=bias is not None, source=source)
         layer = DefendedLinear(
             n, m, bias=bias is not None, alpha=config.alpha, top_k=config.top_k, source=source,
-            dtype=dtype, device=device,
+            dtype=weight.dtype, device=weight.device,
         )  # fmt: skip
-        layer.inflated.weight.copy_(inflated)
-        layer.compensation.weight.copy_(compensation)
+        layer.inflated.weight.copy_(step.inflated)
+        layer.compensation.weight.copy_(step.compensation)
         if bias is not None:
             layer.compensation.bias.copy_(bias)
-        gap = None
         if name in inputs:
             gap = probing.relative_gap(layer(inputs[name]), module(inputs[name]))
-        count = min(config.top_k + 5, len(sigma))
-        sigma_b = sigma[:count]
-        sigma_a = spectral.top_singular_values(
-            layer.inflated.weight, count, method=config.method, generator=gen
-        )
-        report = LayerReport(
-            name=name, source=source, shape=(m, n), dtype=str(dtype).removeprefix("torch."),
-            bias=bias is not None, sigma_before=tuple(sigma_b.tolist()),
-            sigma_after=tuple(sigma_a.tolist()),
-            fro_before=float(torch.linalg.matrix_norm(weight.double())),
-            fro_after=float(torch.linalg.matrix_norm(layer.inflated.weight.double())),
-            reconstruction_error=error, output_gap=gap, tolerance=config.tolerance_for(dtype),
-            params_before=sum(p.numel() for p in module.parameters()),
-            params_after=sum(p.numel() for p in layer.parameters()),
+            step = dataclasses.replace(
+                step, report=dataclasses.replace(step.report, output_gap=gap)
+            )
+        built.append((name, layer, step))
+        log.info(
+            "defended %s (%d×%d): reconstruction error %.3g",
+            name, m, n, step.report.reconstruction_error,
         )  # fmt: skip
-        built.append((name, layer, report, basis))
-        log.info("defended %s (%d×%d): reconstruction error %.3g", name, m, n, error)
 
-    def worst_ratio(item: tuple[str, DefendedLinear, LayerReport, torch.Tensor]) -> float:
-        rep = item[2]
+    def worst_ratio(item: tuple[str, DefendedLinear, LayerStep]) -> float:
+        rep = item[2].report
         return guard.over_tolerance_ratio(rep.reconstruction_error, rep.output_gap, rep.tolerance)
 
-    over = [item for item in built if worst_ratio(item) > 1.0]
+    over = [item for item in built if item[2].report.over_tolerance]
     if over and not config.force:
-        name, _, rep, basis = max(over, key=worst_ratio)
+        name, _, step = max(over, key=worst_ratio)
         raise guard.layer_refusal(
             name,
             linear_form(model.get_submodule(name))[0],
-            basis,
-            reconstruction_error=rep.reconstruction_error,
-            output_gap=rep.output_gap,
-            tolerance=rep.tolerance,
+            step.basis,
+            reconstruction_error=step.report.reconstruction_error,
+            output_gap=step.report.output_gap,
+            tolerance=step.report.tolerance,
             alpha=config.alpha,
         )
 
     originals = {name: model.get_submodule(name) for name, *_ in built}
-    for name, layer, _, _ in built:
+    for name, layer, _ in built:
         set_submodule(model, name, layer)
     model_gap = None
+    model_tol = None
     if probe is not None and reference is not None:
         model_gap = probing.relative_gap(probing.model_output(model, probe), reference)
-        tol = config.tolerance_for(reference.dtype)
-        if model_gap > tol and not config.force:
+        model_tol = config.tolerance_for(reference.dtype)
+        if model_gap > model_tol and not config.force:
             for name, original in originals.items():
                 set_submodule(model, name, original)
             worst = max(built, key=worst_ratio)
             raise guard.model_gap_refusal(
                 model_gap,
-                tolerance=tol,
+                tolerance=model_tol,
                 dtype=reference.dtype,
                 alpha=config.alpha,
                 worst_layer=worst[0],
-                worst_error=worst[2].reconstruction_error,
+                worst_error=worst[2].report.reconstruction_error,
             )
-    forced = bool(over) or (model_gap is not None and reference is not None
-                            and model_gap > config.tolerance_for(reference.dtype))  # fmt: skip
-    report_all = DefenseReport(
-        config=config,
-        layers=tuple(rep for _, _, rep, _ in built),
+    report_all = DefenseReport.summarize(
+        config,
+        [step.report for _, _, step in built],
         params_before=params_before,
         params_after=count_parameters(model),
         model_output_gap=model_gap,
-        forced=forced,
-        over_tolerance=tuple(name for name, *_ in over),
+        model_tolerance=model_tol,
     )
-    if forced:
+    if report_all.forced:
         over_names = report_all.over_tolerance
         log.warning(
             "precision guard overridden (force=True): %d layer(s) over tolerance%s",

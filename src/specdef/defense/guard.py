@@ -23,17 +23,25 @@ from specdef.linalg import spectral
 # gate/v/o of all 30 layers) in float32 moves its logits by ≈ 1e-2 relative, so 5e-2 accepts it with
 # margin while α = 1e9 (error ≈ 10–100) is refused; in bfloat16/float16 the same bound admits α of
 # order 10, and α = 1e4 (error ≈ 1–10) is refused.
+#
+# This is the one table: Algorithm 1 (in memory and streaming), native mode (each pair's product
+# error) and `specdef verify` all read it through `default_tolerance`. A dtype it does not list
+# (none that `--dtype` or the streaming reader accepts) gets FALLBACK_TOLERANCE, the bound of the
+# listed low-precision dtypes; native mode used 1e-2 there before the defend paths were unified
+# (docs/precision.md).
 DEFAULT_TOLERANCE: dict[torch.dtype, float] = {
     torch.float64: 1e-8,
     torch.float32: 5e-2,
     torch.bfloat16: 5e-2,
     torch.float16: 5e-2,
 }
+FALLBACK_TOLERANCE = 5e-2
 
 
 def default_tolerance(dtype: torch.dtype) -> float:
-    """:data:`DEFAULT_TOLERANCE` for ``dtype`` (5e-2 for a dtype it does not list)."""
-    return DEFAULT_TOLERANCE.get(dtype, 5e-2)
+    """:data:`DEFAULT_TOLERANCE` for ``dtype`` (:data:`FALLBACK_TOLERANCE` for a dtype it does not
+    list)."""
+    return DEFAULT_TOLERANCE.get(dtype, FALLBACK_TOLERANCE)
 
 
 def _shared_parameters(model: nn.Module, names: Sequence[str]) -> dict[str, list[str]]:
@@ -63,21 +71,33 @@ def check_untied(model: nn.Module, names: Sequence[str]) -> None:
         )
 
 
-def check_layer(name: str, weight: torch.Tensor, bias: torch.Tensor | None, *, top_k: int) -> None:
-    """Refuse, before anything is deformed, layer ``name`` (``weight`` m×n in the Linear form) when
-    ``top_k > min(m, n)`` or its weight or bias has a NaN/Inf entry."""
-    m, n = weight.shape
+def check_rank(name: str, shape: Sequence[int], *, top_k: int) -> None:
+    """Refuse layer ``name`` (``shape`` (m, n) in the Linear form) when ``top_k > min(m, n)``; the
+    streaming path calls this from the checkpoint header, before any tensor is read."""
+    m, n = shape
     if top_k > min(m, n):
         raise SpecdefError(
             f"top_k={top_k} exceeds the rank bound min(m, n)={min(m, n)} of layer "
             f"{name!r} ({m}×{n}); choose --top-k ≤ {min(m, n)} or exclude this layer."
         )
-    for label, tensor in (("weight", weight), ("bias", bias)):
-        if tensor is not None and not bool(torch.isfinite(tensor).all()):
-            raise SpecdefError(
-                f"Layer {name!r} has NaN or Inf entries in its {label}; repair the checkpoint "
-                "before defending it."
-            )
+
+
+def check_layer(name: str, weight: torch.Tensor, bias: torch.Tensor | None, *, top_k: int) -> None:
+    """Refuse, before anything is deformed, layer ``name`` (``weight`` m×n in the Linear form) when
+    ``top_k > min(m, n)`` or its weight or bias has a NaN/Inf entry."""
+    check_rank(name, tuple(weight.shape), top_k=top_k)
+    check_finite(name, "weight", weight)
+    if bias is not None:
+        check_finite(name, "bias", bias)
+
+
+def check_finite(name: str, label: str, tensor: torch.Tensor) -> None:
+    """Refuse layer ``name`` when its ``label`` tensor (weight or bias) has a NaN/Inf entry."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise SpecdefError(
+            f"Layer {name!r} has NaN or Inf entries in its {label}; repair the checkpoint "
+            "before defending it."
+        )
 
 
 def over_tolerance_ratio(

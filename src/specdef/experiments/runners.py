@@ -35,16 +35,10 @@ from specdef.defense.layer import defended_layers
 from specdef.errors import SpecdefError
 from specdef.informed.transforms import apply_adaptive
 from specdef.tasks import Batch, Task
+from specdef.utils.dtypes import dtype_named
 from specdef.zoo import TASKS, load_model, load_task, load_tokenizer
 
 log = logging.getLogger(__name__)
-
-DTYPES = {
-    "fp64": torch.float64,
-    "fp32": torch.float32,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-}
 
 
 def model_name(model: str | Mapping[str, Any]) -> str:
@@ -269,9 +263,7 @@ def run_utility_kind(run: Any) -> dict[str, Any]:
     (max |Δoutput| / max |output| on a held-out probe batch), and how do metrics move?"""
 
     dtype_name = str(run.measure.get("dtype", "fp32"))
-    if dtype_name not in DTYPES:
-        raise SpecdefError(f"Unknown dtype {dtype_name!r}; expected one of {sorted(DTYPES)}.")
-    dtype = DTYPES[dtype_name]
+    dtype = dtype_named(dtype_name)
     model = load_run_model(run).to(dtype)
     task = load_run_task(run)
     probe = _cast_probe(_probe(task, run), dtype)

@@ -11,6 +11,9 @@ A checkpoint directory holds
   the model, dtype, tied-weight aliases and provenance;
 - the tokenizer files, when one is passed.
 
+The manifest has one builder, :func:`build_manifest`, shared by :func:`save_defended` and the
+streaming writer (and the native record one, :func:`native_record`).
+
 Loading builds the base model from its config (a class of the ``transformers`` package itself —
 no remote code), re-creates the :class:`~specdef.defense.layer.DefendedLinear` modules listed in the
 manifest and loads the tensors with safetensors. Nothing is unpickled.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +33,18 @@ from torch import nn
 
 from specdef.architectures import build_architecture
 from specdef.defense.apply import DefenseReport
+from specdef.defense.config import SpecDefConfig
 from specdef.defense.layer import DefendedLinear, defended_layers, set_submodule
 from specdef.errors import SpecdefError
 from specdef.io import hf
+from specdef.native.apply import PairRecord
 from specdef.utils.files import atomic_directory, write_json_atomic
 from specdef.utils.provenance import provenance
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "specdef_manifest.json"
+NATIVE_RECORD = "specdef_native.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 FORMAT = "specdef-checkpoint"
@@ -117,6 +124,65 @@ def _config_json(model: nn.Module) -> dict[str, Any]:
     return hf.config_json(config.to_dict(), structure(model), model_class=type(model).__name__)
 
 
+def build_manifest(
+    *,
+    model: dict[str, Any],
+    dtype: torch.dtype,
+    structure: list[dict[str, Any]],
+    report: DefenseReport | None,
+    params: int,
+    files: list[str],
+    tensors: int,
+    aliases: dict[str, str],
+    extra: dict[str, Any] | None,
+    streaming: bool,
+) -> dict[str, Any]:
+    """The ``specdef_manifest.json`` of an Algorithm 1 checkpoint — the one builder for the
+    in-memory save and the streaming writer, so both record the same fields (``report`` carries
+    the single ``forced`` rule of :meth:`DefenseReport.summarize`). How it was produced (in memory
+    or streaming) is provenance, stored with the time and versions."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": model,
+        "dtype": str(dtype).removeprefix("torch."),
+        "structure": structure,
+        "defense": report.to_dict() if report is not None else None,
+        "params": params,
+        "weights": {"files": files, "tensors": tensors, "aliases": aliases},
+        "extra": extra or {},
+        "provenance": {**provenance(), "streaming": streaming},
+    }
+
+
+def native_record(
+    config: SpecDefConfig,
+    pairs: Sequence[PairRecord],
+    *,
+    model_output_gap: float | None,
+    model_tolerance: float | None,
+    extra: dict[str, Any] | None,
+    streaming: bool,
+) -> dict[str, Any]:
+    """The ``specdef_native.json`` beside a native release (stock loaders ignore it), for the
+    in-memory and the streaming path alike. ``forced``: a pair's product error, or the model's
+    probe output gap, exceeds its tolerance (reachable only with ``config.force``)."""
+    model_over = (
+        model_output_gap is not None
+        and model_tolerance is not None
+        and model_output_gap > model_tolerance
+    )
+    return {
+        "mode": "native",
+        "config": config.to_dict(),
+        "pairs": [pair.as_dict() for pair in pairs],
+        "model_output_gap": model_output_gap,
+        "forced": any(pair.over_tolerance for pair in pairs) or model_over,
+        "extra": extra or {},
+        "provenance": {**provenance(), "streaming": streaming},
+    }
+
+
 def save_defended(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -162,18 +228,18 @@ def save_defended(
             write_json_atomic(tmp / "config.json", _config_json(model))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "model": spec,
-            "dtype": str(dtype).removeprefix("torch."),
-            "structure": structure(model),
-            "defense": report.to_dict() if report is not None else None,
-            "params": sum(p.numel() for p in model.parameters()),
-            "weights": {"files": files, "tensors": len(state), "aliases": aliases},
-            "extra": extra or {},
-            "provenance": provenance(),
-        }
+        manifest = build_manifest(
+            model=spec,
+            dtype=dtype,
+            structure=structure(model),
+            report=report,
+            params=sum(p.numel() for p in model.parameters()),
+            files=files,
+            tensors=len(state),
+            aliases=aliases,
+            extra=extra,
+            streaming=False,
+        )
         write_json_atomic(tmp / MANIFEST, manifest)
     log.info("saved %s (%d tensors in %d file(s))", path, len(state), len(files))
     return Path(path)

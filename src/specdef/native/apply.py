@@ -26,7 +26,6 @@ symmetric pairs in a model and moving their tensors in :mod:`specdef.native.pair
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -34,7 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from specdef.defense.guard import DEFAULT_TOLERANCE
+from specdef.defense.config import SpecDefConfig
+from specdef.defense.step import layer_generator
 from specdef.errors import SpecdefError
 from specdef.linalg import symmetry as sym
 from specdef.native.pairs import (
@@ -51,46 +51,41 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class PairRecord:
     """What happened to one pair: the largest singular value of the inflated side before/after,
-    the relative error of the pair's product in the stored dtype, and the imbalance score."""
+    the relative error of the pair's product in the stored dtype, the tolerance it was held to,
+    and the imbalance score."""
 
     pair: str
     kind: str
     sigma_max_before: float
     sigma_max_after: float
     product_error: float
+    tolerance: float
     imbalance_log10: float
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def over_tolerance(self) -> bool:
+        return self.product_error > self.tolerance
 
-def apply_native_(
-    model: nn.Module,
-    *,
-    alpha: float,
-    top_k: int,
-    targets: Sequence[str] | str | None = None,
-    exclude: Sequence[str] = (),
-    method: str = "exact",
-    seed: int = 0,
-    tolerance: float | None = None,
-    force: bool = False,
-) -> list[PairRecord]:
+
+def apply_native_(model: nn.Module, config: SpecDefConfig) -> list[PairRecord]:
     """Deform ``model`` in place along its native symmetries; the function is unchanged.
 
-    ``top_k`` is the number of singular directions (attention: per KV head, at most ``head_dim``)
-    or diagonal entries (MLP: rows of the inflated side) multiplied by ``alpha``. Computation in
-    float64, cast back to each parameter's dtype. The precision guard measures, in that dtype, the
-    relative error of each pair's product (O_q·V_h per query head, down·up, W₂·W₁) and refuses
-    above ``tolerance`` (default: :data:`specdef.defense.guard.DEFAULT_TOLERANCE` for that dtype, the
-    same bound Algorithm 1 uses) unless ``force``. Returns one :class:`PairRecord` per deformed pair.
+    ``config.top_k`` is the number of singular directions (attention: per KV head, at most
+    ``head_dim``) or diagonal entries (MLP: rows of the inflated side) multiplied by
+    ``config.alpha``; ``config.targets``/``exclude`` select pairs as in
+    :func:`specdef.native.pairs.select_pairs` (``"all-linear"``: every pair). Computation in
+    float64, cast back to each parameter's dtype. Each pair's random sketch (``method=
+    "randomized"``) is drawn from :func:`specdef.defense.step.layer_generator` of the pair's name,
+    as in streaming. The precision guard measures, in that dtype, the relative error of each
+    pair's product (O_q·V_h per query head, down·up, W₂·W₁) and refuses above
+    ``config.tolerance_for(dtype)`` (the table Algorithm 1 uses) unless ``config.force``; a refusal
+    leaves ``model`` unchanged. Returns one :class:`PairRecord` per deformed pair.
     """
-    if not alpha > 1 or not math.isfinite(alpha):
-        raise SpecdefError(f"alpha must be a finite number > 1, found {alpha}; e.g. --alpha 1e4.")
-    if top_k < 1:
-        raise SpecdefError(f"top_k must be ≥ 1, found {top_k}; e.g. --top-k 8.")
-    pairs = select_pairs(model, targets, exclude=exclude)
-    generator = torch.Generator().manual_seed(seed)
+    check_native_config(config)
+    pairs = select_pairs(model, config.targets, exclude=config.exclude)
     # pairs can share a module (W₂ compensates pair 1 and is inflated in pair 2): apply in order,
     # each reading the current weights, and roll every change back if a later pair fails the guard
     backup = {
@@ -105,23 +100,16 @@ def apply_native_(
             after = sym.deform_pair(
                 pair.kind,
                 before,
-                alpha=alpha,
-                top_k=top_k,
+                alpha=config.alpha,
+                top_k=config.top_k,
                 heads=pair.heads,
                 kv_heads=pair.kv_heads,
-                method=method,
-                generator=generator,
+                method=config.method,
+                generator=layer_generator(config.seed, pair.name),
                 name=pair.inflated,
             )
-            dtype = pair_dtype(model, pair)
-            bound = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(dtype, 1e-2)
-            record = _record(pair, before, after, dtype)
-            if record.product_error > bound and not force:
-                raise SpecdefError(
-                    f"{pair.name}: the {dtype} weights reproduce the pair's product with "
-                    f"relative error {record.product_error:.2e} > tolerance {bound:.0e} "
-                    f"at alpha={alpha:g}; lower --alpha, store in a wider dtype, or pass --force."
-                )
+            record = pair_record(pair, before, after, pair_dtype(model, pair), config)
+            check_pair(record, pair_dtype(model, pair), config)
             write_pair(model, pair, after)
             records.append(record)
     except BaseException:
@@ -133,9 +121,25 @@ def apply_native_(
     return records
 
 
-def _record(
-    pair: SymmetricPair, before: sym.PairTensors, after: sym.PairTensors, dtype: torch.dtype
+def check_native_config(config: SpecDefConfig) -> None:
+    """Refuse what native mode cannot honour (in memory and streaming alike)."""
+    if config.n_random is not None:
+        raise SpecdefError(
+            f"native mode defends every selected pair; n_random={config.n_random} applies to "
+            "Algorithm 1 only — select pairs with targets/exclude instead."
+        )
+
+
+def pair_record(
+    pair: SymmetricPair,
+    before: sym.PairTensors,
+    after: sym.PairTensors,
+    dtype: torch.dtype,
+    config: SpecDefConfig,
 ) -> PairRecord:
+    """The record of one pair (in memory and streaming): ``before``/``after`` in Linear layout,
+    float64; the product error is measured with ``after`` rounded to ``dtype`` (what is stored),
+    σ_max and the imbalance on the float64 tensors."""
     rounded = sym.PairTensors(
         after.inflated.to(dtype),
         None if after.bias is None else after.bias.to(dtype),
@@ -149,8 +153,22 @@ def _record(
         product_error=sym.product_error(
             pair.kind, before, rounded, heads=pair.heads, kv_heads=pair.kv_heads
         ),
+        tolerance=config.tolerance_for(dtype),
         imbalance_log10=sym.imbalance(pair.kind, after, heads=pair.heads, kv_heads=pair.kv_heads),
     )
+
+
+def check_pair(record: PairRecord, dtype: torch.dtype, config: SpecDefConfig) -> None:
+    """The native precision guard: refuse a pair whose product error exceeds its tolerance,
+    unless ``config.force``."""
+    if record.over_tolerance and not config.force:
+        short = str(dtype).removeprefix("torch.")
+        raise SpecdefError(
+            f"{record.pair}: the {short} weights reproduce the pair's product with relative "
+            f"error {record.product_error:.2e} > tolerance {record.tolerance:.3g} at "
+            f"alpha={config.alpha:g}; lower --alpha, store in a wider dtype, raise --tolerance, "
+            "or pass --force."
+        )
 
 
 def native_imbalance(

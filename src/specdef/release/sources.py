@@ -25,14 +25,6 @@ from specdef.io.checkpoint import (
     model_dtype,
 )
 
-DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-
-
 # Benign English text for probe batches and perplexity (written for specdef; no licence issue).
 PROBE_TEXT = (
     "The library opens at nine in the morning and closes at six in the evening. Visitors may "
@@ -44,20 +36,13 @@ PROBE_TEXT = (
 
 @dataclass
 class Source:
-    """A loaded model and what is known about it."""
+    """A model loaded into memory and what is known about it (the on-disk, tensor-by-tensor view
+    that streaming reads is :class:`specdef.streaming.shards.Checkpoint`)."""
 
     model: nn.Module
     tokenizer: Any | None
     name: str
     kind: str  # "specdef-checkpoint", "transformers-dir" or "zoo"
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise SpecdefError(did_you_mean(name, DTYPES, what="dtype"))
-    return DTYPES[name]
 
 
 def _load_transformers_dir(root: Path, dtype: torch.dtype | None) -> nn.Module:

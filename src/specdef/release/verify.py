@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from specdef.defense import probe as probing
-from specdef.defense.guard import DEFAULT_TOLERANCE
+from specdef.defense.guard import default_tolerance
 from specdef.defense.layer import defended_layers, linear_form
 from specdef.errors import SpecdefError
 from specdef.io.checkpoint import (
@@ -116,7 +116,7 @@ def verify(
             "is OUT a defended copy of SRC?"
         )
     dtype = model_dtype(defended.model)
-    tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(dtype, 5e-2)
+    tol = tolerance if tolerance is not None else default_tolerance(dtype)
     max_abs = probing.max_abs_diff(out, ref)
     max_rel = max_abs / max(float(ref.detach().double().abs().max()), 1e-30)
     if not math.isfinite(max_abs):

@@ -7,7 +7,10 @@ in-memory paths (:func:`specdef.defense.targets.select_targets`, :func:`specdef.
 Every tensor is then read alone through a fresh ``safetensors.safe_open`` memory map (closed right
 after, so resident pages do not accumulate), transformed in float64, cast back, and streamed into
 an output shard whose header was written first (:class:`ShardWriter`), so neither a whole shard nor
-the model is ever in memory. The randomized top-k path is the default, seeded per tensor.
+the model is ever in memory. Each layer goes through the same step as in-memory defense
+(:func:`specdef.defense.step.defend_layer`, seeded per layer), and the manifest through the same
+builder (:func:`specdef.io.checkpoint.build_manifest`), so a streamed release equals an in-memory
+one tensor for tensor.
 
 Output is staged in ``.<OUT>.partial/`` next to OUT and renamed into place at the end. A killed run
 is resumable: rerunning with the same source and options skips every shard finished and verified
@@ -26,40 +29,53 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from specdef.defense.apply import DefenseReport, LayerReport
+from specdef.defense import guard
+from specdef.defense.apply import DefenseReport
 from specdef.defense.config import SpecDefConfig
+from specdef.defense.layer import count_parameters
+from specdef.defense.step import LayerReport, defend_layer
 from specdef.defense.targets import select_targets
 from specdef.errors import SpecdefError
-from specdef.io.checkpoint import FORMAT, FORMAT_VERSION, INDEX, MANIFEST
-from specdef.linalg.spectral import deform_with_basis, top_subspace
+from specdef.io.checkpoint import (
+    INDEX,
+    MANIFEST,
+    NATIVE_RECORD,
+    build_manifest,
+    native_record,
+)
+from specdef.native.apply import PairRecord, check_native_config
 from specdef.native.pairs import select_pairs
 from specdef.streaming import shards as sio
 from specdef.streaming.native import run_native
-from specdef.streaming.resume import Staging, staged_directory, tensor_seed
-from specdef.streaming.shards import DTYPES, Item, Source, open_source, write_shards
+from specdef.streaming.resume import Staging, staged_directory
+from specdef.streaming.shards import (
+    SAFETENSORS_DTYPES,
+    Checkpoint,
+    Item,
+    open_checkpoint,
+    write_shards,
+)
 from specdef.utils.files import write_json_atomic
-from specdef.utils.provenance import provenance
 
 log = logging.getLogger(__name__)
 
 MODES = ("algorithm1", "native")
-NATIVE_RECORD = "specdef_native.json"
 
 
 @dataclass(frozen=True)
 class StreamingResult:
-    """What a streaming run read, wrote and changed."""
+    """What a streaming run read, wrote and changed: ``report`` (Algorithm 1) or ``pairs``
+    (native), as the in-memory paths return them."""
 
     path: Path
     mode: str
@@ -68,7 +84,8 @@ class StreamingResult:
     tensors_in: int
     tensors_out: int
     seconds: float
-    layers: tuple[dict[str, Any], ...] = field(default=())
+    report: DefenseReport | None = None
+    pairs: tuple[PairRecord, ...] = ()
     resumed_shards: tuple[str, ...] = ()  # finished by an earlier, killed run; verified, not redone
 
 
@@ -93,26 +110,21 @@ def _meta_model(root: Path) -> nn.Module:
 def defend_streaming(
     src: str | os.PathLike[str],
     out: str | os.PathLike[str],
+    config: SpecDefConfig,
     *,
     mode: str = "algorithm1",
-    alpha: float,
-    top_k: int,
-    targets: str | tuple[str, ...] | None = None,
-    exclude: str | tuple[str, ...] = (),
-    method: str = "randomized",
-    seed: int = 0,
-    tolerance: float | None = None,
-    force: bool = False,
     overwrite: bool = False,
-    probe_columns: int = 8,
+    extra: dict[str, Any] | None = None,
 ) -> StreamingResult:
-    """Defend the checkpoint at ``src`` into ``out`` without loading it (see the module docstring).
+    """Defend the checkpoint at ``src`` into ``out`` with ``config``, without loading it (see the
+    module docstring); ``extra`` is stored verbatim in the manifest / native record.
 
-    ``targets``: for ``"algorithm1"`` the rules of :func:`specdef.defense.targets.select_targets` (default
-    ``"all-linear"``); for ``"native"`` those of :func:`specdef.native.pairs.select_pairs` (default every
-    pair). The precision guard estimates the relative error in the stored dtype with
-    ``probe_columns`` Gaussian probes (‖(C·W̃ − W)Ω‖/‖WΩ‖, cost O(m·n·probe_columns) instead of
-    a full m×m×n product) and refuses above ``tolerance`` unless ``force``.
+    ``config.targets``: for ``"algorithm1"`` the rules of
+    :func:`specdef.defense.targets.select_targets`; for ``"native"`` those of
+    :func:`specdef.native.pairs.select_pairs`. The precision guard is the in-memory one (each
+    layer's reconstruction error, each pair's product error, in the stored dtype, against
+    ``config.tolerance_for``); there is no probe batch, since the model is never built.
+    Prefer :func:`specdef.release.defend.defend`, which every mode shares.
 
     Resumable: a run killed part-way leaves ``.<OUT name>.partial/`` next to ``out``; calling again
     with the same arguments skips the shards it finished (after checking their sha256). With other
@@ -121,40 +133,36 @@ def defend_streaming(
     """
     if mode not in MODES:
         raise SpecdefError(f"Unknown mode {mode!r}; expected one of {', '.join(MODES)}.")
-    config = SpecDefConfig(
-        alpha=alpha,
-        top_k=top_k,
-        targets=targets if targets is not None else "all-linear",
-        exclude=exclude,
-        method=method,
-        seed=seed,
-        tolerance=tolerance,
-        force=force,
-    )
+    if mode == "native":
+        check_native_config(config)
     start = time.perf_counter()
-    source = open_source(src)
+    source = open_checkpoint(src)
     model = _meta_model(source.root)
     options = {
         "mode": mode,
         "config": config.to_dict(),
-        "probe_columns": probe_columns,
         "source": str(source.root.resolve()),
         "files": {
             f: [(source.root / f).stat().st_size, (source.root / f).stat().st_mtime_ns]
             for f in source.files
         },
     }
+    report: DefenseReport | None = None
+    pairs: tuple[PairRecord, ...] = ()
     with staged_directory(out, options, overwrite=overwrite) as staging:
         tmp = staging.out
         if mode == "algorithm1":
-            layers, manifest = _run_algorithm1(source, model, staging, config, probe_columns)
+            report, manifest = _run_algorithm1(source, model, staging, config, extra)
             write_json_atomic(tmp / MANIFEST, manifest)
             tensors_out = int(manifest["weights"]["tensors"])
         else:
-            pairs = select_pairs(model, targets, exclude=exclude)
-            layers = run_native(source, pairs, staging, config)
-            record = {"mode": "native", "config": config.to_dict(), "pairs": layers}
-            write_json_atomic(tmp / NATIVE_RECORD, {**record, "provenance": provenance()})
+            selected = select_pairs(model, config.targets, exclude=config.exclude)
+            pairs = tuple(run_native(source, selected, staging, config))
+            record = native_record(
+                config, pairs, model_output_gap=None, model_tolerance=None, extra=extra,
+                streaming=True,
+            )  # fmt: skip
+            write_json_atomic(tmp / NATIVE_RECORD, record)
             tensors_out = len(source.specs)
         skip = (INDEX, MANIFEST, NATIVE_RECORD)
         for item in source.root.iterdir():  # config, tokenizer, generation config …
@@ -170,7 +178,8 @@ def defend_streaming(
         tensors_in=len(source.specs),
         tensors_out=tensors_out,
         seconds=time.perf_counter() - start,
-        layers=tuple(layers),
+        report=report,
+        pairs=pairs,
         resumed_shards=resumed,
     )
 
@@ -187,25 +196,13 @@ def _aliases(model: nn.Module, present: set[str]) -> dict[str, str]:
     return out
 
 
-def _float_dtype(source: Source) -> torch.dtype:
-    codes = [c for c, _ in source.specs.values() if DTYPES[c].is_floating_point]
-    return DTYPES[codes[0]] if codes else torch.float32
-
-
-def _probe_error(
-    weight: torch.Tensor, inflated: torch.Tensor, compensation: torch.Tensor, columns: int
-) -> float:
-    """‖(C·W̃ − W)Ω‖/‖WΩ‖ for a Gaussian Ω (n×columns): the stored-dtype error, cheaply."""
-    omega = torch.randn(
-        weight.shape[1], columns, dtype=torch.float64, generator=torch.Generator().manual_seed(1234)
-    )
-    ref = weight @ omega
-    got = compensation.to(torch.float64) @ (inflated.to(torch.float64) @ omega)  # no-op for f64
-    if not bool(torch.isfinite(got).all()):
-        return math.inf
-    return float(
-        torch.linalg.matrix_norm(got - ref) / torch.linalg.matrix_norm(ref).clamp_min(1e-300)
-    )
+def _model_dtype(source: Checkpoint, model: nn.Module) -> torch.dtype:
+    """The stored dtype of the model's first floating parameter (the in-memory rule,
+    :func:`specdef.io.checkpoint.model_dtype`, read from the checkpoint header)."""
+    for name, _ in model.named_parameters():
+        if name in source.specs and SAFETENSORS_DTYPES[source.specs[name][0]].is_floating_point:
+            return SAFETENSORS_DTYPES[source.specs[name][0]]
+    return torch.float32
 
 
 @dataclass(frozen=True)
@@ -214,77 +211,50 @@ class _Layer:
     key: str
     conv: bool
     shape: tuple[int, int]  # (m, n) in Linear form
-    dtype: torch.dtype
     bias: bool
 
 
-def _renamed(source: Source, key: str, new: str) -> dict[str, torch.Tensor]:
-    return {new: sio.read_tensor(source, key)}
+def _renamed(source: Checkpoint, layer: str, key: str, new: str) -> dict[str, torch.Tensor]:
+    tensor = sio.read_tensor(source, key)
+    guard.check_finite(layer, "bias", tensor)
+    return {new: tensor}
 
 
 def _defend_layer(
-    source: Source,
-    layer: _Layer,
-    config: SpecDefConfig,
-    probe_columns: int,
-    reports: list[dict[str, Any]],
+    source: Checkpoint, layer: _Layer, config: SpecDefConfig, reports: list[dict[str, Any]]
 ) -> dict[str, torch.Tensor]:
     """Algorithm 1 on one weight read from disk: ``{inflated, compensation}`` in its dtype."""
     raw = sio.read_tensor(source, layer.key)
-    weight = (raw.T if layer.conv else raw).to(torch.float64)
-    del raw
-    generator = torch.Generator().manual_seed(tensor_seed(config.seed, layer.name))
-    basis = top_subspace(weight, config.top_k, method=config.method, generator=generator)
-    inflated, compensation = deform_with_basis(weight, config.alpha, basis)
-    inflated, compensation = inflated.to(layer.dtype), compensation.to(layer.dtype)
-    stored = inflated.to(torch.float64)  # the rounded W̃, cast once for the checks below
-    error = _probe_error(weight, stored, compensation, probe_columns)
-    bound = config.tolerance_for(layer.dtype)
-    short = str(layer.dtype).removeprefix("torch.")
-    if error > bound and not config.force:
-        raise SpecdefError(
-            f"Layer {layer.name!r}: relative reconstruction error ≈{error:.2e} in {short} at "
-            f"alpha={config.alpha:g} is above the tolerance {bound:.3g}; lower --alpha, store in a "
-            "wider dtype, raise --tolerance, or pass --force."
-        )
-    m, n = layer.shape
-    bias = m if layer.bias else 0
-    # singular values on the top-k subspace: exact for an exact basis, no full SVD of a big matrix
-    reports.append(
-        LayerReport(
-            name=layer.name,
-            source="conv1d" if layer.conv else "linear",
-            shape=(m, n),
-            dtype=short,
-            bias=layer.bias,
-            sigma_before=tuple(torch.linalg.svdvals(basis.T @ weight).tolist()),
-            sigma_after=tuple(torch.linalg.svdvals(basis.T @ stored).tolist()),
-            fro_before=float(torch.linalg.matrix_norm(weight)),
-            fro_after=float(torch.linalg.matrix_norm(stored)),
-            reconstruction_error=error,
-            output_gap=None,
-            tolerance=bound,
-            params_before=m * n + bias,
-            params_after=m * n + m * m + bias,
-        ).to_dict()
+    weight = raw.T if layer.conv else raw
+    step = defend_layer(
+        layer.name, weight, config, bias=layer.bias, source="conv1d" if layer.conv else "linear"
     )
+    rep = step.report
+    if rep.over_tolerance and not config.force:
+        raise guard.layer_refusal(
+            layer.name, weight, step.basis, reconstruction_error=rep.reconstruction_error,
+            output_gap=rep.output_gap, tolerance=rep.tolerance, alpha=config.alpha,
+        )  # fmt: skip
+    reports.append(rep.to_dict())
     return {
-        f"{layer.name}.inflated.weight": inflated,
-        f"{layer.name}.compensation.weight": compensation,
+        f"{layer.name}.inflated.weight": step.inflated,
+        f"{layer.name}.compensation.weight": step.compensation,
     }
 
 
 def _run_algorithm1(
-    source: Source,
+    source: Checkpoint,
     model: nn.Module,
     staging: Staging,
     config: SpecDefConfig,
-    probe_columns: int,
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    names = select_targets(model, config.targets, exclude=config.exclude)
+    extra: dict[str, Any] | None,
+) -> tuple[DefenseReport, dict[str, Any]]:
+    names = select_targets(
+        model, config.targets, exclude=config.exclude, n_random=config.n_random, seed=config.seed
+    )
+    guard.check_untied(model, names)
     reports: list[dict[str, Any]] = []
     items: dict[str, Item] = {}
-    structure = []
     added = 0
     for name in names:
         key = f"{name}.weight"
@@ -296,69 +266,59 @@ def _run_algorithm1(
         code, shape = source.specs[key]
         conv = type(model.get_submodule(name)).__name__ == "Conv1D"
         m, n = (shape[1], shape[0]) if conv else shape
-        if not 1 <= config.top_k <= min(m, n):
-            raise SpecdefError(
-                f"{name}: top_k must be in [1, {min(m, n)}] for a {m}×{n} weight, found "
-                f"{config.top_k}; choose a smaller --top-k or exclude this layer."
-            )
+        guard.check_rank(name, (m, n), top_k=config.top_k)
         bias_key = f"{name}.bias"
         has_bias = bias_key in source.specs
-        layer = _Layer(name, key, conv, (m, n), DTYPES[code], has_bias)
+        layer = _Layer(name, key, conv, (m, n), has_bias)
         items[key] = Item(
             key,
             [
                 (f"{name}.inflated.weight", code, (m, n)),
                 (f"{name}.compensation.weight", code, (m, m)),
             ],
-            functools.partial(_defend_layer, source, layer, config, probe_columns, reports),
+            functools.partial(_defend_layer, source, layer, config, reports),
         )
         if has_bias:
             new = f"{name}.compensation.bias"
             items[bias_key] = Item(
                 bias_key,
                 [(new, *source.specs[bias_key])],
-                functools.partial(_renamed, source, bias_key, new),
+                functools.partial(_renamed, source, name, bias_key, new),
             )
-        structure.append(
-            {
-                "name": name,
-                "shape": [m, n],
-                "bias": has_bias,
-                "alpha": config.alpha,
-                "top_k": config.top_k,
-                "source": "conv1d" if conv else "linear",
-            }
-        )
         added += m * m
     tensors, dicts = write_shards(source, staging, items, reports=reports)
-    layer_reports = tuple(_layer_report(d) for d in dicts)
-    params_before = sum(
-        math.prod(s) for c, s in source.specs.values() if DTYPES[c].is_floating_point
+    # shards are written in file order; report the layers in selection order, as in memory
+    by_name = {d["name"]: LayerReport.from_dict(d) for d in dicts}
+    params_before = count_parameters(model)
+    report = DefenseReport.summarize(
+        config,
+        [by_name[name] for name in names],
+        params_before=params_before,
+        params_after=params_before + added,
     )
-    forced = tuple(r.name for r in layer_reports if r.reconstruction_error > r.tolerance)
-    report = DefenseReport(
-        config, layer_reports, params_before, params_before + added, None, bool(forced), forced
+    # the loader's structure lists layers in module order (what io.checkpoint.structure reads)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    structure = [
+        {
+            "name": name,
+            "shape": list(by_name[name].shape),
+            "bias": by_name[name].bias,
+            "alpha": config.alpha,
+            "top_k": config.top_k,
+            "source": by_name[name].source,
+        }
+        for name in sorted(names, key=order.__getitem__)
+    ]
+    manifest = build_manifest(
+        model={"kind": "transformers", "class": type(model).__name__},
+        dtype=_model_dtype(source, model),
+        structure=structure,
+        report=report,
+        params=params_before + added,
+        files=list(source.files),
+        tensors=tensors,
+        aliases=_aliases(model, set(source.specs)),
+        extra=extra,
+        streaming=True,
     )
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model": {"kind": "transformers", "class": type(model).__name__},
-        "dtype": str(_float_dtype(source)).removeprefix("torch."),
-        "structure": structure,
-        "defense": report.to_dict(),
-        "params": params_before + added,
-        "weights": {
-            "files": list(source.files),
-            "tensors": tensors,
-            "aliases": _aliases(model, set(source.specs)),
-        },
-        "extra": {"streaming": True, "source": str(source.root)},
-        "provenance": provenance(),
-    }
-    return [r.to_dict() for r in layer_reports], manifest
-
-
-def _layer_report(data: dict[str, Any]) -> LayerReport:
-    """A :class:`LayerReport` back from its ``to_dict`` (as stored in a shard's record)."""
-    tuples = ("shape", "sigma_before", "sigma_after")
-    return LayerReport(**{k: tuple(v) if k in tuples else v for k, v in data.items()})  # type: ignore[arg-type]
+    return report, manifest

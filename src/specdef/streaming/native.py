@@ -3,7 +3,8 @@
 second pass rewrites every touched tensor alone, applying the transforms of all pairs it belongs to
 in pair order (so overlapping pairs, e.g. the middle layer of a ReLU MLP, compose as in memory).
 The plan is saved in the staging dir, so a resumed run does not recompute it (each pair's random
-sketch is seeded by the pair's name, so a recomputed plan would be the same)."""
+sketch is seeded by the pair's name, so a recomputed plan would be the same). The per-pair record
+and precision guard are :func:`specdef.native.apply.pair_record` / ``check_pair``, as in memory."""
 
 from __future__ import annotations
 
@@ -14,17 +15,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from specdef.defense.config import SpecDefConfig
+from specdef.defense.step import layer_generator
 from specdef.errors import SpecdefError
 from specdef.linalg import symmetry as sym
+from specdef.native.apply import PairRecord, check_pair, pair_record
 from specdef.native.pairs import SymmetricPair
 from specdef.streaming import shards as sio
-from specdef.streaming.resume import Staging, file_sha256, tensor_seed
-from specdef.streaming.shards import DTYPES, Item, Source, write_shards
+from specdef.streaming.resume import Staging, file_sha256
+from specdef.streaming.shards import SAFETENSORS_DTYPES, Checkpoint, Item, write_shards
 from specdef.utils.files import write_json_atomic
 from specdef.utils.progress import track
 
 
-def _keys(pair: SymmetricPair, source: Source) -> dict[str, str]:
+def _keys(pair: SymmetricPair, source: Checkpoint) -> dict[str, str]:
     keys = {
         "w": f"{pair.inflated}.weight",
         "b": f"{pair.inflated}.bias",
@@ -92,8 +95,9 @@ def _transform(
 
 
 def run_native(
-    source: Source, pairs: list[SymmetricPair], staging: Staging, config: SpecDefConfig
-) -> list[dict[str, Any]]:
+    source: Checkpoint, pairs: list[SymmetricPair], staging: Staging, config: SpecDefConfig
+) -> list[PairRecord]:
+    """Deform ``pairs`` of ``source`` into ``staging`` (planning pass, then rewriting pass)."""
     keys = [_keys(p, source) for p in pairs]
     roles: dict[str, list[tuple[int, str]]] = {}
     for i, k in enumerate(keys):
@@ -110,7 +114,7 @@ def run_native(
 
     saved = staging.load_plan()
     if saved is not None and saved[0]["pairs"] == [p.name for p in pairs]:
-        records: list[dict[str, Any]] = saved[0]["records"]
+        records = [PairRecord(**record) for record in saved[0]["records"]]
         transforms += _unflatten(pairs, load_file(str(saved[1])))
     else:
         records = _plan(source, pairs, keys, transforms, current, config)
@@ -119,7 +123,9 @@ def run_native(
         key: Item(
             key,
             [(key, *source.specs[key])],
-            lambda key=key: {key: current(key, len(pairs)).to(DTYPES[source.specs[key][0]])},
+            lambda key=key: {
+                key: current(key, len(pairs)).to(SAFETENSORS_DTYPES[source.specs[key][0]])
+            },
         )
         for key in roles
     }
@@ -128,13 +134,13 @@ def run_native(
 
 
 def _plan(
-    source: Source,
+    source: Checkpoint,
     pairs: list[SymmetricPair],
     keys: list[dict[str, str]],
     transforms: list[Any],
     current: Callable[[str, int], torch.Tensor],
     config: SpecDefConfig,
-) -> list[dict[str, Any]]:
+) -> list[PairRecord]:
     """First pass: each pair's transform (appended to ``transforms``) and its precision check."""
     records = []
     for i, (pair, k) in enumerate(track(list(zip(pairs, keys, strict=True)), "planning pairs")):
@@ -149,7 +155,7 @@ def _plan(
                     heads=pair.heads,
                     kv_heads=pair.kv_heads,
                     method=config.method,
-                    generator=torch.Generator().manual_seed(tensor_seed(config.seed, pair.name)),
+                    generator=layer_generator(config.seed, pair.name),
                     name=pair.inflated,
                 )
             )
@@ -157,38 +163,22 @@ def _plan(
             transforms.append(
                 sym.diagonal_scale(t.inflated, t.bias, alpha=config.alpha, top_k=config.top_k)
             )
-        dtype = DTYPES[source.specs[k["w"]][0]]
+        dtype = SAFETENSORS_DTYPES[source.specs[k["w"]][0]]
         after = {
-            r: _linear_view(pair, r, _transform(pair, r, x, transforms[i], config.alpha).to(dtype))
+            r: _linear_view(pair, r, _transform(pair, r, x, transforms[i], config.alpha))
             for r, x in stored.items()
         }
-        rounded = sym.PairTensors(after["w"], after.get("b"), after["o"])
-        error = sym.product_error(
-            pair.kind, t, rounded, heads=pair.heads, kv_heads=pair.kv_heads, probe_columns=8
+        record = pair_record(
+            pair, t, sym.PairTensors(after["w"], after.get("b"), after["o"]), dtype, config
         )
-        bound = config.tolerance_for(dtype)
-        if error > bound and not config.force:
-            raise SpecdefError(
-                f"{pair.name}: the {str(dtype).removeprefix('torch.')} weights reproduce the pair's "
-                f"product with relative error {error:.2e} > tolerance {bound:.3g} at "
-                f"alpha={config.alpha:g}; lower --alpha, store in a wider dtype, or pass --force."
-            )
-        records.append(
-            {
-                "pair": pair.name,
-                "kind": pair.kind,
-                "product_error": error,
-                "imbalance_log10": sym.imbalance(
-                    pair.kind, rounded, heads=pair.heads, kv_heads=pair.kv_heads
-                ),
-            }
-        )
-        del stored, lin, t, after, rounded
+        check_pair(record, dtype, config)
+        records.append(record)
+        del stored, lin, t, after
     return records
 
 
 def _save_plan(
-    staging: Staging, pairs: list[SymmetricPair], transforms: list[Any], records: list[Any]
+    staging: Staging, pairs: list[SymmetricPair], transforms: list[Any], records: list[PairRecord]
 ) -> None:
     record_path, tensor_path = staging.plan_paths()
     flat: dict[str, torch.Tensor] = {}
@@ -200,7 +190,12 @@ def _save_plan(
     partial.replace(tensor_path)
     names = [p.name for p in pairs]
     write_json_atomic(
-        record_path, {"pairs": names, "records": records, "sha256": file_sha256(tensor_path)}
+        record_path,
+        {
+            "pairs": names,
+            "records": [r.as_dict() for r in records],
+            "sha256": file_sha256(tensor_path),
+        },
     )
 
 

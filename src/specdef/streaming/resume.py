@@ -12,7 +12,8 @@ Layout of ``<parent>/.<OUT name>.partial/``:
 - ``plan.json`` + ``plan.safetensors`` (native mode): the pair transforms of the planning pass;
 - ``lock``: ``flock``-ed while a run writes here (released by the kernel if the process dies).
 
-Randomized top-k draws from a generator seeded per tensor (:func:`tensor_seed`), not from one shared
+Randomized top-k draws from a generator seeded per layer or pair
+(:func:`specdef.defense.step.layer_seed`, the rule in-memory defense uses too), not from one shared
 stream, so a resumed run writes the same bytes as an uninterrupted one. The finished OUT is
 published by renames: OUT (if replaced) → ``replaced``, ``out`` → OUT, then the staging dir goes.
 """
@@ -45,12 +46,6 @@ def staging_path(out: str | os.PathLike[str]) -> Path:
     """Where a streaming run into ``out`` keeps its resumable state."""
     target = Path(out)
     return target.parent / f".{target.name}.partial"
-
-
-def tensor_seed(seed: int, name: str) -> int:
-    """A 63-bit seed for ``name``'s random draws, independent of the order tensors are visited."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def file_sha256(path: Path) -> str:

@@ -24,7 +24,8 @@ from specdef.utils.progress import track
 if TYPE_CHECKING:
     from specdef.streaming.resume import Staging
 
-DTYPES = {
+# safetensors header dtype codes (the on-disk names; user-facing names: specdef.utils.dtypes)
+SAFETENSORS_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -36,18 +37,21 @@ DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-CODES = {v: k for k, v in DTYPES.items()}
+CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 @dataclass(frozen=True)
-class Source:
+class Checkpoint:
+    """A safetensors checkpoint on disk, read tensor by tensor (never loaded as a model; the
+    in-memory view is :class:`specdef.release.sources.Source`)."""
+
     root: Path
     files: tuple[str, ...]
     weight_map: dict[str, str]  # tensor name → file
     specs: dict[str, tuple[str, tuple[int, ...]]]  # tensor name → (dtype code, shape)
 
 
-def open_source(src: str | os.PathLike[str]) -> Source:
+def open_checkpoint(src: str | os.PathLike[str]) -> Checkpoint:
     from safetensors import SafetensorError, safe_open
 
     root = Path(src)
@@ -80,10 +84,10 @@ def open_source(src: str | os.PathLike[str]) -> Source:
             raise SpecdefError(
                 f"Shard {str(root / fname)!r} is truncated or corrupt ({err}); re-save it."
             ) from None
-    return Source(root, files, weight_map, specs)
+    return Checkpoint(root, files, weight_map, specs)
 
 
-def read_tensor(source: Source, name: str) -> torch.Tensor:
+def read_tensor(source: Checkpoint, name: str) -> torch.Tensor:
     """One tensor, through a memory map opened and closed for this read alone."""
     from safetensors import safe_open
 
@@ -92,7 +96,7 @@ def read_tensor(source: Source, name: str) -> torch.Tensor:
 
 
 def nbytes(code: str, shape: tuple[int, ...]) -> int:
-    return math.prod(shape) * torch.empty((), dtype=DTYPES[code]).element_size()
+    return math.prod(shape) * torch.empty((), dtype=SAFETENSORS_DTYPES[code]).element_size()
 
 
 class ShardWriter:
@@ -159,7 +163,7 @@ class Item:
 
 
 def write_shards(
-    source: Source, staging: Staging, items: dict[str, Item], *, reports: list[dict[str, Any]]
+    source: Checkpoint, staging: Staging, items: dict[str, Item], *, reports: list[dict[str, Any]]
 ) -> tuple[int, list[dict[str, Any]]]:
     """Write one output shard per input shard into ``staging.out``, tensor by tensor, plus the index
     when the input had one. ``items`` maps input names to replacements; the ``produce`` callables
