@@ -22,9 +22,9 @@ from specdef.release.sources import (
     PROBE_TEXT,
     check_finite,
     load_source,
-    parse_dtype,
     probe_batch,
 )
+from specdef.utils.dtypes import parse_dtype
 
 
 @pytest.fixture(scope="module")

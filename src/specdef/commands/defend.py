@@ -138,7 +138,9 @@ def run(args: argparse.Namespace) -> int:
             f"resumed: {len(result.resumed_shards)} shard(s) finished by an earlier run, verified, "
             "kept"
         )
-    print(f"saved: {args.out}")
+    for skipped in result.not_copied:
+        print(f"not copied: {skipped}")
+    print(f"saved: {args.out} (model card: {args.out}/README.md)")
     return 0
 
 

@@ -1,3 +1,4 @@
-"""Checkpoints on disk: the specdef checkpoint format with its one manifest builder (checkpoint)
-reading safetensors files without unpickling (safetensors), and the Hugging Face face of it (hf).
+"""A release on disk: the checkpoint format and its one manifest builder (checkpoint), safetensors
+reading without unpickling (safetensors), model_type "specdef" for stock loaders (hf), the model
+card (card) and the allowlist of source files a release may carry (allowlist).
 """

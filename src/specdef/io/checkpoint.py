@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from specdef.defense.layer import DefendedLinear, defended_layers, set_submodule
 from specdef.errors import SpecdefError
 from specdef.io import hf
 from specdef.native.apply import PairRecord
-from specdef.utils.files import atomic_directory, write_json_atomic
+from specdef.utils.files import atomic_directory, write_json_atomic, write_text_atomic
 from specdef.utils.provenance import provenance
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,22 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, to
     return shards
 
 
+def weights_metadata(layers: list[dict[str, Any]]) -> dict[str, str]:
+    """The safetensors header metadata of a release's weight files: the format, and for a defended
+    model what was defended (so the weights say it even without the manifest or config)."""
+    meta = {"format": "pt"}
+    if layers:
+        meta["specdef"] = json.dumps(
+            {
+                "mode": "algorithm1",
+                "layers": len(layers),
+                "alpha": sorted({float(layer["alpha"]) for layer in layers}),
+                "top_k": sorted({int(layer["top_k"]) for layer in layers}),
+            }
+        )
+    return meta
+
+
 def _config_json(model: nn.Module) -> dict[str, Any]:
     """The model's full config, re-typed as a specdef config while it has defended layers, so stock
     transformers refuses it instead of loading random weights where the defended layers are."""
@@ -193,11 +209,13 @@ def save_defended(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     extra: dict[str, Any] | None = None,
+    texts: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``model`` (defended or not) to directory ``path`` atomically and return it.
 
     ``report`` defaults to ``model.specdef_report`` (set by ``apply_specdef_``); ``extra`` is
-    stored verbatim in the manifest (e.g. the source model's name).
+    stored verbatim in the manifest (e.g. the source model's name); ``texts`` are text files
+    (name → content, e.g. the model card) written into the same atomic directory.
     """
     from safetensors.torch import save_file
 
@@ -211,13 +229,13 @@ def save_defended(
     with atomic_directory(path, overwrite=overwrite) as tmp:
         files: list[str] = []
         if len(shards) == 1:
-            save_file(shards[0], str(tmp / WEIGHTS), metadata={"format": "pt"})
+            save_file(shards[0], str(tmp / WEIGHTS), metadata=weights_metadata(structure(model)))
             files.append(WEIGHTS)
         else:
             weight_map: dict[str, str] = {}
             for i, shard in enumerate(shards, start=1):
                 fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                save_file(shard, str(tmp / fname), metadata=weights_metadata(structure(model)))
                 files.append(fname)
                 weight_map.update(dict.fromkeys(shard, fname))
             total = sum(t.numel() * t.element_size() for t in state.values())
@@ -228,6 +246,8 @@ def save_defended(
             write_json_atomic(tmp / "config.json", _config_json(model))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        for name, text in (texts or {}).items():
+            write_text_atomic(tmp / name, text)
         manifest = build_manifest(
             model=spec,
             dtype=dtype,

@@ -1,3 +1,3 @@
 """What a model releaser runs: load a source and its probe batch (sources), defend it to a
-checkpoint (defend) with its model card (card), and verify the checkpoint against the source (verify).
+checkpoint (defend) and verify the checkpoint against the source (verify).
 """

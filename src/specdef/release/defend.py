@@ -23,12 +23,19 @@ from specdef.defense import probe as probing
 from specdef.defense.apply import DefenseReport, apply_specdef_
 from specdef.defense.config import SpecDefConfig
 from specdef.errors import SpecdefError
-from specdef.io.checkpoint import NATIVE_RECORD, native_record, save_defended
+from specdef.io import card
+from specdef.io.allowlist import Skipped, release_files
+from specdef.io.checkpoint import NATIVE_RECORD, model_dtype, native_record, save_defended
 from specdef.native.apply import PairRecord, apply_native_
 from specdef.release.sources import Source, check_finite, load_source, probe_batch
 from specdef.streaming.defend import MODES, defend_streaming
 from specdef.utils.dtypes import parse_dtype
-from specdef.utils.files import atomic_directory, preflight_output, write_json_atomic
+from specdef.utils.files import (
+    atomic_directory,
+    preflight_output,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,7 @@ class DefendResult:
     bytes_in: int | None = None
     bytes_out: int | None = None
     resumed_shards: tuple[str, ...] = ()
+    not_copied: tuple[Skipped, ...] = ()  # source files the release allowlist left behind
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -109,6 +117,7 @@ class DefendResult:
             out["config"] = self.request.config.to_dict()
             out["pairs"] = [pair.as_dict() for pair in self.pairs]
             out["model_output_gap"] = self.model_output_gap
+        out["not_copied"] = [{"file": s.name, "reason": s.reason} for s in self.not_copied]
         if self.request.streaming:
             out.update(
                 bytes_in=self.bytes_in,
@@ -135,6 +144,7 @@ def defend(request: DefendRequest) -> DefendResult:
             request=request, output=Path(request.output), seconds=time.perf_counter() - start,
             report=streamed.report, pairs=streamed.pairs, bytes_in=streamed.bytes_in,
             bytes_out=streamed.bytes_out, resumed_shards=streamed.resumed_shards,
+            not_copied=streamed.not_copied,
         )  # fmt: skip
     preflight_output(request.output, overwrite=request.overwrite)
     source = load_source(request.source, dtype=parse_dtype(request.dtype))
@@ -145,25 +155,38 @@ def defend(request: DefendRequest) -> DefendResult:
         else None
     )
     extra = {"source": request.source, "source_kind": source.kind}
+    # in memory, only what save_pretrained / the tokenizer write is released; name the rest
+    not_copied = tuple(release_files(request.source)[1]) if source.kind != "zoo" else ()
+    dtype = model_dtype(source.model)
+    dtype_name = str(dtype).removeprefix("torch.")
     if request.mode == "algorithm1":
         report = apply_specdef_(source.model, request.config, probe=batch)
+        facts = card.facts_from_defense(
+            report.to_dict(), source=request.source, dtype=dtype_name,
+            tolerance=request.config.tolerance_for(dtype),
+        )  # fmt: skip
         save_defended(
             source.model, request.output, report=report, tokenizer=source.tokenizer,
-            overwrite=request.overwrite, extra=extra,
+            overwrite=request.overwrite, extra=extra, texts={card.CARD: card.model_card(facts)},
         )  # fmt: skip
         return DefendResult(
             request=request, output=Path(request.output), seconds=time.perf_counter() - start,
-            report=report,
+            report=report, not_copied=not_copied,
         )  # fmt: skip
+    params = sum(p.numel() for p in source.model.parameters())
     pairs, gap, tolerance = _native_in_memory(source, request.config, batch)
     record = native_record(
         request.config, pairs, model_output_gap=gap, model_tolerance=tolerance, extra=extra,
         streaming=False,
     )  # fmt: skip
-    _save_native(source, request, record)
+    facts = card.facts_from_native(
+        record, source=request.source, dtype=dtype_name, params=params,
+        tolerance=request.config.tolerance_for(dtype),
+    )  # fmt: skip
+    _save_native(source, request, record, card.model_card(facts))
     return DefendResult(
         request=request, output=Path(request.output), seconds=time.perf_counter() - start,
-        pairs=tuple(pairs), model_output_gap=gap,
+        pairs=tuple(pairs), model_output_gap=gap, not_copied=not_copied,
     )  # fmt: skip
 
 
@@ -192,17 +215,23 @@ def _native_in_memory(
     return pairs, gap, tolerance
 
 
-def _save_native(source: Source, request: DefendRequest, record: dict[str, Any]) -> None:
+def _save_native(
+    source: Source, request: DefendRequest, record: dict[str, Any], model_card: str
+) -> None:
     """Save a native release: ``save_pretrained`` (plus tokenizer and the native record, which
     stock loaders ignore); a model without ``save_pretrained`` through
     :func:`specdef.io.checkpoint.save_defended` (its state-dict names are unchanged)."""
     model: nn.Module = source.model
     save_pretrained = getattr(model, "save_pretrained", None)
     if not callable(save_pretrained):
-        save_defended(model, request.output, overwrite=request.overwrite, extra={"native": record})
+        save_defended(
+            model, request.output, overwrite=request.overwrite, extra={"native": record},
+            texts={card.CARD: model_card},
+        )  # fmt: skip
         return
     with atomic_directory(request.output, overwrite=request.overwrite) as tmp:
         save_pretrained(str(tmp))
         if source.tokenizer is not None:
             source.tokenizer.save_pretrained(str(tmp))
         write_json_atomic(tmp / NATIVE_RECORD, record)
+        write_text_atomic(tmp / card.CARD, model_card)

@@ -28,6 +28,7 @@ is resumable: rerunning with the same source and options skips every shard finis
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import shutil
@@ -46,12 +47,14 @@ from specdef.defense.layer import count_parameters
 from specdef.defense.step import LayerReport, defend_layer
 from specdef.defense.targets import select_targets
 from specdef.errors import SpecdefError
+from specdef.io import card, hf
+from specdef.io.allowlist import Skipped, release_files
 from specdef.io.checkpoint import (
-    INDEX,
     MANIFEST,
     NATIVE_RECORD,
     build_manifest,
     native_record,
+    weights_metadata,
 )
 from specdef.native.apply import PairRecord, check_native_config
 from specdef.native.pairs import select_pairs
@@ -65,7 +68,7 @@ from specdef.streaming.shards import (
     open_checkpoint,
     write_shards,
 )
-from specdef.utils.files import write_json_atomic
+from specdef.utils.files import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,7 @@ class StreamingResult:
     report: DefenseReport | None = None
     pairs: tuple[PairRecord, ...] = ()
     resumed_shards: tuple[str, ...] = ()  # finished by an earlier, killed run; verified, not redone
+    not_copied: tuple[Skipped, ...] = ()  # source files the allowlist left behind
 
 
 def _meta_model(root: Path) -> nn.Module:
@@ -164,10 +168,23 @@ def defend_streaming(
             )  # fmt: skip
             write_json_atomic(tmp / NATIVE_RECORD, record)
             tensors_out = len(source.specs)
-        skip = (INDEX, MANIFEST, NATIVE_RECORD)
-        for item in source.root.iterdir():  # config, tokenizer, generation config …
-            if item.is_file() and not item.name.endswith(".safetensors") and item.name not in skip:
-                shutil.copy2(item, tmp / item.name)
+        copied, skipped = release_files(source.root)
+        for item in copied:  # config, tokenizer, generation config, licence — the allowlist
+            shutil.copy2(item, tmp / item.name)
+        dtype = _model_dtype(source, model)
+        dtype_name = str(dtype).removeprefix("torch.")
+        if mode == "algorithm1":
+            _retype_config(tmp, manifest)
+            facts = card.facts_from_defense(
+                manifest["defense"], source=str(src), dtype=dtype_name,
+                tolerance=config.tolerance_for(dtype),
+            )  # fmt: skip
+        else:
+            facts = card.facts_from_native(
+                record, source=str(src), dtype=dtype_name, params=count_parameters(model),
+                tolerance=config.tolerance_for(dtype),
+            )  # fmt: skip
+        write_text_atomic(tmp / card.CARD, card.model_card(facts))
         bytes_out = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
         resumed = tuple(staging.resumed)
     return StreamingResult(
@@ -181,6 +198,7 @@ def defend_streaming(
         report=report,
         pairs=pairs,
         resumed_shards=resumed,
+        not_copied=tuple(skipped),
     )
 
 
@@ -194,6 +212,22 @@ def _aliases(model: nn.Module, present: set[str]) -> dict[str, str]:
         kept = [n for n in names if n in present]
         out.update({n: kept[0] for n in names if n not in present and kept})
     return out
+
+
+def _retype_config(out: Path, manifest: dict[str, Any]) -> None:
+    """Rewrite the copied ``config.json`` as a specdef config (:func:`specdef.io.hf.config_json`),
+    as the in-memory save writes it, so stock loaders refuse it without specdef."""
+    target = out / "config.json"
+    try:
+        base = json.loads(target.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise SpecdefError(f"Cannot read the source's config.json ({err}); repair it.") from None
+    if not isinstance(base, dict):
+        raise SpecdefError("The source's config.json is not a JSON object; repair it.")
+    retyped = hf.config_json(
+        base, manifest["structure"], model_class=str(manifest["model"].get("class", ""))
+    )
+    write_json_atomic(target, retyped)
 
 
 def _model_dtype(source: Checkpoint, model: nn.Module) -> torch.dtype:
@@ -286,7 +320,10 @@ def _run_algorithm1(
                 functools.partial(_renamed, source, name, bias_key, new),
             )
         added += m * m
-    tensors, dicts = write_shards(source, staging, items, reports=reports)
+    described = [{"alpha": config.alpha, "top_k": config.top_k}] * len(names)
+    tensors, dicts = write_shards(
+        source, staging, items, reports=reports, metadata=weights_metadata(described)
+    )
     # shards are written in file order; report the layers in selection order, as in memory
     by_name = {d["name"]: LayerReport.from_dict(d) for d in dicts}
     params_before = count_parameters(model)

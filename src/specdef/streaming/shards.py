@@ -104,8 +104,13 @@ class ShardWriter:
     known up front, so only the tensor being written is in memory. ``sha256`` and ``size`` describe
     the bytes written (hashed on the way out, so a resumed run can verify the file later)."""
 
-    def __init__(self, path: Path, plan: list[tuple[str, str, tuple[int, ...]]]) -> None:
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    def __init__(
+        self,
+        path: Path,
+        plan: list[tuple[str, str, tuple[int, ...]]],
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
         offset = 0
         self._order: list[tuple[str, str, tuple[int, ...], int]] = []
         for name, code, shape in plan:
@@ -163,13 +168,18 @@ class Item:
 
 
 def write_shards(
-    source: Checkpoint, staging: Staging, items: dict[str, Item], *, reports: list[dict[str, Any]]
+    source: Checkpoint,
+    staging: Staging,
+    items: dict[str, Item],
+    *,
+    reports: list[dict[str, Any]],
+    metadata: dict[str, str] | None = None,
 ) -> tuple[int, list[dict[str, Any]]]:
     """Write one output shard per input shard into ``staging.out``, tensor by tensor, plus the index
     when the input had one. ``items`` maps input names to replacements; the ``produce`` callables
     append what they learn to ``reports``. Shards finished by an earlier run (verified) are skipped
     and their reports read back from their records. Returns the number of output tensors and the
-    reports in shard order."""
+    reports in shard order. ``metadata``: every shard's safetensors header metadata."""
     weight_map: dict[str, str] = {}
     total = 0
     ordered: list[dict[str, Any]] = []
@@ -178,7 +188,9 @@ def write_shards(
         if record is None:
             names = [n for n, f in source.weight_map.items() if f == fname]
             plan = [items.get(n) or Item(n, [(n, *source.specs[n])]) for n in names]
-            writer = ShardWriter(staging.out / fname, [o for item in plan for o in item.outputs])
+            writer = ShardWriter(
+                staging.out / fname, [o for item in plan for o in item.outputs], metadata
+            )
             first = len(reports)
             for item in plan:
                 produced = (

@@ -79,25 +79,27 @@ def facts_from_defense(
 def facts_from_native(
     record: Mapping[str, Any],
     *,
+    source: str,
     dtype: str,
     params: int,
     tolerance: float,
-    output_gap: float | None = None,
     latency_ratio: float | None = None,
 ) -> CardFacts:
-    """Facts of a native deformation from its ``specdef_native.json`` record (same parameters)."""
+    """Facts of a native deformation from its record (:func:`specdef.io.checkpoint.native_record`;
+    the parameter count is unchanged by construction)."""
+    config = record.get("config") or {}
     pairs = [p for p in record.get("pairs") or [] if isinstance(p, Mapping)]
     return CardFacts(
         mode="native",
-        source=str(record.get("source", "")),
-        alpha=float(record.get("alpha", math.nan)),
-        top_k=int(record.get("top_k", 0)),
-        method=str(record.get("method", "")),
+        source=source,
+        alpha=float(config.get("alpha", math.nan)),
+        top_k=int(config.get("top_k", 0)),
+        method=str(config.get("method", "")),
         layers=tuple(str(p.get("pair")) for p in pairs),
         dtype=dtype,
         params_before=params,
         params_after=params,
-        output_gap=output_gap,
+        output_gap=_float_or_none(record.get("model_output_gap")),
         max_error=max((float(p.get("product_error", 0.0)) for p in pairs), default=0.0),
         tolerance=tolerance,
         forced=bool(record.get("forced", False)),

@@ -8,7 +8,7 @@ from _tiny import tiny_llama, token_batch
 from specdef.defense.apply import apply_specdef_
 from specdef.defense.config import SpecDefConfig
 from specdef.defense.guard import default_tolerance
-from specdef.release import card
+from specdef.io import card
 
 
 def _facts() -> card.CardFacts:
@@ -38,11 +38,13 @@ def test_card_carries_the_reports_figures() -> None:
 
 def test_native_card_says_it_is_a_stock_checkpoint() -> None:
     record = {
-        "mode": "native", "source": "src", "alpha": 100.0, "top_k": 4, "method": "exact",
-        "forced": False,
+        "mode": "native", "config": {"alpha": 100.0, "top_k": 4, "method": "exact"},
+        "forced": False, "model_output_gap": None,
         "pairs": [{"pair": "layers.0.mlp", "product_error": 3e-7}, {"pair": "layers.1.mlp", "product_error": 5e-7}],
     }  # fmt: skip
-    facts = card.facts_from_native(record, dtype="float32", params=1000, tolerance=5e-2)
+    facts = card.facts_from_native(
+        record, source="src", dtype="float32", params=1000, tolerance=5e-2
+    )
     text = card.model_card(facts)
     assert facts.max_error == 5e-7 and facts.param_ratio == 1.0
     assert "rebalance" in text and "stock checkpoint" in text
