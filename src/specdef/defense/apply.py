@@ -64,10 +64,10 @@ class LayerReport:
     dtype: str
     bias: bool
     sigma_before: tuple[float, ...]  # top min(k + 5, rank) singular values of W
-    sigma_after: tuple[float, ...]  # same count, of the stored W̃
+    sigma_after: tuple[float, ...]  # same count, of W̃ (spectral.deformed_spectrum)
     fro_before: float
     fro_after: float
-    reconstruction_error: float  # ‖C·W̃ − W‖/‖W‖ in ``dtype``
+    reconstruction_error: float  # ‖C·W̃ − W‖/‖W‖ in ``dtype`` (probe estimate, see spectral)
     output_gap: float | None  # relative layer-output gap on the probe batch, in ``dtype``
     tolerance: float
     params_before: int
@@ -139,11 +139,11 @@ def apply_specdef_(
         weight, bias, source = linear_form(module)
         dtype, device = weight.dtype, weight.device
         m, n = weight.shape
+        weight64 = weight.detach().to(torch.float64)  # cast once for the spectral calls below
         basis, sigma = spectral.top_subspace_and_values(
-            weight, config.top_k, method=config.method, generator=gen
+            weight64, config.top_k, method=config.method, generator=gen
         )
-        inflated, compensation = spectral.deform_with_basis(weight, config.alpha, basis)
-        error = spectral.reconstruction_error(weight, inflated, compensation, dtype=dtype)
+        inflated, compensation = spectral.deform_with_basis(weight64, config.alpha, basis)
         layer = DefendedLinear(
             n, m, bias=bias is not None, alpha=config.alpha, top_k=config.top_k, source=source,
             dtype=dtype, device=device,
@@ -152,19 +152,20 @@ def apply_specdef_(
         layer.compensation.weight.copy_(compensation)
         if bias is not None:
             layer.compensation.bias.copy_(bias)
+        error = spectral.probe_reconstruction_error(
+            weight64, layer.inflated.weight, layer.compensation.weight, dtype=dtype
+        )
         gap = None
         if name in inputs:
             gap = probing.relative_gap(layer(inputs[name]), module(inputs[name]))
         count = min(config.top_k + 5, len(sigma))
         sigma_b = sigma[:count]
-        sigma_a = spectral.top_singular_values(
-            layer.inflated.weight, count, method=config.method, generator=gen
-        )
+        sigma_a = spectral.deformed_spectrum(sigma, config.alpha, config.top_k)[:count]
         report = LayerReport(
             name=name, source=source, shape=(m, n), dtype=str(dtype).removeprefix("torch."),
             bias=bias is not None, sigma_before=tuple(sigma_b.tolist()),
             sigma_after=tuple(sigma_a.tolist()),
-            fro_before=float(torch.linalg.matrix_norm(weight.double())),
+            fro_before=float(torch.linalg.matrix_norm(weight64)),
             fro_after=float(torch.linalg.matrix_norm(layer.inflated.weight.double())),
             reconstruction_error=error, output_gap=gap, tolerance=config.tolerance_for(dtype),
             params_before=sum(p.numel() for p in module.parameters()),

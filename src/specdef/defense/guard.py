@@ -73,7 +73,7 @@ def check_layer(name: str, weight: torch.Tensor, bias: torch.Tensor | None, *, t
             f"{name!r} ({m}×{n}); choose --top-k ≤ {min(m, n)} or exclude this layer."
         )
     for label, tensor in (("weight", weight), ("bias", bias)):
-        if tensor is not None and not bool(torch.isfinite(tensor).all()):
+        if tensor is not None and not spectral.all_finite(tensor):
             raise SpecdefError(
                 f"Layer {name!r} has NaN or Inf entries in its {label}; repair the checkpoint "
                 "before defending it."
