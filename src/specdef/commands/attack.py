@@ -13,7 +13,7 @@ from specdef import zoo
 from specdef.attack.loop import AttackSpec
 from specdef.attack.metrics import StepsToThreshold, best_over_grid
 from specdef.attack.sweep import ModelVariant, attack_grid, run_sweep
-from specdef.commands._common import print_json, print_table
+from specdef.commands._common import add_threads_option, print_json, print_table
 from specdef.errors import SpecdefError
 from specdef.experiments.config import parse_value
 from specdef.informed.transforms import apply_adaptive, parse_adaptive
@@ -93,9 +93,9 @@ def register(sub: Any) -> None:
     )
     parser.add_argument("--max-length", type=int, default=128, help="tokens (language tasks)")
     parser.add_argument("--eval-limit", type=int, default=None, help="held-out examples per split")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", metavar="RUN_DIR", help="keep results.jsonl here (resumable)")
     parser.add_argument("--json", action="store_true", help="print the rows' summaries as JSON")
+    add_threads_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -140,10 +140,6 @@ def build_specs(args: argparse.Namespace) -> list[Any]:
 def run(args: argparse.Namespace) -> int:
 
     specs = build_specs(args)  # validate the grid before loading anything
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     source = load_source(args.model, attn_implementation="eager")
     kwargs: dict[str, Any] = {}
     if source.tokenizer is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from specdef.commands._common import print_json, print_table
+from specdef.commands._common import add_threads_option, print_json, print_table
 from specdef.defense.config import SpecDefConfig
 from specdef.errors import SpecdefError
 from specdef.release.defend import defend_native_to, defend_to
@@ -81,6 +81,7 @@ def register(sub: Any) -> None:
         "(randomized top-k unless --method exact); a killed run resumes when rerun with the same "
         "options",
     )
+    add_threads_option(parser)
     parser.set_defaults(func=run)
 
 
