@@ -189,5 +189,11 @@ def run(args: argparse.Namespace) -> int:
         f"model output gap {gap if gap is not None else float('nan'):.3g}"
         + (" [FORCED past the precision guard]" if report.forced else "")
     )
+    cost = report.inference_cost
+    if cost is not None:
+        print(
+            f"inference cost: ×{cost.parameter_ratio:.2f} parameters, ×{cost.latency_ratio:.2f} "
+            f"forward latency on the probe batch (median of {cost.repeats}, {cost.threads} thread(s))"
+        )
     print(f"saved: {args.out}")
     return 0

@@ -4,11 +4,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 
 from specdef.defense.apply import DefenseReport, apply_specdef_
 from specdef.defense.config import SpecDefConfig
+from specdef.defense.cost import forward_latency, inference_cost
+from specdef.defense.layer import count_parameters
 from specdef.errors import SpecdefError
 from specdef.io.checkpoint import (
     save_defended,
@@ -34,7 +37,15 @@ def defend_to(
     source = load_source(src, dtype=parse_dtype(dtype))
     check_finite(source.model)
     batch = probe_batch(source.model, source.tokenizer, seed=seed)
+    params_before, latency_before = (
+        count_parameters(source.model),
+        forward_latency(source.model, batch),
+    )
     report = apply_specdef_(source.model, config, probe=batch)
+    cost = inference_cost(
+        source.model, batch, params_before=params_before, latency_before_s=latency_before
+    )
+    report = dataclasses.replace(report, inference_cost=cost)
     save_defended(
         source.model,
         out,
