@@ -171,7 +171,7 @@ def apply_specdef_(
             bias=bias is not None, sigma_before=tuple(sigma_b.tolist()),
             sigma_after=tuple(sigma_a.tolist()),
             fro_before=float(torch.linalg.matrix_norm(weight64)),
-            fro_after=float(torch.linalg.matrix_norm(layer.inflated.weight.double())),
+            fro_after=float(torch.linalg.vector_norm(layer.inflated.weight, dtype=torch.float64)),
             reconstruction_error=error, output_gap=gap, tolerance=config.tolerance_for(dtype),
             params_before=sum(p.numel() for p in module.parameters()),
             params_after=sum(p.numel() for p in layer.parameters()),
