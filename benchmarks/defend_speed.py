@@ -1,162 +1,297 @@
-"""Defense speed: the randomized range finder vs the exact SVD for the top-k subspace.
+"""Defense speed on SmolLM2-135M (all 210 linear layers, k = 25, α = 1e4, float32), one torch thread:
+CPU time of the in-memory defense against its FLOP floor, the exact path against a plain SVD of the
+same weights, the defended tensors against the previous implementation, the power-iteration count
+against its accuracy target, and the inference cost. Everything in one run, so the ratios share the
+machine's state.
 
-On Llama-sized weights (576×1536 as in SmolLM2's MLP, 2048×2048, 4096×4096) with k = 25, times
-``spectral_deform`` (subspace + W̃ + C, float64) by each method in the same run, and checks that both
-preserve the function to the same error class: ‖C·W̃ − W‖/‖W‖ measured in float64 and in float32.
-The target: randomized ≥ 5× faster than exact at every size.
+- *matmul rate*: float64 GEMM of each layer's W (m×n) by a column-major n×k block — the products the
+  floor consists of — best of 3, total FLOPs / total CPU seconds (also a square 2048² GEMM).
+- *FLOP floor*: Σ_layers 4·m·n·k per pass × (q + 2) passes: q + 1 range-finder passes (a product by
+  W and one by Wᵀ each; the initial sketch and the final projection make one) and 1 deformation pass
+  (UᵀW and U·(UᵀW)), at width k (oversampling, QR, the compensation UUᵀ and the precision guard are
+  not counted), divided by the matmul rate.
+- *randomized / floor*: CPU seconds of ``apply_specdef_(model, config, probe=batch)`` (the whole
+  in-memory defense, precision guard included; not loading or saving) over the floor. Target ≤ 3×.
+- *exact / plain SVD*: CPU seconds of the same call with ``method="exact"`` over those of
+  ``torch.linalg.svd(W, full_matrices=False)`` in float64 over the same 210 weights. Target ≤ 1.2×.
+- *equal to the previous implementation*: per layer, W̃ and C from the code before issue 18 (a
+  verbatim copy below: range finder, deformation) and from ``specdef.linalg.spectral`` with the same
+  seed, both cast to float32; max over layers of max|new − old| / max|old|. Target ≤ 1e-6.
+- *power iterations*: min over layers and the top k of σ_i(U_kᵀW)/σ_i(W) for q = 2…6 against the
+  accuracy docs/algorithm.md promises (≥ 0.94); the default must be the smallest q that meets it.
 
 Prints a table and rewrites the "Defense speed" section of ``docs/benchmarks.md``.
 
-Run: ``.venv/bin/python benchmarks/defend_speed.py`` (≈2–4 min on 2 idle cores, dominated by the
-exact SVD of the 4096×4096 matrix).
+Run: ``PYTHONPATH=src .venv/bin/python benchmarks/defend_speed.py`` (≈3–6 min on 2 cores; run it
+when ``uptime`` shows a quiet machine — CPU time is robust to load, not immune to it).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import datetime as dt
 import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Defense speed"
-SHAPES = ((576, 1536), (2048, 2048), (4096, 4096))
-TOP_K, ALPHA, TARGET = 25, 1e4, 5.0
+MODEL, TOP_K, ALPHA = "smollm2-135m", 25, 1e4
+FLOOR_TARGET, EXACT_TARGET, EQUAL_TARGET, INFLATION_TARGET = 3.0, 1.2, 1e-6, 0.94
+COMMAND = "PYTHONPATH=src .venv/bin/python benchmarks/defend_speed.py"
 
 
-def _weight(m: int, n: int, seed: int) -> torch.Tensor:
-    """A fp32 weight with a decaying spectrum like a trained layer's (σ_i ∝ i^-1/2 on top of noise),
-    built without a dense QR: a rank-64 power-law part plus Gaussian noise."""
-    gen = torch.Generator().manual_seed(seed)
-    r = 64
-    left = torch.randn(m, r, generator=gen) / math.sqrt(m)
-    right = torch.randn(r, n, generator=gen) / math.sqrt(n)
-    scale = torch.arange(1, r + 1, dtype=torch.float32).pow(-0.5) * 4.0
-    return (left * scale) @ right + 0.02 * torch.randn(m, n, generator=gen)
+# --- the previous implementation (before issue 18), verbatim, for the equality check -----------
+def old_top_subspace(weight: torch.Tensor, top_k: int, generator: torch.Generator) -> torch.Tensor:
+    w = weight.detach().to(dtype=torch.float64)
+    n = w.shape[1]
+    omega = torch.randn(n, top_k + 10, dtype=torch.float64, generator=generator, device="cpu")
+    q, _ = torch.linalg.qr(w @ omega)
+    for _ in range(4):
+        z, _ = torch.linalg.qr(w.T @ q)
+        q, _ = torch.linalg.qr(w @ z)
+    u_small, _, _ = torch.linalg.svd(q.T @ w, full_matrices=False)
+    basis, r = torch.linalg.qr(q @ u_small[:, :top_k])
+    return basis * torch.sign(torch.diagonal(r)).unsqueeze(0)
 
 
-def _time(fn, repeats: int) -> tuple[float, object]:  # type: ignore[no-untyped-def]
-    best, out = math.inf, None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+def old_deform(
+    weight: torch.Tensor, alpha: float, u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    w = weight.detach().to(dtype=torch.float64)
+    inflated = (u @ (u.T @ w)).mul_(alpha - 1.0).add_(w)
+    compensation = (u @ u.T).mul_(1.0 / alpha - 1.0)
+    compensation.diagonal().add_(1.0)
+    return inflated, compensation
 
 
-def run(shapes: tuple[tuple[int, int], ...], threads: int) -> list[dict[str, object]]:
+# --- measurements ---------------------------------------------------------------------------------
+def cpu_seconds(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.process_time()
+    out = fn()
+    return time.process_time() - start, out
+
+
+def matmul_rates(weights: list[torch.Tensor]) -> tuple[float, float]:
+    """(GFLOP/s of the floor's products W·X, X n×k column-major; GFLOP/s of a square GEMM)."""
+    blocks = [torch.randn(TOP_K, w.shape[1], dtype=torch.float64).T for w in weights]
+    flops = sum(2 * w.shape[0] * w.shape[1] * TOP_K for w in weights)
+    best = min(cpu_seconds(lambda: [w @ x for w, x in zip(weights, blocks, strict=True)])[0]
+               for _ in range(3))  # fmt: skip
+    a = torch.randn(2048, 2048, dtype=torch.float64)
+    square = min(cpu_seconds(lambda: a @ a)[0] for _ in range(3))
+    return flops / best / 1e9, 2 * 2048**3 / square / 1e9
+
+
+def load() -> tuple[Any, Any]:
+    from specdef.release.sources import load_source, probe_batch
+
+    source = load_source(MODEL)
+    return source.model, probe_batch(source.model, source.tokenizer, seed=0)
+
+
+def linear_weights(model: Any) -> tuple[list[str], list[torch.Tensor]]:
+    from specdef.defense.layer import linear_form
+    from specdef.defense.targets import select_targets
+
+    names = select_targets(model, "all-linear")
+    return names, [linear_form(model.get_submodule(n))[0].detach().double() for n in names]
+
+
+def run() -> dict[str, Any]:
     sys.path.insert(0, str(ROOT / "src"))
-    from specdef.linalg.spectral import reconstruction_error, spectral_deform
+    from specdef.defense.apply import apply_specdef_
+    from specdef.defense.config import SpecDefConfig
+    from specdef.defense.cost import forward_latency, inference_cost
+    from specdef.defense.layer import count_parameters
+    from specdef.linalg import spectral
 
-    torch.set_num_threads(threads)
-    rows: list[dict[str, object]] = []
-    for i, (m, n) in enumerate(shapes):
-        weight = _weight(m, n, seed=i)
-        repeats = 3 if m * n <= 2048 * 2048 else 1
-        row: dict[str, object] = {"shape": f"{m}×{n}", "k": TOP_K}
-        for method in ("exact", "randomized"):
-            gen = torch.Generator().manual_seed(0)
-            seconds, pair = _time(
-                lambda method=method, gen=gen, weight=weight: spectral_deform(
-                    weight, ALPHA, TOP_K, method=method, generator=gen
-                ),
-                repeats,
+    torch.set_num_threads(1)
+    row: dict[str, Any] = {"load_start": os.getloadavg()[0]}
+    model, batch = load()
+    _, weights = linear_weights(model)
+    row["layers"] = len(weights)
+    rate, square = matmul_rates(weights)
+    q = spectral.POWER_ITERS
+    floor_flops = sum(4 * w.shape[0] * w.shape[1] * TOP_K for w in weights) * (q + 2)
+    row.update(rate=rate, square_rate=square, passes=q + 2, floor_gflop=floor_flops / 1e9,
+               floor_s=floor_flops / (rate * 1e9))  # fmt: skip
+    print(
+        f"matmul {rate:.1f} GFLOP/s (square {square:.1f}); floor {row['floor_s']:.2f} s", flush=True
+    )
+
+    for method in ("randomized", "exact"):
+        if method == "exact":
+            model, batch = load()
+        if method == "randomized":
+            params, before = count_parameters(model), forward_latency(model, batch)
+        config = SpecDefConfig(alpha=ALPHA, top_k=TOP_K, targets="all-linear", method=method)
+        seconds, _ = cpu_seconds(lambda c=config, m=model, b=batch: apply_specdef_(m, c, probe=b))
+        row[f"{method}_s"] = seconds
+        if method == "randomized":
+            cost = inference_cost(model, batch, params_before=params, latency_before_s=before)
+            row.update(parameter_ratio=cost.parameter_ratio, latency_ratio=cost.latency_ratio)
+        print(f"{method}: {seconds:.2f} s CPU", flush=True)
+    del model
+
+    bases: list[torch.Tensor] = []
+    sigmas: list[torch.Tensor] = []
+
+    def plain_svd() -> None:
+        for w in weights:
+            u, s, _ = torch.linalg.svd(w, full_matrices=False)
+            bases.append(u[:, :TOP_K])
+            sigmas.append(s)
+
+    row["svd_s"], _ = cpu_seconds(plain_svd)
+    row["svd_tall_s"], _ = cpu_seconds(
+        lambda: [torch.linalg.svd(w if w.shape[0] >= w.shape[1] else w.T, full_matrices=False)
+                 for w in weights]
+    )  # fmt: skip
+    print(f"plain SVD: {row['svd_s']:.2f} s CPU (tall orientation {row['svd_tall_s']:.2f})")
+
+    def spectral_step() -> None:
+        gen = torch.Generator().manual_seed(0)
+        for w in weights:
+            basis, _ = spectral.top_subspace_and_values(
+                w, TOP_K, method="randomized", generator=gen
             )
-            inflated, comp = pair  # type: ignore[misc]
-            row[f"{method}_s"] = seconds
-            row[f"{method}_err64"] = reconstruction_error(weight, inflated, comp)
-            row[f"{method}_err32"] = reconstruction_error(
-                weight, inflated, comp, dtype=torch.float32
+            inflated, comp = spectral.deform_with_basis(w, ALPHA, basis)
+            spectral.probe_reconstruction_error(
+                w, inflated.float(), comp.float(), dtype=torch.float32
             )
-            # how much of the top-k singular mass was inflated (1.0 for the exact subspace)
-            sigma = torch.linalg.svdvals(weight.double())[:TOP_K]
-            after = torch.linalg.svdvals(inflated)[:TOP_K]
-            row[f"{method}_inflation"] = float((after / (ALPHA * sigma)).min())
-        row["speedup"] = float(row["exact_s"]) / float(row["randomized_s"])  # type: ignore[arg-type]
-        rows.append(row)
-        print(
-            f"{row['shape']:>10}: exact {row['exact_s']:.3f} s, randomized "
-            f"{row['randomized_s']:.3f} s, ×{row['speedup']:.1f}",
-            flush=True,
-        )
-    return rows
+
+    row["step_s"], _ = cpu_seconds(spectral_step)
+    print(f"spectral step alone: {row['step_s']:.2f} s CPU", flush=True)
+
+    worst = {"exact": 0.0, "randomized": 0.0}
+    for i, w in enumerate(weights):
+        for method in worst:
+            if method == "exact":
+                old_basis = bases[i]
+            else:
+                old_basis = old_top_subspace(w, TOP_K, torch.Generator().manual_seed(i))
+            new_basis = spectral.top_subspace(
+                w, TOP_K, method=method, generator=torch.Generator().manual_seed(i)
+            )
+            old = old_deform(w, ALPHA, old_basis)
+            new = spectral.deform_with_basis(w, ALPHA, new_basis)
+            for a, b in zip(new, old, strict=True):
+                a32, b32 = a.float().double(), b.float().double()
+                rel = float((a32 - b32).abs().max() / b32.abs().max())
+                worst[method] = max(worst[method], rel)
+    row.update(equal_exact=worst["exact"], equal_randomized=worst["randomized"])
+    print(f"max relative difference to the old code: {worst}", flush=True)
+
+    inflation: dict[int, float] = {}
+    for iters in range(2, 7):
+        ratios = []
+        for i, (w, s) in enumerate(zip(weights, sigmas, strict=True)):
+            basis = spectral.top_subspace(w, TOP_K, method="randomized", power_iters=iters,
+                                          generator=torch.Generator().manual_seed(i))  # fmt: skip
+            ratios.append(float((torch.linalg.svdvals(basis.T @ w) / s[:TOP_K]).min()))
+        inflation[iters] = min(ratios)
+    row["inflation"] = inflation
+    row["load_end"] = os.getloadavg()[0]
+    return row
 
 
-def _same_class(a: float, b: float) -> bool:
-    """Within a factor 10 of each other (or both at the float64 floor)."""
-    return max(a, b) <= 10 * max(min(a, b), 1e-15)
+def render(row: dict[str, Any]) -> str:
+    floor_ratio = row["randomized_s"] / row["floor_s"]
+    exact_ratio = row["exact_s"] / row["svd_s"]
+    tall_ratio = row["exact_s"] / row["svd_tall_s"]
+    step_ratio = row["step_s"] / row["floor_s"]
+    equal = max(row["equal_exact"], row["equal_randomized"])
+    met = [q for q, v in row["inflation"].items() if v >= INFLATION_TARGET]
+    chosen = min(met) if met else None
+    from specdef.linalg.spectral import POWER_ITERS
 
+    def verdict(ok: bool) -> str:
+        return "**met**" if ok else "**NOT met**"
 
-def render(rows: list[dict[str, object]], threads: int, load: float) -> str:
+    date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         SECTION,
         "",
-        f"`python benchmarks/defend_speed.py` — `spectral_deform` (top-{TOP_K} subspace, W̃ and C in "
-        f"float64) at α = {ALPHA:g}, best of 1–3 runs, {threads} thread(s) on "
-        f"{platform.processor() or platform.machine()}, torch {torch.__version__}. Errors are "
-        "‖C·W̃ − W‖/‖W‖ with W̃ and C cast to the dtype; *inflated* is min over the top k of "
-        "σ_i(W̃)/(α·σ_i(W)) (1 = exactly the top-k subspace). Load average when the run started: "
-        f"{load:.1f} on {os.cpu_count()} CPUs (absolute timings scale with it; the ratios are from "
-        "the same run).",
+        f"`{COMMAND}` ({date}; {platform.machine()}, {os.cpu_count()} CPUs, torch "
+        f"{torch.__version__}, 1 torch thread; 1-minute load average {row['load_start']:.1f} at the "
+        f"start, {row['load_end']:.1f} at the end). {MODEL}, all {row['layers']} linear layers, "
+        f"k = {TOP_K}, α = {ALPHA:g}, float32; times are process CPU seconds of "
+        "`apply_specdef_(model, config, probe=batch)` (the precision guard's probe forwards "
+        "included, loading and saving not). Definitions: the script's docstring.",
         "",
-        "| shape | exact SVD (s) | randomized (s) | speed-up | err fp64 exact / rand | "
-        "err fp32 exact / rand | inflated exact / rand |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['shape']} | {r['exact_s']:.3f} | {r['randomized_s']:.3f} | "
-            f"**×{r['speedup']:.1f}** | {r['exact_err64']:.1e} / {r['randomized_err64']:.1e} | "
-            f"{r['exact_err32']:.1e} / {r['randomized_err32']:.1e} | "
-            f"{r['exact_inflation']:.4f} / {r['randomized_inflation']:.4f} |"
-        )
-    ok = all(float(r["speedup"]) >= TARGET for r in rows)  # type: ignore[arg-type]
-    lines += [
+        "| measure | value | target |",
+        "|---|---|---|",
+        f"| matmul rate, float64 W·X (X n×k), the floor's products | {row['rate']:.1f} GFLOP/s | — |",
+        f"| matmul rate, float64 2048² GEMM (for reference) | {row['square_rate']:.1f} GFLOP/s | — |",
+        f"| FLOP floor: Σ 4·m·n·k × {row['passes']} passes (q = {POWER_ITERS}) | "
+        f"{row['floor_gflop']:.1f} GFLOP = {row['floor_s']:.2f} s | — |",
+        f"| randomized defense (`apply_specdef_`, guard included) | {row['randomized_s']:.2f} s = "
+        f"**{floor_ratio:.2f}× the floor** | ≤ {FLOOR_TARGET:g}×: "
+        f"{verdict(floor_ratio <= FLOOR_TARGET)} |",
+        f"| of which the per-layer math alone (range finder, W̃ and C, float32 casts, probe error) | "
+        f"{row['step_s']:.2f} s = **{step_ratio:.2f}× the floor** | ≤ {FLOOR_TARGET:g}×: "
+        f"{verdict(step_ratio <= FLOOR_TARGET)} |",
+        f"| exact defense / plain `svd(W)` ({row['svd_s']:.2f} s) | {row['exact_s']:.2f} s = "
+        f"**{exact_ratio:.2f}×** | ≤ {EXACT_TARGET:g}×: {verdict(exact_ratio <= EXACT_TARGET)} |",
+        f"| exact defense / plain SVD in the faster, tall orientation ({row['svd_tall_s']:.2f} s; "
+        f"the exact path uses it) | **{tall_ratio:.2f}×** | — |",
+        f"| defended W̃, C vs the previous code (fp32, max rel. diff; exact / randomized) | "
+        f"{row['equal_exact']:.1e} / {row['equal_randomized']:.1e} | ≤ {EQUAL_TARGET:g}: "
+        f"{verdict(equal <= EQUAL_TARGET)} |",
+        f"| inference cost, randomized defense (parameters / probe forward latency) | "
+        f"×{row['parameter_ratio']:.2f} / ×{row['latency_ratio']:.2f} | — (inherent to Algorithm 1) |",
         "",
-        f"Target: randomized ≥ {TARGET:g}× faster at every size — "
-        + ("**met**." if ok else "**NOT met** (see the table)."),
-        "Both paths keep C·W̃ = W for any orthonormal basis, so their errors are of the same "
-        "class (rounding of W̃'s entries at scale α·σ₁); they differ only in how exactly the "
-        "inflated directions match the top-k singular subspace.",
+        "Power iterations q of the randomized range finder: min over layers and the top k of "
+        "σ_i(U_kᵀW)/σ_i(W) (1 = the exact subspace), target ≥ "
+        f"{INFLATION_TARGET} (docs/algorithm.md):",
+        "",
+        "| q | " + " | ".join(str(q) for q in row["inflation"]) + " |",
+        "|---|" + "---|" * len(row["inflation"]),
+        "| worst layer | " + " | ".join(f"{v:.4f}" for v in row["inflation"].values()) + " |",
+        "",
+        f"Smallest q meeting the target: {chosen}; the default is {POWER_ITERS} — "
+        + ("consistent." if chosen == POWER_ITERS else "**inconsistent, revisit the default**."),
+        "",
+        "What separates the whole defense from the per-layer math is the precision guard's probe "
+        "forwards and module bookkeeping in `apply_specdef_` (the undefended model runs twice, for "
+        "the captured inputs and for the reference output; each layer's original output is "
+        "recomputed for its output gap; every DefendedLinear is allocated, zeroed and copied into), "
+        "left for the one-pipeline restructuring of `defense/apply.py`. The randomized range finder "
+        f"itself runs at width k + 10 = {TOP_K + 10} through {POWER_ITERS + 1} passes (≈"
+        f"{(POWER_ITERS + 1) * (TOP_K + 10) / TOP_K:.0f} of the floor's k-wide passes), and C = "
+        "I + (1/α − 1)·U_kU_kᵀ costs 2·m²·k more; neither is in the floor.",
         "",
     ]
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    sys.path.insert(0, str(ROOT / "src"))
-    from specdef.utils.files import replace_markdown_section
-
-    replace_markdown_section(DOC, SECTION, text)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)"
-    )
-    parser.add_argument("--quick", action="store_true", help="first two shapes only; no doc write")
+    parser.add_argument("--no-write", action="store_true", help="print only; keep the doc as is")
     args = parser.parse_args()
-    shapes = SHAPES[:2] if args.quick else SHAPES
-    load = os.getloadavg()[0]
-    rows = run(shapes, args.threads)
-    text = render(rows, args.threads, load)
+    sys.path.insert(0, str(ROOT / "src"))
+    row = run()
+    text = render(row)
     print(text)
-    if not args.quick:
-        write_section(text)
+    if not args.no_write:
+        from specdef.utils.files import replace_markdown_section
+
+        replace_markdown_section(DOC, SECTION, text)
         print(f"wrote the '{SECTION[3:]}' section of {DOC.relative_to(ROOT)}")
-    bad = [r for r in rows if float(r["speedup"]) < TARGET]  # type: ignore[arg-type]
-    same = all(
-        _same_class(float(r["exact_err64"]), float(r["randomized_err64"]))  # type: ignore[arg-type]
-        for r in rows
+    ok = (
+        row["randomized_s"] / row["floor_s"] <= FLOOR_TARGET
+        and row["exact_s"] / row["svd_s"] <= EXACT_TARGET
+        and max(row["equal_exact"], row["equal_randomized"]) <= EQUAL_TARGET
     )
-    return 0 if not bad and same else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from specdef import __version__
+from specdef.commands._common import use_threads
 from specdef.errors import SpecdefError
 from specdef.utils import progress
 
@@ -67,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
 
+    use_threads(args)
     try:
         with progress.enabled(
             (not getattr(args, "json", False) and sys.stderr.isatty())

@@ -1,11 +1,70 @@
-"""Small helpers shared by sub-commands: JSON output and rich tables."""
+"""Small helpers shared by sub-commands: the ``--threads`` option, JSON output and rich tables."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+THREADS_HELP = (
+    "torch CPU threads (default: auto — the cores the 1-minute load average leaves free, at "
+    "least 1, at most torch's default; on a busy machine two threads ran ≈6× slower than one, "
+    "docs/benchmarks.md)"
+)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, found {text!r}")
+    return value
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """``--threads N`` on a compute command; :func:`use_threads` applies it before the command runs."""
+    parser.add_argument(
+        "--threads", type=_positive_int, default=None, metavar="N", help=THREADS_HELP
+    )
+
+
+def auto_threads(
+    *, cpus: int | None = None, load: float | None = None, ceiling: int | None = None
+) -> int:
+    """The ``--threads`` default: ``cpus − ⌊load⌋`` (the cores the 1-minute load average leaves
+    free), clipped to ``[1, ceiling]`` (``ceiling``: torch's default thread count). OpenMP threads
+    that share a core with other busy processes spin and wait for each other, so oversubscribing
+    costs far more than it gains."""
+    cpus = cpus if cpus is not None else (os.cpu_count() or 1)
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:  # no load average on this platform: assume idle
+            load = 0.0
+    ceiling = ceiling if ceiling is not None else torch.get_num_threads()
+    return max(1, min(ceiling, cpus - int(load)))
+
+
+def use_threads(args: argparse.Namespace) -> int | None:
+    """Set torch's intra-op thread count from ``args.threads`` (or :func:`auto_threads` when the
+    command has the option and it was not given); returns the count set, ``None`` for commands
+    without the option."""
+    if not hasattr(args, "threads"):
+        return None
+    threads = args.threads if args.threads is not None else auto_threads()
+    torch.set_num_threads(threads)
+    log.info("torch threads: %d", threads)
+    return threads
 
 
 def print_json(obj: Any) -> None:

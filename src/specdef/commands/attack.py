@@ -20,7 +20,7 @@ from specdef.attack.loop import AttackSpec
 from specdef.attack.metrics import StepsToThreshold, best_over_grid
 from specdef.attack.search import PRUNERS, SearchConfig, SearchSummary, read_rows, run_search
 from specdef.attack.sweep import ModelVariant, attack_grid, run_sweep
-from specdef.commands._common import print_json, print_table
+from specdef.commands._common import add_threads_option, print_json, print_table
 from specdef.errors import SpecdefError
 from specdef.experiments.config import parse_value
 from specdef.informed.transforms import apply_adaptive, parse_adaptive
@@ -107,7 +107,6 @@ def register(sub: Any) -> None:
     )
     parser.add_argument("--max-length", type=int, default=128, help="tokens (language tasks)")
     parser.add_argument("--eval-limit", type=int, default=None, help="held-out examples per split")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", metavar="RUN_DIR", help="keep results.jsonl here (resumable)")
     parser.add_argument("--json", action="store_true", help="print the rows' summaries as JSON")
     search = parser.add_argument_group(
@@ -186,6 +185,7 @@ def register(sub: Any) -> None:
     edge.add_argument(
         "--edge-batches", type=int, default=1, help="training batches (of --batch-size) for λ_max"
     )
+    add_threads_option(parser)
     parser.set_defaults(func=run)  # fmt: skip
 
 
@@ -245,10 +245,6 @@ def run(args: argparse.Namespace) -> int:
 
     specs = build_specs(args)  # validate the grid before loading anything
     search = _search_config(args)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     source = load_source(args.model, attn_implementation="eager")
     kwargs: dict[str, Any] = {}
     if source.tokenizer is not None:

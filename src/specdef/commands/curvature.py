@@ -8,7 +8,7 @@ import copy
 from typing import Any
 
 from specdef import zoo
-from specdef.commands._common import print_json, print_table
+from specdef.commands._common import add_threads_option, print_json, print_table
 from specdef.commands.defend import _selection
 from specdef.curvature.lr import predicted_slowdown
 from specdef.defense.apply import apply_specdef_
@@ -70,6 +70,7 @@ def register(sub: Any) -> None:
     )
     parser.add_argument("--no-bounds", action="store_true", help="skip the certified bounds")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_threads_option(parser)
     parser.set_defaults(func=run)
 
 

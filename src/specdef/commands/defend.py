@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from specdef.commands._common import print_json, print_table
+from specdef.commands._common import add_threads_option, print_json, print_table
 from specdef.defense.apply import DefenseReport
 from specdef.defense.config import SpecDefConfig
 from specdef.release.defend import DefendRequest, defend
@@ -80,6 +80,7 @@ def register(sub: Any) -> None:
         "(same tensors as in memory; keeps the source dtype; no probe-batch check, the model is "
         "never built); a killed run resumes when rerun with the same options",
     )
+    add_threads_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -171,3 +172,9 @@ def _print_algorithm1(report: DefenseReport, config: SpecDefConfig, where: str) 
         f"model output gap {gap if gap is not None else float('nan'):.3g}"
         + (" [FORCED past the precision guard]" if report.forced else "")
     )
+    cost = report.inference_cost
+    if cost is not None:
+        print(
+            f"inference cost: ×{cost.parameter_ratio:.2f} parameters, ×{cost.latency_ratio:.2f} "
+            f"forward latency on the probe batch (median of {cost.repeats}, {cost.threads} thread(s))"
+        )

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from specdef.commands._common import print_json, print_table
+from specdef.commands._common import add_threads_option, print_json, print_table
 from specdef.informed.detect import DetectConfig, detect_checkpoint, detect_model
 from specdef.release.sources import load_source
 
@@ -43,6 +43,7 @@ def register(sub: Any) -> None:
         "--all", action="store_true", help="also list every scanned layer and symmetric pair"
     )
     parser.add_argument("--json", action="store_true", help="print the findings as JSON")
+    add_threads_option(parser)
     parser.set_defaults(func=run)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from specdef.commands._common import print_json
+from specdef.commands._common import add_threads_option, print_json
 from specdef.experiments.config import expand, load_config
 from specdef.experiments.run import run_experiment
 from specdef.report.page import write_report
@@ -37,22 +37,14 @@ def register(sub: Any) -> None:
     parser.add_argument(
         "--report", action="store_true", help="write RUN_DIR/report.md when the runs finish"
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        help="torch CPU threads (1 is fastest for small models on a busy machine)",
-    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    add_threads_option(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     if args.dry_run:
         runs = expand(config)
         if args.json:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from specdef.commands._common import print_json, print_table
+from specdef.commands._common import add_threads_option, print_json, print_table
 from specdef.defense import probe as probing
 from specdef.errors import SpecdefError
 from specdef.informed.transforms import apply_adaptive, parse_adaptive
@@ -42,6 +42,7 @@ def register(sub: Any) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     parser.add_argument("--json", action="store_true", help="print the record as JSON")
+    add_threads_option(parser)
     parser.set_defaults(func=run)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from specdef.commands._common import fmt, print_json, print_table
+from specdef.commands._common import add_threads_option, fmt, print_json, print_table
 from specdef.io.checkpoint import read_manifest
 from specdef.release.sources import load_source
 from specdef.release.verify import verify
@@ -29,6 +29,7 @@ def register(sub: Any) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of a random probe batch")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_threads_option(parser)
     parser.set_defaults(func=run)
 
 

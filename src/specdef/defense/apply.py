@@ -26,6 +26,7 @@ from torch import nn
 from specdef.defense import guard
 from specdef.defense import probe as probing
 from specdef.defense.config import SpecDefConfig
+from specdef.defense.cost import InferenceCost
 from specdef.defense.layer import (
     DefendedLinear,
     count_parameters,
@@ -67,6 +68,7 @@ class DefenseReport:
     model_output_gap: float | None  # relative gap of the model output on the probe batch
     forced: bool  # True when force=True let a layer above tolerance through
     over_tolerance: tuple[str, ...]  # layers above tolerance (non-empty only when forced)
+    inference_cost: InferenceCost | None = None  # measured by the defend workflow (release.defend)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -77,6 +79,9 @@ class DefenseReport:
             "model_output_gap": self.model_output_gap,
             "forced": self.forced,
             "over_tolerance": list(self.over_tolerance),
+            "inference_cost": None
+            if self.inference_cost is None
+            else self.inference_cost.to_dict(),
         }
 
     @property

@@ -93,7 +93,7 @@ def check_layer(name: str, weight: torch.Tensor, bias: torch.Tensor | None, *, t
 
 def check_finite(name: str, label: str, tensor: torch.Tensor) -> None:
     """Refuse layer ``name`` when its ``label`` tensor (weight or bias) has a NaN/Inf entry."""
-    if not bool(torch.isfinite(tensor).all()):
+    if not spectral.all_finite(tensor):
         raise SpecdefError(
             f"Layer {name!r} has NaN or Inf entries in its {label}; repair the checkpoint "
             "before defending it."

@@ -19,6 +19,7 @@ class DefendedLinear(nn.Module):
     ``nn.Linear`` so optimizers, peft and hooks see ordinary layers.
 
     ``source`` records what was replaced (``"linear"`` or ``"conv1d"``), so the undo restores it.
+    A new layer holds zeros until its weights are copied or loaded in.
     """
 
     def __init__(
@@ -34,9 +35,22 @@ class DefendedLinear(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        factory = {"dtype": dtype, "device": device}
-        self.inflated = nn.Linear(in_features, out_features, bias=False, **factory)
-        self.compensation = nn.Linear(out_features, out_features, bias=bias, **factory)
+        # skip_init builds on the meta device, then allocates on ``device`` (None: the default one)
+        factory = {
+            "dtype": dtype,
+            "device": device if device is not None else torch.empty(0).device,
+        }
+        # every caller copies W̃ and C in right after, so skip nn.Linear's random init (drawing the
+        # m×m uniform was ≈9 % of defending SmolLM2) and start from zeros, never uninitialised memory
+        self.inflated = nn.utils.skip_init(
+            nn.Linear, in_features, out_features, bias=False, **factory
+        )
+        self.compensation = nn.utils.skip_init(
+            nn.Linear, out_features, out_features, bias=bias, **factory
+        )
+        with torch.no_grad():
+            for param in self.parameters():
+                param.zero_()
         self.alpha = float(alpha)
         self.top_k = int(top_k)
         self.source = source

@@ -103,8 +103,8 @@ def defend_layer(
 
     Computed in float64 and rounded to W's dtype once. The report holds the top min(k + 5, rank)
     singular values of W (from the factorisation that gave the basis) and of the stored W̃, the
-    reconstruction error ‖C·W̃ − W‖/‖W‖ with both factors rounded to and multiplied in W's dtype
-    (:func:`specdef.linalg.spectral.reconstruction_error`) and the tolerance for that dtype; the
+    reconstruction error ‖C·W̃ − W‖/‖W‖ with both factors rounded to and multiplied in W's dtype,
+    on a fixed Gaussian probe (:func:`specdef.linalg.spectral.probe_reconstruction_error`) and the tolerance for that dtype; the
     output gap is left None for the caller that has a probe batch. Refusing above the tolerance
     is the caller's decision (:func:`specdef.defense.guard.layer_refusal`).
     """
@@ -112,24 +112,25 @@ def defend_layer(
     dtype = weight.dtype
     m, n = weight.shape
     generator = layer_generator(config.seed, name)
+    weight64 = weight.detach().to(torch.float64)  # cast once for every spectral call below
     basis, sigma = spectral.top_subspace_and_values(
-        weight, config.top_k, method=config.method, generator=generator
+        weight64, config.top_k, method=config.method, generator=generator
     )
-    inflated64, compensation64 = spectral.deform_with_basis(weight, config.alpha, basis)
-    error = spectral.reconstruction_error(weight, inflated64, compensation64, dtype=dtype)
+    inflated64, compensation64 = spectral.deform_with_basis(weight64, config.alpha, basis)
     inflated, compensation = inflated64.to(dtype), compensation64.to(dtype)
     del inflated64, compensation64
+    # the stored pair's error on a fixed Gaussian probe: O((mn + m²)p), not the 2m²n product
+    error = spectral.probe_reconstruction_error(weight64, inflated, compensation, dtype=dtype)
     count = min(config.top_k + EXTRA_SIGMAS, len(sigma))
-    sigma_after = spectral.top_singular_values(
-        inflated, count, method=config.method, generator=generator
-    )
+    # W̃'s spectrum from the basis: the top k times α, the rest unchanged (no second factorisation)
+    sigma_after = spectral.deformed_spectrum(sigma, config.alpha, config.top_k)[:count]
     bias_params = m if bias else 0
     report = LayerReport(
         name=name, source=source, shape=(m, n), dtype=str(dtype).removeprefix("torch."),
         bias=bias, sigma_before=tuple(sigma[:count].tolist()),
         sigma_after=tuple(sigma_after.tolist()),
-        fro_before=float(torch.linalg.matrix_norm(weight.double())),
-        fro_after=float(torch.linalg.matrix_norm(inflated.double())),
+        fro_before=float(torch.linalg.matrix_norm(weight64)),
+        fro_after=float(torch.linalg.vector_norm(inflated, dtype=torch.float64)),
         reconstruction_error=error, output_gap=None, tolerance=config.tolerance_for(dtype),
         params_before=m * n + bias_params, params_after=m * n + m * m + bias_params,
     )  # fmt: skip

@@ -56,6 +56,9 @@ def facts_from_defense(
     """Facts of an Algorithm-1 defense from :meth:`specdef.defense.apply.DefenseReport.to_dict`."""
     config = defense.get("config") or {}
     layers = [layer for layer in defense.get("layers") or [] if isinstance(layer, Mapping)]
+    cost = defense.get("inference_cost")
+    if latency_ratio is None and isinstance(cost, Mapping):
+        latency_ratio = _float_or_none(cost.get("latency_ratio"))
     return CardFacts(
         mode="algorithm1",
         source=source,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from specdef.errors import SpecdefError
-from specdef.linalg.spectral import deform_with_basis, top_subspace
+from specdef.linalg.spectral import deform_with_basis, largest_singular_value, top_subspace
 
 
 @dataclass(frozen=True)
@@ -158,8 +158,8 @@ def diagonal_scale(
 
 
 def sigma_max(weight: torch.Tensor) -> float:
-    """Largest singular value (float64)."""
-    return float(torch.linalg.matrix_norm(weight.to(torch.float64), ord=2))
+    """Largest singular value (float64), without a full SVD (:func:`largest_singular_value`)."""
+    return largest_singular_value(weight)
 
 
 def product_error(

@@ -10,6 +10,7 @@ same tensors and the same manifest (up to provenance).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from specdef.defense import guard
 from specdef.defense import probe as probing
 from specdef.defense.apply import DefenseReport, apply_specdef_
 from specdef.defense.config import SpecDefConfig
+from specdef.defense.cost import forward_latency, inference_cost
+from specdef.defense.layer import count_parameters
 from specdef.errors import SpecdefError
 from specdef.io import card
 from specdef.io.allowlist import Skipped, release_files
@@ -160,7 +163,14 @@ def defend(request: DefendRequest) -> DefendResult:
     dtype = model_dtype(source.model)
     dtype_name = str(dtype).removeprefix("torch.")
     if request.mode == "algorithm1":
+        params_before = count_parameters(source.model)
+        latency_before = forward_latency(source.model, batch) if batch is not None else None
         report = apply_specdef_(source.model, request.config, probe=batch)
+        if batch is not None and latency_before is not None:
+            cost = inference_cost(
+                source.model, batch, params_before=params_before, latency_before_s=latency_before
+            )
+            report = dataclasses.replace(report, inference_cost=cost)
         facts = card.facts_from_defense(
             report.to_dict(), source=request.source, dtype=dtype_name,
             tolerance=request.config.tolerance_for(dtype),
