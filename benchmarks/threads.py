@@ -1,7 +1,7 @@
 """Torch threads for the compute commands: wall time of the in-memory randomized defense of SmolLM2-135M
 (all linear layers, k = 25, α = 1e4) with 1 and with N threads, alternating, each a fresh child process,
 with the 1-minute load average before each run. The evidence behind ``--threads``' default
-(``specdef.commands._common.auto_threads``: the cores the load average leaves free).
+(``specdef.commands.common.auto_threads``: the cores the load average leaves free).
 
 Prints a table and rewrites the "Torch threads" section of ``docs/benchmarks.md``.
 
@@ -76,7 +76,7 @@ def render(rows: list[dict[str, float]], many: int) -> str:
         "their cores with other busy processes spin and wait for each other, so on a shared "
         "machine oversubscription costs far more than the extra core gains. Hence the `--threads` "
         "default on every compute command: the cores the 1-minute load average leaves free, at least "
-        "1 and at most torch's default (`specdef.commands._common.auto_threads`); pass `--threads N` "
+        "1 and at most torch's default (`specdef.commands.common.auto_threads`); pass `--threads N` "
         "to override.",
         "",
     ]

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from specdef import __version__
-from specdef.commands._common import use_threads
+from specdef.commands.common import use_threads
 from specdef.errors import SpecdefError
 from specdef.utils import progress
 

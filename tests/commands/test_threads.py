@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from specdef import cli
-from specdef.commands._common import auto_threads, use_threads
+from specdef.commands.common import auto_threads, use_threads
 
 COMPUTE = ("defend", "verify", "attack", "curvature", "detect", "transform", "run")
 

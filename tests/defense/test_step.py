@@ -31,8 +31,17 @@ def test_exact_step_against_a_separate_svd_and_product() -> None:
     torch.testing.assert_close(
         torch.tensor(rep.sigma_before, dtype=torch.float64), sigma[:9], rtol=1e-10, atol=0
     )
+    # W̃'s spectrum comes from the basis (deformed_spectrum): α·σ on the top k, the tail unchanged —
+    # exact for the float64 W̃, within float32 rounding (Weyl) of the stored one's
+    expected = sigma[:9].clone()
+    expected[:4] *= 1e3
     torch.testing.assert_close(
-        torch.tensor(rep.sigma_after, dtype=torch.float64), after[:9], rtol=1e-10, atol=0
+        torch.tensor(rep.sigma_after, dtype=torch.float64), expected, rtol=1e-12, atol=0
+    )
+    eps = torch.finfo(torch.float32).eps * float(torch.linalg.matrix_norm(step.inflated.double()))
+    assert (
+        float((torch.tensor(rep.sigma_after, dtype=torch.float64) - after[:9]).abs().max())
+        <= 4 * eps
     )
     torch.testing.assert_close(after[:4], 1e3 * sigma[:4], rtol=1e-5, atol=0)
     torch.testing.assert_close(after[4:], sigma[4:], rtol=1e-3, atol=1e-3)
@@ -41,7 +50,10 @@ def test_exact_step_against_a_separate_svd_and_product() -> None:
         torch.linalg.matrix_norm(product - weight.double())
         / torch.linalg.matrix_norm(weight.double())
     )
-    assert rep.reconstruction_error == pytest.approx(error, rel=1e-12)
+    # the guard's probe estimate (spectral.probe_reconstruction_error): within its documented
+    # range of the dense in-dtype error — never below 0.67×, and in float32 1–3× (it also counts the
+    # rounding of W̃x at scale α·σ₁, which the model's forward incurs)
+    assert 0.67 * error <= rep.reconstruction_error <= 3.0 * error
     assert 0 < rep.reconstruction_error < rep.tolerance == 5e-2
     assert (rep.params_before, rep.params_after) == (24 * 40 + 24, 24 * 40 + 24 * 24 + 24)
     assert rep.output_gap is None and rep.bias and rep.dtype == "float32"

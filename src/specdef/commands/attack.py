@@ -20,7 +20,7 @@ from specdef.attack.loop import AttackSpec
 from specdef.attack.metrics import StepsToThreshold, best_over_grid
 from specdef.attack.search import PRUNERS, SearchConfig, SearchSummary, read_rows, run_search
 from specdef.attack.sweep import ModelVariant, attack_grid, run_sweep
-from specdef.commands._common import add_threads_option, print_json, print_table
+from specdef.commands.common import add_threads_option, print_json, print_table
 from specdef.errors import SpecdefError
 from specdef.experiments.config import parse_value
 from specdef.informed.transforms import apply_adaptive, parse_adaptive

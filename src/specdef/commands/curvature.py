@@ -8,7 +8,7 @@ import copy
 from typing import Any
 
 from specdef import zoo
-from specdef.commands._common import add_threads_option, print_json, print_table
+from specdef.commands.common import add_threads_option, print_json, print_table
 from specdef.commands.defend import _selection
 from specdef.curvature.lr import predicted_slowdown
 from specdef.defense.apply import apply_specdef_

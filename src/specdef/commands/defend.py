@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from specdef.commands._common import add_threads_option, print_json, print_table
+from specdef.commands.common import add_threads_option, print_json, print_table
 from specdef.defense.apply import DefenseReport
 from specdef.defense.config import SpecDefConfig
 from specdef.release.defend import DefendRequest, defend

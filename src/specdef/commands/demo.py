@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from specdef.commands._common import print_json, print_table
+from specdef.commands.common import print_json, print_table
 from specdef.defense.config import SpecDefConfig
 from specdef.experiments.demo import run_attack_demo, run_demo
 from specdef.report.attack import normalize

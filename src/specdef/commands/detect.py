@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from specdef.commands._common import add_threads_option, print_json, print_table
+from specdef.commands.common import add_threads_option, print_json, print_table
 from specdef.informed.detect import DetectConfig, detect_checkpoint, detect_model
 from specdef.release.sources import load_source
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from specdef.commands._common import add_threads_option, print_json
+from specdef.commands.common import add_threads_option, print_json
 from specdef.experiments.config import expand, load_config
 from specdef.experiments.run import run_experiment
 from specdef.report.page import write_report

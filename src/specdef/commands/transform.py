@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from specdef.commands._common import add_threads_option, print_json, print_table
+from specdef.commands.common import add_threads_option, print_json, print_table
 from specdef.defense import probe as probing
 from specdef.errors import SpecdefError
 from specdef.informed.transforms import apply_adaptive, parse_adaptive

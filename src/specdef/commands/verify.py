@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from specdef.commands._common import add_threads_option, fmt, print_json, print_table
+from specdef.commands.common import add_threads_option, fmt, print_json, print_table
 from specdef.io.checkpoint import read_manifest
 from specdef.release.sources import load_source
 from specdef.release.verify import verify

@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from specdef import zoo
-from specdef.commands._common import print_json, print_table
+from specdef.commands.common import print_json, print_table
 from specdef.errors import SpecdefError, did_you_mean
 from specdef.utils.progress import track
 from specdef.zoo.evaluation import evaluate_zoo_model
