@@ -3,6 +3,7 @@ and the measured forward-latency ratio on the probe batch, in the library and in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from _tiny import tiny_llama, token_batch
 from specdef.cli import main
-from specdef.defense.apply import apply_specdef_
+from specdef.defense.apply import DefenseReport, apply_specdef_
 from specdef.defense.config import SpecDefConfig
 from specdef.defense.cost import forward_latency, inference_cost
 from specdef.defense.layer import count_parameters, defended_layers
@@ -45,6 +46,9 @@ def test_parameter_ratio_is_exact_and_latencies_are_measured() -> None:
     assert cost.repeats == 3 and cost.threads >= 1
     row = cost.to_dict()
     assert row["parameter_ratio"] == cost.parameter_ratio and row["latency_ratio"] > 0
+    # the manifest's copy reads back (the ratios recomputed from the four measurements)
+    with_cost = dataclasses.replace(report, inference_cost=cost)
+    assert DefenseReport.from_dict(json.loads(json.dumps(with_cost.to_dict()))) == with_cost
 
 
 def test_defend_json_carries_the_inference_cost(

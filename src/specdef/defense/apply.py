@@ -124,6 +124,8 @@ class DefenseReport:
             params_before=int(data["params_before"]), params_after=int(data["params_after"]),
             model_output_gap=data.get("model_output_gap"), forced=bool(data["forced"]),
             over_tolerance=tuple(data.get("over_tolerance", ())),
+            inference_cost=InferenceCost.from_dict(data["inference_cost"])
+            if data.get("inference_cost") else None,
         )  # fmt: skip
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -45,6 +46,11 @@ class InferenceCost:
         out["parameter_ratio"] = self.parameter_ratio
         out["latency_ratio"] = self.latency_ratio
         return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> InferenceCost:
+        """Back from :meth:`to_dict` (the ratios are recomputed, not read)."""
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
 
 
 @torch.no_grad()

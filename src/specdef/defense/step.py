@@ -47,10 +47,10 @@ class LayerReport:
     dtype: str
     bias: bool
     sigma_before: tuple[float, ...]  # top min(k + 5, rank) singular values of W
-    sigma_after: tuple[float, ...]  # same count, of the stored W̃
+    sigma_after: tuple[float, ...]  # same count, of W̃ (spectral.deformed_spectrum)
     fro_before: float
     fro_after: float
-    reconstruction_error: float  # ‖C·W̃ − W‖/‖W‖ in ``dtype``
+    reconstruction_error: float  # ‖C·W̃ − W‖/‖W‖ in ``dtype`` (probe estimate, see spectral)
     output_gap: float | None  # relative layer-output gap on the probe batch, in ``dtype``
     tolerance: float
     params_before: int
@@ -102,9 +102,10 @@ def defend_layer(
     the step never reads them — streaming holds one tensor at a time).
 
     Computed in float64 and rounded to W's dtype once. The report holds the top min(k + 5, rank)
-    singular values of W (from the factorisation that gave the basis) and of the stored W̃, the
-    reconstruction error ‖C·W̃ − W‖/‖W‖ with both factors rounded to and multiplied in W's dtype,
-    on a fixed Gaussian probe (:func:`specdef.linalg.spectral.probe_reconstruction_error`) and the tolerance for that dtype; the
+    singular values of W and of W̃, both from the factorisation that gave the basis
+    (:func:`specdef.linalg.spectral.deformed_spectrum`: no second decomposition), the
+    reconstruction error of the stored pair in W's dtype, estimated with a Gaussian probe
+    (:func:`specdef.linalg.spectral.probe_reconstruction_error`) and the tolerance for that dtype; the
     output gap is left None for the caller that has a probe batch. Refusing above the tolerance
     is the caller's decision (:func:`specdef.defense.guard.layer_refusal`).
     """
