@@ -50,10 +50,9 @@ from torch import nn
 
 from specdef.defense.apply import undo_specdef_
 from specdef.defense.layer import count_parameters, defended_layers, set_submodule
-from specdef.defense.targets import select_targets
 from specdef.errors import SpecdefError, did_you_mean
 from specdef.informed.detect import compensation_signature
-from specdef.informed.inject import SIDES, InjectedLinear, inject_
+from specdef.informed.inject import SIDES, InjectedLinear, control_inject_, inject_
 from specdef.informed.targets import TransformRecord, find_pairs
 from specdef.native.apply import rebalance_
 from specdef.native.pairs import find_symmetric_pairs
@@ -249,45 +248,6 @@ def rebalance_model_(model: nn.Module) -> tuple[nn.Module, TransformRecord]:
     return model, TransformRecord(
         "rebalance", tuple(report), count, count_parameters(model), "architecture", details=details
     )
-
-
-def control_inject_(
-    model: nn.Module, *, targets: str | tuple[str, ...] = "all-linear", side: str = "after"
-) -> tuple[nn.Module, TransformRecord]:
-    """The control for ``inject``, in place: on an **undefended** model, wrap each layer that
-    ``targets`` selects (what the defense would defend, :func:`specdef.defense.targets.select_targets`)
-    in the :class:`InjectedLinear` adapter ``inject`` would put there (``side``: after, before or
-    parallel; auto = the larger side), its own weight frozen. Refuses a defended model: the
-    control is the undefended reference."""
-    units = defended_layers(model)
-    if units:
-        raise SpecdefError(
-            f"control:inject is the undefended reference for inject; found {len(units)} defended "
-            "layers. Run it on the undefended model (or use --adaptive inject on the defended one)."
-        )
-    if side not in SIDES:
-        raise SpecdefError(did_you_mean(side, SIDES, what="adapter side"))
-    before = count_parameters(model)
-    names = select_targets(model, targets)
-    sides: dict[str, str] = {}
-    for name in names:
-        layer = model.get_submodule(name)
-        out_f, in_f = _oriented(layer).shape
-        chosen = side if side != "auto" else ("after" if out_f >= in_f else "before")
-        wrapped = InjectedLinear(layer, out_features=out_f, in_features=in_f, side=chosen)
-        set_submodule(model, name, wrapped)
-        sides[name] = chosen
-    record = TransformRecord(
-        "control:inject" + (f":{side}" if side != "after" else ""),
-        tuple(names),
-        before,
-        count_parameters(model),
-        "targets",
-        frozen=tuple(f"{n}.frozen" for n in names),
-        details={"side": sides, "targets": targets if isinstance(targets, str) else list(targets)},
-    )
-    log.info("control:inject: %d layers, %+d parameters", len(names), record.params_added)
-    return model, record
 
 
 @dataclass(frozen=True)
