@@ -43,8 +43,11 @@ EXPECTED_RUNS = {
     "native-digits-attack": 6 * 2 * 5,
     "native-smollm2": 6,
     "native-smollm2-attack": 6 * 5,
+    # the optimizer grid of docs/attacks.md: 3 model variants × 19 optimizer × lr pairs, ablations
+    "attack-digits": 3 * 19,
+    "attack-digits-ablation": 3 * 8,
 }
-STUDIES = ("informed-", "native-")
+STUDIES = ("informed-", "native-", "attack-")
 
 
 def test_every_experiment_has_one_config() -> None:
@@ -201,6 +204,11 @@ MINIATURE = {
         "defense.top_k=4",
         "data.eval_limit=2",
         "measure.lanczos_iter=3",
+    ],
+    "attack-digits": ["grid.variants=[{attack.optimizer: sgd, attack.lr: 0.1}]"],
+    "attack-digits-ablation": [
+        "grid.variants=[{defense.alpha: 1.0e4, defense.targets: [layers.2], attack.train: untouched,"
+        " attack.optimizer: adam, attack.lr: 0.01}]"
     ],
     "native-smollm2-attack": [
         "model=tiny-llama",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from specdef.report.informed import digits_section, flatten, smollm2_section
 from specdef.report.native import native_section, variant_name
+from specdef.report.optimizers import optimizer_grid_section
 
 
 def _attack(alpha, adaptive, lr, seed, steps, *, targets="all-linear", diverged=None, error=None):
@@ -124,3 +125,35 @@ def test_native_section_joins_landscape_and_attack_rows():
         in text
     )
     assert "undefended: 0.01→50, 0.1→20; native: 0.01→never (diverged at 2)" in text
+
+
+def test_optimizer_grid_section_columns_slowdown_and_ablations():
+    def row(alpha, optimizer, lr, steps, *, targets="all-linear", frozen=(), train="all"):
+        defense = {"alpha": alpha} if alpha is None else {"alpha": alpha, "targets": targets}
+        summary = {"steps_to_threshold": steps, "budget": 300, "diverged_at": None if steps else 2}
+        summary["censor_reason"] = None if steps else "diverged"
+        attack = {"threshold": "harmful_accuracy>=0.9", "steps": 300, "batch_size": 64,
+                  "eval_every": 5, "frozen": list(frozen), "train": train}  # fmt: skip
+        return {"kind": "attack", "optimizer": optimizer, "lr": lr, "defense": defense,
+                "attack": attack, "summary": summary}  # fmt: skip
+
+    rows = [
+        row(None, "sgd", 0.1, 80),
+        row(None, "sgd", 1.0, None),
+        row(None, "adam", 0.1, 20),
+        row(1e4, "sgd", 0.1, None, targets=["layers.2"]),
+        row(1e4, "sgd", 1.0, None, targets=["layers.2"]),
+        row(1e4, "adam", 0.1, None, targets=["layers.2"]),
+        row(1e4, "adam", 0.1, 60, frozen=("layers.0.compensation", "layers.4.compensation")),
+        row(None, "adam", 0.1, 75, frozen=("layers.2",)),
+    ]
+    text = optimizer_grid_section(rows)
+    assert "| optimizer | lr | undefended | α=1e4 layers.2 |\n" in text
+    assert "| sgd | 0.1 | 80 | never (diverged at 2) |" in text  # optimizers in row order
+    assert text.index("| sgd | 0.1 |") < text.index("| adam | 0.1 |")
+    assert "| adam | α=1e4 layers.2 | 20 (lr 0.1) | never (diverged at 2) | > 15×" in text
+    assert "Ablations (Adam, same grid):" in text
+    assert (
+        "| optimizer | lr | α=1e4 all-linear, compensation frozen | undefended, layers.2 frozen |"
+    ) in text
+    assert "| adam | 0.1 | 60 | 75 |" in text

@@ -22,6 +22,7 @@ from specdef.errors import SpecdefError, did_you_mean
 from specdef.report.informed import detection_section, digits_section, smollm2_section
 from specdef.report.markdown import Row
 from specdef.report.native import native_section
+from specdef.report.optimizers import optimizer_grid_section
 from specdef.utils.files import read_jsonl, write_text_atomic
 
 SECTIONS: dict[str, Callable[[Sequence[Row]], str]] = {
@@ -29,6 +30,7 @@ SECTIONS: dict[str, Callable[[Sequence[Row]], str]] = {
     "informed-digits": digits_section,
     "informed-smollm2": smollm2_section,
     "native-vs-algorithm1": native_section,
+    "optimizer-grid": optimizer_grid_section,
 }
 END = "<!-- specdef report: end -->"
 _BLOCK = re.compile(
