@@ -165,7 +165,7 @@ def defend_summary(model: nn.Module, defense: Mapping[str, Any]) -> dict[str, An
     }
 
 
-@dataclass
+@dataclass(frozen=True)
 class Prepared:
     """The model an attacker faces (loaded, defended, transformed) and what that cost."""
 
