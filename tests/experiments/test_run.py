@@ -33,11 +33,27 @@ EXPECTED_RUNS = {
     "E5-second-order": 2 * 4 * 6 * 2,
     "E6-informed": 9 * 4 * 3,
     "E7-utility": 2 * 3 * 3,
+    # the studies behind docs/results/informed_attacks.md and native_vs_algorithm1.md
+    "informed-detection": 3 * (1 + 3 * 2 * 2),  # models × (undefended + selection × α × view)
+    "informed-detection-smollm2": 2,
+    # undefended + 2 controls + 2 selections × (11 at α = 1e4 + 3 α × 4), × 7 lr × 3 seeds
+    "informed-digits": (1 + 2 + 2 * (11 + 3 * 4)) * 7 * 3,
+    "informed-smollm2": 9 * 3,
+    "native-digits": 6,
+    "native-digits-attack": 6 * 2 * 5,
+    "native-smollm2": 6,
+    "native-smollm2-attack": 6 * 5,
+    # the optimizer grid of docs/attacks.md: 3 model variants × 19 optimizer × lr pairs, ablations
+    "attack-digits": 3 * 19,
+    "attack-digits-ablation": 3 * 8,
 }
+STUDIES = ("informed-", "native-", "attack-")
 
 
 def test_every_experiment_has_one_config() -> None:
-    assert sorted(n.split("-")[0] for n in NAMES) == [f"E{i}" for i in range(1, 8)]
+    claims = sorted(n.split("-")[0] for n in NAMES if not n.startswith(STUDIES))
+    assert claims == [f"E{i}" for i in range(1, 8)]
+    assert sorted(EXPECTED_RUNS) == sorted(NAMES)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=NAMES)
@@ -91,7 +107,7 @@ def test_bad_configs_are_user_errors(tmp_path: Path) -> None:
     base = {"name": "x", "kind": "attack", "model": "m", "task": "t"}
     with pytest.raises(SpecdefError, match="Did you mean: attack"):
         config_from_mapping({**base, "kind": "atack"})
-    with pytest.raises(SpecdefError, match="lacks required key 'task'"):
+    with pytest.raises(SpecdefError, match="'x' \\(attack\\) needs a task"):
         config_from_mapping({k: v for k, v in base.items() if k != "task"})
     with pytest.raises(SpecdefError, match=r"Grid axis .attack\.lr."):
         config_from_mapping({**base, "grid": {"attack": {"lr": []}}})
@@ -164,6 +180,42 @@ MINIATURE = {
         "data.max_length=96",
         "data.eval_limit=2",
     ],
+    "informed-detection": ["grid.model=[mlp-digits]"],
+    "informed-detection-smollm2": ["model=tiny-llama", "defense.top_k=4"],
+    "informed-digits": [
+        "grid.attack.lr=[0.1]",
+        "grid.variants=[{defense.alpha: null}, {defense.alpha: 1.0e4, attack.adaptive: fuse},"
+        " {defense.alpha: 1.0e4, attack.adaptive: untouched},"
+        " {defense.alpha: null, attack.adaptive: 'control:inject@layers.2'}]",
+    ],
+    "informed-smollm2": [
+        "model=tiny-llama",
+        "defense.top_k=4",
+        "grid.attack.lr=[1e-4]",
+        "data.max_length=96",
+        "data.eval_limit=2",
+        "grid.variants=[{defense.alpha: null}, {defense.alpha: 1.0e4, attack.adaptive: fuse},"
+        " {defense.alpha: null, attack.adaptive: 'control:inject@preset:llama'}]",
+    ],
+    "native-digits": ["measure.lanczos_iter=10", "measure.batch_size=32"],
+    "native-digits-attack": ["grid.attack.optimizer=[adam]", "grid.attack.lr=[0.1]"],
+    "native-smollm2": [
+        "model=tiny-llama",
+        "defense.top_k=4",
+        "data.eval_limit=2",
+        "measure.lanczos_iter=3",
+    ],
+    "attack-digits": ["grid.variants=[{attack.optimizer: sgd, attack.lr: 0.1}]"],
+    "attack-digits-ablation": [
+        "grid.variants=[{defense.alpha: 1.0e4, defense.targets: [layers.2], attack.train: untouched,"
+        " attack.optimizer: adam, attack.lr: 0.01}]"
+    ],
+    "native-smollm2-attack": [
+        "model=tiny-llama",
+        "defense.top_k=4",
+        "data.eval_limit=2",
+        "grid.attack.lr=[1e-3]",
+    ],
 }
 COMMON = ["seeds=[0]", "attack.steps=2", "attack.eval_every=1"]
 
@@ -186,8 +238,15 @@ def test_every_experiment_runs_end_to_end_in_miniature(
     kind = load_config(path).kind
     for row in rows:
         assert row["kind"] == kind and row["provenance"]["versions"]
-        if kind == "attack":
+        if kind == "attack" and row.get("error"):
+            assert row["error"] == "nothing to train" and row["adaptive"] == "untouched"
+        elif kind == "attack":
             assert row["summary"]["steps_run"] >= 1 and row["evals"]
+        elif kind == "detection":
+            assert row["false_positives"] == row["false_negatives"] == 0
+            assert row["true_positives"] == row["truth"]
+        elif kind == "landscape":
+            assert row["function_gap"] < 1e-2 and row["sigma1"] > 0
         elif kind == "curvature":
             exact, estimate = row["sigma1_exact"], row["sigma1"]
             assert exact is not None and estimate <= exact * (1 + 1e-6)
@@ -202,7 +261,8 @@ def test_every_experiment_runs_end_to_end_in_miniature(
         verdict = {(r["model"], r["dtype"], r["alpha"]): r["guard_accepted"] for r in rows}
         assert verdict[("mlp-digits", "fp32", 1e3)] and not verdict[("mlp-digits", "bf16", 1e9)]
     report = (tmp_path / "report.md").read_text()
-    assert "![" in report and list(tmp_path.glob("*.png"))
+    if kind in ("attack", "curvature", "utility"):  # the study kinds render into their pages
+        assert "![" in report and list(tmp_path.glob("*.png"))
     assert main(argv) == 0  # resume: nothing left to run
     assert json.loads(capsys.readouterr().out)["ran"] == 0
 

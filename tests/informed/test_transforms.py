@@ -21,7 +21,17 @@ from specdef.defense.layer import count_parameters, defended_layers, set_submodu
 from specdef.defense.targets import candidate_layers, output_layer_names
 from specdef.errors import SpecdefError
 from specdef.informed.inject import InjectedLinear
-from specdef.informed.transforms import apply_adaptive, parse_adaptive
+from specdef.informed.transforms import (
+    REGISTRY,
+    Transform,
+    TransformRecord,
+    TransformSpec,
+    apply_adaptive,
+    parse_adaptive,
+    parse_transform,
+    register_transform,
+)
+from specdef.informed.transforms import TRANSFORMS as TRANSFORM_NAMES
 from specdef.zoo.models import load_model
 
 TRANSFORMS = (
@@ -341,3 +351,94 @@ def test_cli_attack_adaptive_restores_training(tmp_path: Path, capsys):
     for adaptive in ("fuse", "inject:parallel"):
         assert outcomes[adaptive]["steps_to_threshold"] is not None, outcomes[adaptive]
     assert main(["attack", str(tmp_path / "released"), *common, "--adaptive", "fus"]) == 2
+
+
+# ---- the registry and the control transform ---------------------------------------------------
+
+
+def test_registry_names_every_transform_and_dispatches_on_its_entry():
+    assert set(TRANSFORM_NAMES) >= {"fuse", "inject", "factor", "untouched", "rebalance", "control"}
+    calls = []
+
+    def mark(model: nn.Module, spec: TransformSpec):
+        calls.append(spec)
+        return model, TransformRecord("mark", (), 1, 1, "test")
+
+    entry = Transform("mark-test", "test entry", lambda spec: None, mark, takes_targets=True)
+    register_transform(entry)
+    try:
+        with pytest.raises(SpecdefError, match="already registered"):
+            register_transform(entry)
+        model = nn.Linear(2, 2)
+        assert apply_adaptive(model, "mark-test:x@a,b")[0] is model
+        assert calls == [TransformSpec("mark-test", ("x",), ("a", "b"))]
+    finally:
+        del REGISTRY["mark-test"]
+
+
+def test_parse_transform_targets():
+    assert parse_transform("control:inject@layers.2") == TransformSpec(
+        "control", ("inject",), ("layers.2",)
+    )
+    assert parse_transform("control:inject:parallel@layers.0,layers.2").targets == (
+        "layers.0",
+        "layers.2",
+    )
+    assert parse_transform("control:inject@preset:llama").targets == "preset:llama"
+    assert parse_transform("control:inject").targets is None
+    with pytest.raises(SpecdefError, match="fuse takes no @TARGETS"):
+        parse_transform("fuse@layers.2")
+    with pytest.raises(SpecdefError, match="control:inject"):
+        parse_transform("control")
+    with pytest.raises(SpecdefError, match="control:inject"):
+        parse_transform("control:inject:sideways")
+    with pytest.raises(SpecdefError, match="after '@'"):
+        parse_transform("control:inject@")
+
+
+@pytest.mark.parametrize(
+    ("spec", "layers"),
+    [
+        ("control:inject@layers.2", ["layers.2"]),
+        ("control:inject", ["layers.0", "layers.2", "layers.4"]),
+    ],
+)
+def test_control_inject_keeps_the_function_and_adds_the_adapters(spec: str, layers: list[str]):
+    original = _base("mlp-digits")
+    model = copy.deepcopy(original)
+    inputs = _inputs("mlp-digits")
+    with torch.no_grad():
+        ref = _out(original, inputs)
+        model, record = apply_adaptive(model, spec)
+        assert _gap(_out(model, inputs), ref) <= 1e-6  # identity adapters, no defense: exact-ish
+    shapes = {n: original.get_submodule(n).weight.shape for n in layers}
+    assert list(record.layers) == layers
+    assert record.params_added == sum(m * m + m for m, _ in shapes.values())
+    assert record.frozen == tuple(f"{n}.frozen" for n in layers)
+    for n in layers:
+        assert all(not p.requires_grad for p in model.get_submodule(f"{n}.frozen").parameters())
+
+
+def test_control_inject_refuses_a_defended_model():
+    with pytest.raises(SpecdefError, match="undefended reference"):
+        apply_adaptive(_defend(_base("mlp-digits"), 1e4, 1), "control:inject")
+
+
+def test_control_gets_the_gradients_inject_gets_on_the_defended_model():
+    """The point of the control: inject's adapters on the defended model and the same adapters on
+    the undefended one receive the same gradients (float64), so any difference in training speed
+    between them is the defense's, and any against the undefended model is the construction's."""
+    original = copy.deepcopy(_base("mlp-digits")).double()
+    x = torch.rand(32, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    y = torch.arange(32) % 10
+    attacked, _ = apply_adaptive(_defend(original, 1e4, None), "inject")
+    control, record = apply_adaptive(copy.deepcopy(original), "control:inject@all-linear")
+    assert set(record.layers) == set(defended_layers(_defend(original, 1e4, None)))
+    grads = {}
+    for label, model in (("attacked", attacked), ("control", control)):
+        nn.functional.cross_entropy(model(x), y).backward()
+        grads[label] = {n: p.grad for n, p in model.named_parameters() if "adapter" in n}
+    assert set(grads["attacked"]) == set(grads["control"]) and grads["control"]
+    for n, g in grads["control"].items():
+        err = torch.linalg.vector_norm(grads["attacked"][n] - g) / torch.linalg.vector_norm(g)
+        assert float(err) <= 1e-8, (n, float(err))

@@ -23,7 +23,7 @@ import yaml
 
 from specdef.errors import SpecdefError, did_you_mean
 
-KINDS = ("attack", "curvature", "utility")
+KINDS = ("attack", "curvature", "utility", "detection", "landscape")
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "experiments"
 VARIANTS = "variants"  # grid key: a list of {dotted key: value} mappings, one axis
 
@@ -62,11 +62,12 @@ class ExperimentConfig:
     """
 
     name: str  # short id, e.g. "E2-vision"; the default run directory is runs/<name>
-    kind: (
-        str  # "attack" (fine-tuning runs), "curvature" (σ₁(H) and bounds), "utility" (function gap)
-    )
+    # "attack" (fine-tuning runs), "curvature" (σ₁(H) and bounds), "utility" (function gap),
+    # "detection" (find defended layers without the manifest), "landscape" (size, gap, σ₁(H) and
+    # imbalance of the model the attacker faces)
+    kind: str
     model: str | Mapping[str, Any]  # a zoo model name, or {name, architecture, <kwargs>}
-    task: str  # a zoo task name: what is attacked / measured on
+    task: str = ""  # a zoo task name: what is attacked / measured on ("" only for detection)
     description: str = ""
     claim: str = ""  # which of the paper's claims this experiment tests
     defense: Mapping[str, Any] = field(
@@ -81,6 +82,10 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise SpecdefError(did_you_mean(self.kind, KINDS, what="experiment kind"))
+        if not self.task and self.kind != "detection":
+            raise SpecdefError(
+                f"Experiment {self.name!r} ({self.kind}) needs a task; add e.g. task: digits-harmful."
+            )
         if not self.seeds:
             raise SpecdefError(f"Experiment {self.name!r} has no seeds; give e.g. seeds: [0].")
         for axis, values in grid_axes(self.grid):
@@ -232,7 +237,7 @@ def config_from_mapping(data: Mapping[str, Any], *, source: str = "config") -> E
     unknown = [k for k in data if k not in _FIELDS]
     if unknown:
         raise SpecdefError(f"In {source}: " + did_you_mean(str(unknown[0]), _FIELDS, what="key"))
-    missing = [k for k in ("name", "kind", "model", "task") if k not in data]
+    missing = [k for k in ("name", "kind", "model") if k not in data]
     if missing:
         raise SpecdefError(f"{source} lacks required key {missing[0]!r}; add it.")
     kwargs = dict(data)

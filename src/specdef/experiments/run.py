@@ -38,7 +38,7 @@ from specdef.experiments.config import (
     expand,
     plain_data,
 )
-from specdef.experiments.runners import execute
+from specdef.experiments.kinds import execute
 from specdef.utils.files import append_jsonl, read_jsonl, write_text_atomic
 from specdef.utils.progress import track
 from specdef.utils.provenance import provenance

@@ -19,6 +19,7 @@ import functools
 import logging
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,14 +27,15 @@ from torch import nn
 
 from specdef import curvature
 from specdef.architectures import build_architecture
-from specdef.attack.loop import AttackSpec, run_attack
+from specdef.attack.loop import AttackSpec, run_attack, select_trainable_
 from specdef.defense import certify as certified
 from specdef.defense import probe as probing
 from specdef.defense.apply import apply_specdef_
 from specdef.defense.config import SpecDefConfig
-from specdef.defense.layer import defended_layers
-from specdef.errors import SpecdefError
+from specdef.defense.layer import count_parameters, defended_layers
+from specdef.errors import SpecdefError, did_you_mean
 from specdef.informed.transforms import apply_adaptive
+from specdef.native.apply import apply_native_
 from specdef.tasks import Batch, Task
 from specdef.utils.dtypes import dtype_named
 from specdef.zoo import TASKS, load_model, load_task, load_tokenizer
@@ -109,8 +111,11 @@ def _cached_task(name: str, tokenizer: str | None, kwargs: tuple[tuple[str, Any]
     return load_task(name, **extra)
 
 
+MODES = ("algorithm1", "native")  # defense.mode: Algorithm 1 (default) or native deformation
+
+
 def defend(model: nn.Module, defense: Mapping[str, Any], *, probe: Any = None) -> Any:
-    """Apply SpecDef with the run's defense fields; returns the defense report."""
+    """Apply SpecDef (Algorithm 1) with the run's defense fields; returns the defense report."""
 
     return apply_specdef_(model, SpecDefConfig.from_dict(defense), probe=probe)
 
@@ -124,33 +129,98 @@ def _defense_summary(report: Any) -> dict[str, Any]:
     }
 
 
+def defend_summary(model: nn.Module, defense: Mapping[str, Any]) -> dict[str, Any]:
+    """Defend in place by ``defense.mode`` (``algorithm1``: :func:`apply_specdef_`; ``native``:
+    :func:`specdef.native.apply.apply_native_` along the architecture's symmetries, all pairs unless
+    ``defense.targets`` names some) and return the summary a results row carries."""
+    mode = str(defense.get("mode", "algorithm1"))
+    if mode not in MODES:
+        raise SpecdefError(did_you_mean(mode, MODES, what="defense mode"))
+    config = SpecDefConfig.from_dict(defense)  # α, top-k, method validated once, for both modes
+    if mode == "algorithm1":
+        return {"mode": mode, **_defense_summary(apply_specdef_(model, config))}
+    before = count_parameters(model)
+    records = apply_native_(
+        model,
+        alpha=config.alpha,
+        top_k=config.top_k,
+        targets=defense.get("targets"),
+        method=config.method,
+        seed=config.seed,
+        tolerance=config.tolerance,
+        force=config.force,
+    )
+    return {
+        "mode": mode,
+        "layers": len(records),
+        "params_before": before,
+        "params_after": count_parameters(model),
+        "max_reconstruction_error": max((r.product_error for r in records), default=0.0),
+    }
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The model an attacker faces (loaded, defended, transformed) and what that cost."""
+
+    model: nn.Module
+    fields: dict[str, Any]  # row fields: alpha, defense_report, adaptive, cost, parameters
+    frozen: tuple[str, ...] = ()  # parameter prefixes the transform froze
+    train: str = "all"  # the AttackSpec.train mode the transform implies
+
+
+def prepare(run: Any, model: nn.Module | None = None) -> Prepared:
+    """Load the run's model (or take ``model``), defend it unless ``alpha`` is null, apply the
+    informed transform ``attack.adaptive``; ``parameters`` counts the original, released and
+    attacked model."""
+    model = load_run_model(run) if model is None else model
+    original = count_parameters(model)
+    fields: dict[str, Any] = {"alpha": run.defense.get("alpha")}
+    if run.defended:
+        fields["defense_report"] = defend_summary(model, run.defense)
+    released = count_parameters(model)
+    adaptive = run.attack.get("adaptive")
+    fields["adaptive"] = adaptive
+    frozen: tuple[str, ...] = ()
+    train = "all"
+    if adaptive:
+        model, record = apply_adaptive(model, str(adaptive))
+        fields["cost"] = record.to_dict()
+        frozen, train = tuple(record.frozen), record.train
+    fields["parameters"] = {
+        "original": original,
+        "released": released,
+        "attacked": count_parameters(model),
+    }
+    return Prepared(model, fields, frozen, train)
+
+
 # ---- attack ------------------------------------------------------------------------------------
 
 
 def run_attack_kind(run: Any) -> dict[str, Any]:
     """Load, defend (unless ``alpha`` is null), apply the informed transform (``attack.adaptive``),
-    fine-tune with the one attack loop; the row carries the full :class:`AttackResult`."""
+    fine-tune with the one attack loop; the row carries the full :class:`AttackResult`. A
+    transform that leaves nothing to train (``untouched`` with every layer defended) is a measured
+    outcome, ``error: "nothing to train"``, not a failed run."""
 
-    model = load_run_model(run)
+    prepared = prepare(run)
     task = load_run_task(run)
-    out: dict[str, Any] = {"alpha": run.defense.get("alpha"), "task_kind": task.kind}
-    if run.defended:
-        out["defense_report"] = _defense_summary(defend(model, run.defense))
-    attack = dict(run.attack)
-    adaptive = attack.pop("adaptive", None)
-    out["adaptive"] = adaptive
-    if adaptive:
-        model, record = apply_adaptive(model, str(adaptive))
-        attack["frozen"] = [*attack.get("frozen", ()), *record.frozen]
-        if record.train != "all":
-            attack["train"] = record.train
-        out["cost"] = record.to_dict()
+    out: dict[str, Any] = {**prepared.fields, "task_kind": task.kind}
+    attack = {k: v for k, v in run.attack.items() if k != "adaptive"}
+    attack["frozen"] = [*attack.get("frozen", ()), *prepared.frozen]
+    if prepared.train != "all":
+        attack["train"] = prepared.train
     for key in ("frozen", "lora_targets"):
         if isinstance(attack.get(key), list | str):
             value = attack[key]
             attack[key] = (value,) if isinstance(value, str) else tuple(value)
     spec = AttackSpec(**{**attack, "seed": run.seed})
-    result = run_attack(model, task, spec)
+    if spec.train != "lora":  # LoRA adds its trainable adapters inside the loop
+        select_trainable_(prepared.model, spec)
+        if not any(p.requires_grad for p in prepared.model.parameters()):
+            return {**out, "error": "nothing to train", "trainable_parameters": 0}
+    result = run_attack(prepared.model, task, spec)
     out.update(result.to_dict())
     return out
 
@@ -285,15 +355,3 @@ def run_utility_kind(run: Any) -> dict[str, Any]:
     out["function_gap"] = float((after - reference).abs().max()) / max(scale, 1e-30)
     out["metrics_after"] = _metrics(task, model, run, dtype)
     return out
-
-
-RUNNERS = {
-    "attack": run_attack_kind,
-    "curvature": run_curvature_kind,
-    "utility": run_utility_kind,
-}
-
-
-def execute(run: Any) -> dict[str, Any]:
-    """The outcome fields of one run of any kind."""
-    return RUNNERS[run.kind](run)

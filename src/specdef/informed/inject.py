@@ -1,6 +1,7 @@
 """The ``inject`` transform: freeze each defended (or detected, or every) linear map and put a
 trainable :class:`InjectedLinear` adapter beside it that leaves the function unchanged, so no
-gradient step touches an inflated parameter. Public through :mod:`specdef.informed.transforms`.
+gradient step touches an inflated parameter; and its control, the same adapters on an undefended
+model (:func:`control_inject_`). Public through :mod:`specdef.informed.transforms`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from specdef.defense.layer import DefendedLinear, count_parameters, defended_layers, set_submodule
-from specdef.defense.targets import candidate_layers, output_layer_names
+from specdef.defense.targets import candidate_layers, output_layer_names, select_targets
 from specdef.errors import SpecdefError, did_you_mean
 from specdef.informed.targets import TransformRecord, _Pair, find_pairs
 
@@ -168,4 +169,43 @@ def inject_(
         details={"side": sides},
     )
     log.info("%s: %d layers, %+d parameters", label, len(sides), record.params_added)
+    return model, record
+
+
+def control_inject_(
+    model: nn.Module, *, targets: str | tuple[str, ...] = "all-linear", side: str = "after"
+) -> tuple[nn.Module, TransformRecord]:
+    """The control for ``inject``, in place: on an **undefended** model, wrap each layer that
+    ``targets`` selects (what the defense would defend, :func:`specdef.defense.targets.select_targets`)
+    in the :class:`InjectedLinear` adapter ``inject`` would put there (``side``: after, before or
+    parallel; auto = the larger side), its own weight frozen. Refuses a defended model: the
+    control is the undefended reference."""
+    units = defended_layers(model)
+    if units:
+        raise SpecdefError(
+            f"control:inject is the undefended reference for inject; found {len(units)} defended "
+            "layers. Run it on the undefended model (or use --adaptive inject on the defended one)."
+        )
+    if side not in SIDES:
+        raise SpecdefError(did_you_mean(side, SIDES, what="adapter side"))
+    before = count_parameters(model)
+    names = select_targets(model, targets)
+    sides: dict[str, str] = {}
+    for name in names:
+        layer = model.get_submodule(name)
+        out_f, in_f = _shape(layer)
+        chosen = _side(side, out_f, in_f)
+        wrapped = InjectedLinear(layer, out_features=out_f, in_features=in_f, side=chosen)
+        set_submodule(model, name, wrapped)
+        sides[name] = chosen
+    record = TransformRecord(
+        "control:inject" + (f":{side}" if side != "after" else ""),
+        tuple(names),
+        before,
+        count_parameters(model),
+        "targets",
+        frozen=tuple(f"{n}.frozen" for n in names),
+        details={"side": sides, "targets": targets if isinstance(targets, str) else list(targets)},
+    )
+    log.info("control:inject: %d layers, %+d parameters", len(names), record.params_added)
     return model, record

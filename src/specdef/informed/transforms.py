@@ -21,6 +21,15 @@ Each transform works **in place**, returns ``(model, TransformRecord)`` and keep
 - ``rebalance``: the undo of *native* deformation (:mod:`specdef.native.apply`): move every symmetric pair
   to its balanced representative (:func:`specdef.native.apply.rebalance_`); no size increase, and it needs
   only the architecture, not the pairs' original weights.
+- ``control:inject[:SIDE][@TARGETS]``: not an attack but its control: ``inject``'s adapters around the
+  layers a defense *would* select (``TARGETS``: comma-separated layer names such as
+  ``layers.2,layers.4``, ``all-linear`` (the default) or ``preset:llama``) on an **undefended**
+  model. If ``inject`` on the defended model trains like this, what it loses against the
+  undefended model is the price of the reparametrisation ``A·W``, not a remnant of the defense.
+
+Transforms are entries of a registry (:data:`REGISTRY`, :func:`register_transform`): a name, a
+check of its ``:``-separated arguments, and the in-place function; :func:`parse_transform` reads a
+spec ``NAME[:ARG…][@TARGETS]`` and :func:`apply_adaptive` dispatches on the entry, never on a name.
 
 Pairs come from the defended structure (:class:`~specdef.defense.layer.DefendedLinear` modules) when the
 model has them, otherwise from :func:`specdef.informed.detect.detect_model` on the weights alone (whose
@@ -33,6 +42,8 @@ parameter-name prefixes the attack must keep frozen (``AttackSpec.frozen``). ``i
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -41,29 +52,33 @@ from specdef.defense.apply import undo_specdef_
 from specdef.defense.layer import count_parameters, defended_layers, set_submodule
 from specdef.errors import SpecdefError, did_you_mean
 from specdef.informed.detect import compensation_signature
-from specdef.informed.inject import SIDES, InjectedLinear, inject_
+from specdef.informed.inject import SIDES, InjectedLinear, control_inject_, inject_
 from specdef.informed.targets import TransformRecord, find_pairs
 from specdef.native.apply import rebalance_
 from specdef.native.pairs import find_symmetric_pairs
 
 __all__ = [
+    "REGISTRY",
     "SIDES",
     "TRANSFORMS",
     "InjectedLinear",
+    "Transform",
     "TransformRecord",
+    "TransformSpec",
     "apply_adaptive",
+    "control_inject_",
     "factor_",
     "find_pairs",
     "fuse_",
     "inject_",
     "parse_adaptive",
+    "parse_transform",
     "rebalance_model_",
+    "register_transform",
     "untouched_",
 ]
 
 log = logging.getLogger(__name__)
-
-TRANSFORMS = ("fuse", "inject", "factor", "untouched", "rebalance")
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
@@ -235,46 +250,159 @@ def rebalance_model_(model: nn.Module) -> tuple[nn.Module, TransformRecord]:
     )
 
 
-def parse_adaptive(spec: str) -> tuple[str, tuple[str, ...]]:
-    """``"factor:4"`` → ``("factor", ("4",))``, ``"inject:after:all-linear"`` → ``("inject",
-    ("after", "all-linear"))``; validates names and arguments."""
-    name, *rest = spec.split(":")
-    args = tuple(rest)
-    if name not in TRANSFORMS:
-        raise SpecdefError(did_you_mean(name, TRANSFORMS, what="adaptive transform"))
-    if name == "factor" and (
-        len(args) not in (1, 2) or not args[0].isdigit() or args[1:] not in ((), ("freeze",))
-    ):
+@dataclass(frozen=True)
+class TransformSpec:
+    """A parsed transform spec ``NAME[:ARG…][@TARGETS]``: ``"factor:2:freeze"`` →
+    ``("factor", ("2", "freeze"), None)``; ``"control:inject@layers.2"`` → ``("control",
+    ("inject",), ("layers.2",))``. ``targets`` is a layer selection (names, ``all-linear``,
+    ``preset:NAME``) for the transforms that take one."""
+
+    name: str
+    args: tuple[str, ...] = ()
+    targets: str | tuple[str, ...] | None = None
+
+
+ApplyFn = Callable[[nn.Module, TransformSpec], tuple[nn.Module, TransformRecord]]
+
+
+@dataclass(frozen=True)
+class Transform:
+    """A registry entry: ``check`` raises :class:`SpecdefError` on bad arguments (before any
+    model is loaded), ``apply`` transforms a model in place; ``takes_targets`` says whether the
+    spec may carry ``@TARGETS``."""
+
+    name: str
+    summary: str
+    check: Callable[[TransformSpec], None]
+    apply: ApplyFn
+    takes_targets: bool = False
+
+
+REGISTRY: dict[str, Transform] = {}
+
+
+def register_transform(entry: Transform) -> Transform:
+    """Add ``entry`` to :data:`REGISTRY` (a name is registered once)."""
+    if entry.name in REGISTRY:
+        raise SpecdefError(f"Transform {entry.name!r} is already registered.")
+    REGISTRY[entry.name] = entry
+    return entry
+
+
+def _no_args(spec: TransformSpec) -> None:
+    if spec.args:
+        raise SpecdefError(f"{spec.name} takes no argument, found {_text(spec)!r}.")
+
+
+def _check_factor(spec: TransformSpec) -> None:
+    args = spec.args
+    if len(args) not in (1, 2) or not args[0].isdigit() or args[1:] not in ((), ("freeze",)):
         raise SpecdefError(
             f"factor needs a number of factors and optionally ':freeze' (keep the compensation "
-            f"frozen), e.g. factor:2 or factor:2:freeze; found {spec!r}."
+            f"frozen), e.g. factor:2 or factor:2:freeze; found {_text(spec)!r}."
         )
-    if name == "inject":
-        allowed = (*SIDES, "all-linear", "suspects")
-        for arg in args:
-            if arg not in allowed:
-                raise SpecdefError(
-                    f"inject takes options from {', '.join(allowed)} (e.g. inject:after or "
-                    f"inject:all-linear); found {arg!r} in {spec!r}."
-                )
-    if name in ("fuse", "untouched", "rebalance") and args:
-        raise SpecdefError(f"{name} takes no argument, found {spec!r}.")
-    return name, args
+
+
+def _check_inject(spec: TransformSpec) -> None:
+    allowed = (*SIDES, "all-linear", "suspects")
+    for arg in spec.args:
+        if arg not in allowed:
+            raise SpecdefError(
+                f"inject takes options from {', '.join(allowed)} (e.g. inject:after or "
+                f"inject:all-linear); found {arg!r} in {_text(spec)!r}."
+            )
+
+
+def _check_control(spec: TransformSpec) -> None:
+    if (
+        not spec.args
+        or spec.args[0] != "inject"
+        or len(spec.args) > 2
+        or (spec.args[1:] and spec.args[1] not in SIDES)
+    ):
+        raise SpecdefError(
+            f"control takes the transform it controls and optionally a side: control:inject"
+            f"[:{'|'.join(SIDES)}][@TARGETS], e.g. control:inject@layers.2; found {_text(spec)!r}."
+        )
+
+
+def _apply_inject(model: nn.Module, spec: TransformSpec) -> tuple[nn.Module, TransformRecord]:
+    where = "all-linear" if "all-linear" in spec.args else "suspects"
+    side = next((a for a in spec.args if a in SIDES), "after")
+    return inject_(model, where=where, side=side)
+
+
+def _apply_factor(model: nn.Module, spec: TransformSpec) -> tuple[nn.Module, TransformRecord]:
+    return factor_(model, int(spec.args[0]), freeze_compensation=spec.args[1:] == ("freeze",))
+
+
+def _apply_control(model: nn.Module, spec: TransformSpec) -> tuple[nn.Module, TransformRecord]:
+    side = spec.args[1] if len(spec.args) > 1 else "after"
+    return control_inject_(model, targets=spec.targets or "all-linear", side=side)
+
+
+for _entry in (
+    Transform("fuse", "multiply each compensation pair back (W = C·W̃)", _no_args,
+              lambda m, s: fuse_(m)),
+    Transform("inject", "freeze each defended layer, train an adapter beside it", _check_inject,
+              _apply_inject),
+    Transform("factor", "split the inflation into j factors of α^(1/j)", _check_factor,
+              _apply_factor),
+    Transform("untouched", "train only parameters outside defended layers", _no_args,
+              lambda m, s: untouched_(m)),
+    Transform("rebalance", "balance every symmetric pair (undo of native deformation)", _no_args,
+              lambda m, s: rebalance_model_(m)),
+    Transform("control", "control:inject — inject's adapters on the undefended model",
+              _check_control, _apply_control, takes_targets=True),
+):  # fmt: skip
+    register_transform(_entry)
+
+TRANSFORMS = tuple(REGISTRY)  # the registered names, in registration order
+
+
+def _text(spec: TransformSpec) -> str:
+    text = ":".join((spec.name, *spec.args))
+    if spec.targets is not None:
+        targets = spec.targets if isinstance(spec.targets, str) else ",".join(spec.targets)
+        text += f"@{targets}"
+    return text
+
+
+def parse_transform(spec: str) -> TransformSpec:
+    """Parse ``NAME[:ARG…][@TARGETS]`` and check it against the registry. ``TARGETS`` is
+    ``all-linear``, ``preset:NAME`` or comma-separated layer names (exact or dotted suffix)."""
+    head, at, tail = spec.partition("@")
+    name, *rest = head.split(":")
+    entry = REGISTRY.get(name)
+    if entry is None:
+        raise SpecdefError(did_you_mean(name, tuple(REGISTRY), what="adaptive transform"))
+    targets: str | tuple[str, ...] | None = None
+    if at:
+        if not entry.takes_targets:
+            raise SpecdefError(
+                f"{name} takes no @TARGETS (it finds the defended layers itself); found {spec!r}."
+            )
+        if not tail:
+            raise SpecdefError(f"Expected a layer selection after '@' in {spec!r}, e.g. @layers.2.")
+        # all-linear / preset:NAME as selection strings; anything else is a list of layer names
+        # (exact or dotted suffix), never a regex: a name with a dot must mean that layer
+        keyword = tail.lower() == "all-linear" or tail.startswith("preset:")
+        targets = tail if keyword else tuple(t for t in tail.split(",") if t)
+    parsed = TransformSpec(name, tuple(rest), targets)
+    entry.check(parsed)
+    return parsed
+
+
+def parse_adaptive(spec: str) -> tuple[str, tuple[str, ...]]:
+    """``"factor:4"`` → ``("factor", ("4",))``, ``"inject:after:all-linear"`` → ``("inject",
+    ("after", "all-linear"))``; validates names and arguments (:func:`parse_transform`)."""
+    parsed = parse_transform(spec)
+    return parsed.name, parsed.args
 
 
 def apply_adaptive(model: nn.Module, spec: str) -> tuple[nn.Module, TransformRecord]:
     """Apply the transform named by ``spec`` in place: ``fuse``, ``inject[:after|before|auto|
-    parallel][:all-linear]``, ``factor:J[:freeze]``, ``untouched`` or ``rebalance``. Returns the
-    model and the record."""
-    name, args = parse_adaptive(spec)
-    if name == "fuse":
-        return fuse_(model)
-    if name == "rebalance":
-        return rebalance_model_(model)
-    if name == "inject":
-        where = "all-linear" if "all-linear" in args else "suspects"
-        side = next((a for a in args if a in SIDES), "after")
-        return inject_(model, where=where, side=side)
-    if name == "factor":
-        return factor_(model, int(args[0]), freeze_compensation=args[1:] == ("freeze",))
-    return untouched_(model)
+    parallel][:all-linear]``, ``factor:J[:freeze]``, ``untouched``, ``rebalance`` or
+    ``control:inject[:SIDE][@TARGETS]``. Returns the model and the record."""
+    parsed = parse_transform(spec)
+    return REGISTRY[parsed.name].apply(model, parsed)
