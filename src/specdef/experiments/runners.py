@@ -140,16 +140,7 @@ def defend_summary(model: nn.Module, defense: Mapping[str, Any]) -> dict[str, An
     if mode == "algorithm1":
         return {"mode": mode, **_defense_summary(apply_specdef_(model, config))}
     before = count_parameters(model)
-    records = apply_native_(
-        model,
-        alpha=config.alpha,
-        top_k=config.top_k,
-        targets=defense.get("targets"),
-        method=config.method,
-        seed=config.seed,
-        tolerance=config.tolerance,
-        force=config.force,
-    )
+    records = apply_native_(model, config)  # targets default "all-linear": every pair
     return {
         "mode": mode,
         "layers": len(records),
