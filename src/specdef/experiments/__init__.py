@@ -1,3 +1,3 @@
-"""Experiments as data: YAML configs and their grids (config), what a run of each kind does
-(runners), resumable run directories (run) and the digits demo (demo).
+"""Experiments as data: YAML configs and their grids (config), the kind → runner table (kinds), what
+a run of each kind does (runners, studies), resumable run directories (run) and the demo (demo).
 """

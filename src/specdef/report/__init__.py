@@ -1,3 +1,3 @@
-"""results.jsonl → report.md, no training code: the page (page), its attack and curvature / utility
-sections (attack, measure), markdown helpers (markdown) and PNG figures (plots).
+"""results.jsonl → report.md, no training code: the page (page), its sections (attack, measure,
+informed, native, optimizers), blocks in hand-written pages (blocks), markdown and PNG plots.
 """
