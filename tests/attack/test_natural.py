@@ -13,6 +13,7 @@ from specdef.attack.natural import KFAC, GaussNewtonCG, truncated_cg
 from specdef.defense.apply import apply_specdef_
 from specdef.defense.config import SpecDefConfig
 from specdef.defense.layer import DefendedLinear
+from specdef.errors import SpecdefError
 from specdef.linalg.spectral import spectral_deform
 from specdef.zoo import load_model, load_task
 
@@ -180,3 +181,9 @@ def test_kfac_breaks_the_defended_mlp_digits_as_fast_as_the_undefended_one() -> 
     assert plain.outcome is not None and defended.outcome is not None
     assert plain.outcome.steps is not None and defended.outcome.steps is not None
     assert defended.outcome.steps <= plain.outcome.steps <= 10
+
+
+def test_kfac_refuses_parameters_outside_linear_layers() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    with pytest.raises(SpecdefError, match=r"nn.Linear / nn.Conv2d parameters only.*1\.weight"):
+        KFAC(list(model.parameters()), model=model)

@@ -244,6 +244,7 @@ class KFAC(_ModelStep):
             )
         defaults = {"lr": lr, "weight_decay": weight_decay}
         super().__init__(params, defaults, model)
+        _require_kronecker_layers(model, self._params(), kind)
         self.kind, self.damping, self.damping_floor = kind, damping, damping_floor
         self.refresh, self.fisher_type = refresh, fisher_type
         self._inverse: Any = None
@@ -273,6 +274,22 @@ class KFAC(_ModelStep):
         self._steps += 1
         self._apply(result)
         return loss
+
+
+def _require_kronecker_layers(model: nn.Module, params: list[nn.Parameter], kind: str) -> None:
+    """K-FAC factors exist for ``nn.Linear`` / ``nn.Conv2d`` parameters only (curvlinops)."""
+    covered = {
+        id(p) for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)
+        for p in m.parameters(recurse=False)
+    }  # fmt: skip
+    names = {id(p): n for n, p in model.named_parameters()}
+    other = [names.get(id(p), "?") for p in params if id(p) not in covered]
+    if other:
+        raise SpecdefError(
+            f"{kind} preconditions nn.Linear / nn.Conv2d parameters only; found trainable "
+            f"{other[:3]}{' …' if len(other) > 3 else ''}. Freeze them (--train, frozen "
+            "prefixes) or use another optimizer."
+        )
 
 
 class GaussNewtonCG(_ModelStep):
