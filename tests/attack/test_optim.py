@@ -9,6 +9,7 @@ import torch
 from _attack_helpers import digits_task
 from specdef.architectures import MLP
 from specdef.attack.loop import AttackSpec, run_attack
+from specdef.attack.natural import BatchAware
 from specdef.attack.optim import OPTIMIZERS, CompositeOptimizer, NewtonCG, make_optimizer
 from specdef.errors import SpecdefError
 
@@ -25,14 +26,26 @@ LR = {
     "adahessian": 0.1,
     "sophiah": 1.0,
     "newton-cg": 1.0,
+    "kfac": 0.03,
+    "ekfac": 0.03,
+    "ggn-cg": 0.3,
+    "shampoo": 0.1,
+    "soap": 0.03,
+    "kron": 0.03,
+    "lion": 0.01,
+    "signsgd": 0.01,
+    "sgld": 0.5,
 }
+# zeroth-order: ~2k parameters from scratch in 40 steps is beyond a two-point estimator; SPSA is
+# checked against a hand computation and on a pretrained model (tests/attack/test_stochastic.py)
+ZEROTH_ORDER = {"spsa"}
 
 
 def test_lr_table_covers_registry() -> None:
-    assert set(LR) == set(OPTIMIZERS)
+    assert set(LR) | ZEROTH_ORDER == set(OPTIMIZERS)
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", sorted(LR))
 def test_every_optimizer_reduces_loss_on_digits(name: str) -> None:
     torch.manual_seed(0)
     model = MLP(64, (32,), 10)
@@ -58,7 +71,10 @@ def test_flags_match_optimizers() -> None:
         opt, _ = make_optimizer(name, model, lr=1e-3)
         assert all(g["initial_lr"] == g["lr"] for g in opt.param_groups)
         if entry.needs_closure:
-            assert isinstance(opt, NewtonCG)
+            with pytest.raises(SpecdefError, match=r"closure|batches"):
+                opt.step()
+        assert isinstance(opt, BatchAware) == entry.needs_batch
+        assert (getattr(opt, "model", None) is model) == entry.needs_model
     assert OPTIMIZERS["adahessian"].needs_create_graph and OPTIMIZERS["sophiah"].needs_create_graph
     assert not OPTIMIZERS["adam"].needs_create_graph
 

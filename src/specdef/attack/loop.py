@@ -33,6 +33,7 @@ from specdef.attack.metrics import (
     steps_to_threshold,
     threshold_ladder,
 )
+from specdef.attack.natural import BatchAware
 from specdef.attack.optim import get_optimizer_entry, make_optimizer
 from specdef.defense.layer import defended_layers, parameter_roles
 from specdef.errors import SpecdefError
@@ -324,6 +325,8 @@ def run_attack(
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * factor
             micro_batches = [_to_device(next(stream), device) for _ in range(spec.grad_accum)]
+            if entry.needs_batch:
+                _observe(optimizer, task, micro_batches)
             if entry.needs_closure:
                 loss_value = float(optimizer.step(closure))
                 grad_norm = _grad_norm(params, None)
@@ -382,6 +385,15 @@ def run_attack(
     return AttackResult(
         spec, history, evals, diverged_at, step, n_trainable, seconds, outcome, stopped_at, ladder
     )
+
+
+def _observe(optimizer: Any, task: Task, batches: list[Batch]) -> None:
+    if not isinstance(optimizer, BatchAware):
+        raise SpecdefError(
+            f"Optimizer {type(optimizer).__name__} is registered with needs_batch but has no "
+            "observe(task, batches); fix its registry entry."
+        )
+    optimizer.observe(task, batches)
 
 
 @torch.no_grad()

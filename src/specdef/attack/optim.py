@@ -7,6 +7,9 @@ and declares what the training loop must do for it, so the loop reads flags, nev
   backward on the step's batches and returns the loss;
 - ``second_order``: uses curvature (informational; reported with results);
 - ``splits_matrices``: hidden 2-D weights go to one inner optimizer, the rest to another;
+- ``needs_model``: built with ``model=`` (K-FAC, GGN-CG and SPSA run the model themselves);
+- ``needs_batch``: before each ``step`` the loop calls ``optimizer.observe(task, micro_batches)``
+  (:class:`specdef.attack.natural.BatchAware`), for curvature or loss values on the step's data;
 - ``search_space``: the optimizer's own hyperparameters a worst-case attacker searches
   (``specdef.attack.search``), by keyword name; ``"betas.0"`` is element 0 of the ``betas`` tuple.
 
@@ -24,6 +27,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from specdef.attack.natural import KFAC, GaussNewtonCG, truncated_cg
+from specdef.attack.stochastic import SGLD, SPSA
 from specdef.errors import SpecdefError, did_you_mean
 
 NamedParams = list[tuple[str, nn.Parameter]]
@@ -124,6 +129,8 @@ class OptimizerEntry:
     needs_closure: bool = False
     second_order: bool = False
     splits_matrices: bool = False
+    needs_model: bool = False
+    needs_batch: bool = False
     search_space: Mapping[str, SearchParam] = field(default_factory=dict)
 
 
@@ -220,43 +227,10 @@ class NewtonCG(torch.optim.Optimizer):
                 for h, v in zip(hv, vec, strict=True)
             ]
 
-        direction = _truncated_cg(hvp, rhs, iters=group["cg_iters"], tol=group["cg_tol"])
+        direction = truncated_cg(hvp, rhs, iters=group["cg_iters"], tol=group["cg_tol"])
         for p, d in zip(params, direction, strict=True):
             p.add_(d, alpha=-group["lr"])
         return loss
-
-
-def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([(x * y).sum() for x, y in zip(a, b, strict=True)]).sum()
-
-
-def _truncated_cg(
-    matvec: Callable[[list[torch.Tensor], bool], list[torch.Tensor]],
-    rhs: list[torch.Tensor],
-    *,
-    iters: int,
-    tol: float,
-) -> list[torch.Tensor]:
-    """Conjugate gradient for ``A x = rhs`` from ``x = 0``, stopping on non-positive curvature."""
-    x = [torch.zeros_like(r) for r in rhs]
-    r = [t.clone() for t in rhs]
-    p = [t.clone() for t in rhs]
-    rr = _dot(r, r)
-    stop = tol**2 * rr
-    for i in range(iters):
-        ap = matvec(p, i == iters - 1)
-        curvature = _dot(p, ap)
-        if not bool(curvature > 0):
-            return x if i > 0 else [t.clone() for t in rhs]
-        step = rr / curvature
-        x = [xi + step * pi for xi, pi in zip(x, p, strict=True)]
-        r = [ri - step * api for ri, api in zip(r, ap, strict=True)]
-        rr_new = _dot(r, r)
-        if bool(rr_new <= stop):
-            break
-        p = [ri + (rr_new / rr) * pi for ri, pi in zip(r, p, strict=True)]
-        rr = rr_new
-    return x
 
 
 def _torch(cls: Any, **fixed: Any) -> Callable[..., OptimizerLike]:
@@ -304,6 +278,23 @@ def _muon(
 def _newton_cg(params: NamedParams, *, lr: float, weight_decay: float, **kwargs: Any) -> NewtonCG:
     return NewtonCG([p for _, p in params], lr=lr, weight_decay=weight_decay, **kwargs)
 
+
+def _with_params(cls: Any, **fixed: Any) -> Callable[..., OptimizerLike]:
+    """A builder for specdef's own optimizer classes (keyword ``lr``, ``weight_decay``, …)."""
+
+    def build(params: NamedParams, *, lr: float, weight_decay: float, **kwargs: Any) -> Any:
+        return cls([p for _, p in params], lr=lr, weight_decay=weight_decay, **{**fixed, **kwargs})
+
+    return build
+
+
+_KFAC_SPACE = {
+    # relative to each factor's mean eigenvalue; down to 1e-12, where K-FAC is invariant to the
+    # reparameterization (docs/theory.md), and up to 1, where it is close to scaled SGD
+    "damping": log_uniform(1e-12, 1.0),
+    "damping_floor": log_uniform(1e-12, 1.0),  # absolute: G ≈ 0 on a confidently wrong model
+    "refresh": choice(1, 5, 20),
+}
 
 OPTIMIZERS: dict[str, OptimizerEntry] = {
     e.name: e
@@ -396,6 +387,98 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
             second_order=True,
             search_space={"damping": log_uniform(1e-4, 10.0), "cg_iters": integers(2, 20)},
         ),
+        OptimizerEntry(
+            "kfac",
+            _with_params(KFAC, kind="kfac"),
+            "K-FAC natural gradient on curvlinops' KFAC operator and inverse (float64 retry)",
+            defaults={"damping": 1e-3, "damping_floor": 1e-3, "refresh": 1},
+            needs_closure=True,
+            second_order=True,
+            needs_model=True,
+            needs_batch=True,
+            search_space={**_KFAC_SPACE, "fisher_type": choice("type-2", "mc", "empirical")},
+        ),
+        OptimizerEntry(
+            "ekfac",
+            _with_params(KFAC, kind="ekfac"),
+            "EKFAC natural gradient (curvlinops' eigenvalue-corrected KFAC, exact damping)",
+            defaults={"damping": 1e-3, "damping_floor": 1e-3, "refresh": 1},
+            needs_closure=True,
+            second_order=True,
+            needs_model=True,
+            needs_batch=True,
+            search_space=_KFAC_SPACE,
+        ),
+        OptimizerEntry(
+            "ggn-cg",
+            _with_params(GaussNewtonCG),
+            "Gauss-Newton-CG: (GGN + damping·I) d = g by truncated CG on curvlinops' GGN products",
+            defaults={"damping": 1e-2, "cg_iters": 10},
+            needs_closure=True,
+            second_order=True,
+            needs_model=True,
+            needs_batch=True,
+            search_space={"damping": log_uniform(1e-8, 10.0), "cg_iters": integers(2, 20)},
+        ),
+        OptimizerEntry(
+            "shampoo",
+            _pytorch_optimizer("Shampoo"),
+            "Shampoo (pytorch_optimizer): full-matrix Kronecker preconditioner per weight",
+            search_space={
+                "momentum": choice(0.0, 0.5, 0.9),
+                "matrix_eps": log_uniform(1e-12, 1e-2),
+                "preconditioning_compute_steps": choice(1, 10),
+            },
+        ),
+        OptimizerEntry(
+            "soap",
+            _pytorch_optimizer("SOAP"),
+            "SOAP (pytorch_optimizer): Adam in Shampoo's eigenbasis",
+            search_space={
+                "betas.0": uniform(0.5, 0.99),
+                "betas.1": choice(0.9, 0.95, 0.99),
+                "precondition_frequency": choice(1, 10, 50),
+                "eps": log_uniform(1e-12, 1e-4),
+            },
+        ),
+        OptimizerEntry(
+            "kron",
+            _pytorch_optimizer("Kron"),
+            "Kron / PSGD (pytorch_optimizer): Kronecker-factored preconditioner fitted by PSGD",
+            search_space={
+                "momentum": uniform(0.5, 0.99),
+                "pre_conditioner_update_probability": choice(None, 0.1, 1.0),
+            },
+        ),
+        OptimizerEntry(
+            "lion",
+            _pytorch_optimizer("Lion"),
+            "Lion (pytorch_optimizer): sign of an interpolated momentum",
+            search_space={"betas.0": uniform(0.5, 0.99), "betas.1": choice(0.9, 0.99, 0.999)},
+        ),
+        OptimizerEntry(
+            "signsgd",
+            _pytorch_optimizer("SignSGD"),
+            "SignSGD with momentum (pytorch_optimizer)",
+            search_space={"momentum": choice(0.0, 0.5, 0.9, 0.99)},
+        ),
+        OptimizerEntry(
+            "spsa",
+            _with_params(SPSA),
+            "zeroth-order SPSA / MeZO: two loss values per random direction, no gradients",
+            defaults={"eps": 1e-3, "perturbations": 1},
+            needs_closure=True,
+            needs_model=True,
+            needs_batch=True,
+            search_space={"eps": log_uniform(1e-5, 1e-1), "perturbations": choice(1, 4, 16)},
+        ),
+        OptimizerEntry(
+            "sgld",
+            _with_params(SGLD),
+            "SGLD: gradient step plus Gaussian noise·√(2·lr)",
+            defaults={"noise": 1e-3},
+            search_space={"noise": log_uniform(1e-6, 1.0)},
+        ),
     )
 }
 
@@ -447,6 +530,8 @@ def make_optimizer(
     extra: dict[str, Any] = {**entry.defaults, **(kwargs or {})}
     if entry.splits_matrices:
         extra["matrices"] = hidden_matrices(model, params)
+    if entry.needs_model:
+        extra["model"] = model
     try:
         optimizer = entry.build(params, lr=lr, weight_decay=weight_decay, **extra)
     except TypeError as err:

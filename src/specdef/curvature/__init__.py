@@ -5,9 +5,12 @@ Re-exports their public names as a facade (``from specdef.curvature import lancz
 
 from specdef.curvature.certificates import (
     Certificate,
+    ProductBound,
     SpectralBound,
     compensation_directions,
+    linear_chain_cross_block,
     pair_spectral_bound,
+    product_bound,
     rayleigh_certificate,
 )
 from specdef.curvature.estimators import (
@@ -32,12 +35,15 @@ from specdef.curvature.lr import Slowdown, lr_ceiling, predicted_slowdown
 
 __all__ = [
     "Certificate",
+    "ProductBound",
     "EigenResult",
     "HessianOperator",
     "MatrixOperator",
     "SigmaResult",
     "Slowdown",
     "SpectralBound",
+    "linear_chain_cross_block",
+    "product_bound",
     "TraceResult",
     "arpack_eigsh",
     "block_sigma_max",

@@ -222,3 +222,86 @@ def pair_spectral_bound(
         output_directions=tuple(outs),
         input_directions=tuple(left.T.contiguous()),
     )
+
+
+@dataclass(frozen=True)
+class ProductBound:
+    """Lower bounds on σ₁(L·M·R) from the singular values of the factors and the principal-angle
+    cosines between their singular vectors (the paper's Theorem-3 form), and the exact value.
+
+    ``paper``: ``max_{r1,r2} σ_{r1}(L)·σ₁(M)·σ_{r2}(R)·cos θ₁·cos θ₂`` with ``cos θ₁ = |ℓ_{r1}ᵀ u₁|``
+    (ℓ: right singular vectors of L, u₁: M's top left one) and ``cos θ₂ = |v₁ᵀ ρ_{r2}|`` (v₁: M's
+    top right one, ρ: left singular vectors of R). Keeps only M's top singular pair, so it is *not*
+    a bound in general (the other pairs of M can cancel it); ``rayleigh``:
+    ``max σ_{r1}(L)·σ_{r2}(R)·|ℓ_{r1}ᵀ M ρ_{r2}|``, the same choice of directions with all of M — a
+    true lower bound (a bilinear Rayleigh quotient); ``exact``: σ₁(L·M·R) from an SVD.
+    """
+
+    paper: float
+    rayleigh: float
+    exact: float
+
+
+def product_bound(
+    left: torch.Tensor | None, middle: torch.Tensor, right: torch.Tensor
+) -> ProductBound:
+    """:class:`ProductBound` of ``left (a×m) · middle (m×n) · right (n×b)``, in float64.
+    ``left=None``: the two-factor product ``middle · right`` (ℓ = u₁, σ = 1, cos θ₁ = 1)."""
+    mf, rf = (t.detach().to(torch.float64) for t in (middle, right))
+    if left is None:
+        lf = torch.linalg.svd(mf, full_matrices=False)[0][:, :1].T
+    else:
+        lf = left.detach().to(torch.float64)
+    if lf.shape[1] != mf.shape[0] or mf.shape[1] != rf.shape[0]:
+        raise SpecdefError(
+            f"product_bound needs conformable factors; found {tuple(lf.shape)} · "
+            f"{tuple(mf.shape)} · {tuple(rf.shape)}."
+        )
+    _, s_l, vh_l = torch.linalg.svd(lf, full_matrices=False)  # rows of vh_l: ℓ_r
+    u_r, s_r, _ = torch.linalg.svd(rf, full_matrices=False)  # columns of u_r: ρ_r
+    u_m, s_m, vh_m = torch.linalg.svd(mf, full_matrices=False)
+    cos1 = (vh_l @ u_m[:, 0]).abs()  # per r1
+    cos2 = (vh_m[0] @ u_r).abs()  # per r2
+    paper = float(s_m[0] * torch.outer(s_l * cos1, s_r * cos2).max())
+    coupling = (vh_l @ mf @ u_r).abs()  # ℓ_{r1}ᵀ M ρ_{r2}
+    rayleigh = float((s_l[:, None] * coupling * s_r[None, :]).max())
+    exact = float(torch.linalg.matrix_norm(lf @ mf @ rf, ord=2))
+    return ProductBound(paper=paper, rayleigh=rayleigh, exact=exact)
+
+
+def linear_chain_cross_block(
+    weights: Sequence[torch.Tensor], inputs: torch.Tensor, *, first: int, second: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Kronecker factors ``(K_in, K_out)`` of the Hessian block ``H[A_j, A_i]`` (j = second,
+    i = first) of a deep linear network ``f = A_d ⋯ A_1 x`` with loss ``½·mean_t ‖f(x_t) − y_t‖²``
+    at zero residual (``y = f(x)``, where H is exactly the Gauss-Newton matrix):
+
+        K_in = A_{j−1}⋯A_1 Σ A_1ᵀ⋯A_{i−1}ᵀ,   K_out = P_jᵀ P_i,
+
+    ``Σ = mean_t x_t x_tᵀ``, ``P_i = A_d⋯A_{i+1}`` (the map after layer i); the block is
+    ``K_out ⊗ K_in`` for torch's row-major ``flatten`` (``K_in ⊗ K_out`` stacking columns), so
+    ``σ₁(H) ≥ σ₁(K_in)·σ₁(K_out)`` (Poincaré separation). The weights between the two layers sit
+    in the middle of ``K_in`` — the paper's A·B·C. ``first <= second`` are 0-based layer indices
+    (equal: a diagonal block); ``inputs`` is (T, n₀).
+    """
+    if not 0 <= first <= second < len(weights):
+        raise SpecdefError(
+            f"Need 0 <= first <= second < {len(weights)} layers; found first={first}, "
+            f"second={second}."
+        )
+    ws = [w.detach().to(torch.float64) for w in weights]
+    x = inputs.detach().to(torch.float64)
+    sigma = x.T @ x / x.shape[0]
+
+    def chain(lo: int, hi: int, size: int) -> torch.Tensor:  # A_hi ⋯ A_lo (identity if empty)
+        out = torch.eye(size, dtype=torch.float64)
+        for w in ws[lo : hi + 1]:
+            out = w @ out
+        return out
+
+    below_i = chain(0, first - 1, x.shape[1])  # A_{i−1}⋯A_1
+    below_j = chain(0, second - 1, x.shape[1])  # A_{j−1}⋯A_1
+    k_in = below_j @ sigma @ below_i.T
+    after_i = chain(first + 1, len(ws) - 1, ws[first].shape[0])
+    after_j = chain(second + 1, len(ws) - 1, ws[second].shape[0])
+    return k_in, after_j.T @ after_i
