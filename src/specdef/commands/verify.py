@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from specdef.commands.common import add_threads_option, fmt, print_json, print_table
-from specdef.io.checkpoint import read_manifest
+from specdef.errors import SpecdefError
+from specdef.io.checkpoint import MANIFEST, NATIVE_RECORD, model_dtype, read_manifest
 from specdef.release.sources import load_source
 from specdef.release.verify import verify
-from specdef.utils.dtypes import parse_dtype
 
 
 def register(sub: Any) -> None:
@@ -21,7 +22,11 @@ def register(sub: Any) -> None:
         "probe text; show spectra and parameter overhead. Exit 0 only within tolerance (1 if not).",
     )
     parser.add_argument("src", metavar="SRC", help="the original model (directory or zoo name)")
-    parser.add_argument("out", metavar="OUT", help="the defended checkpoint directory")
+    parser.add_argument(
+        "out",
+        metavar="OUT",
+        help="the defended directory (Algorithm 1 checkpoint or native release)",
+    )
     parser.add_argument(
         "--tolerance",
         type=float,
@@ -35,9 +40,17 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
 
-    manifest = read_manifest(args.out)
+    out = Path(args.out)
+    if (out / MANIFEST).exists():
+        read_manifest(out)  # an Algorithm-1 checkpoint: its manifest must parse
+    elif not (out / NATIVE_RECORD).exists():
+        raise SpecdefError(
+            f"{args.out!r} is not a specdef release: it has neither {MANIFEST} (Algorithm 1) nor "
+            f"{NATIVE_RECORD} (native); pass the -o directory of `specdef defend`."
+        )
     defended = load_source(args.out)
-    original = load_source(args.src, dtype=parse_dtype(manifest.get("dtype")))
+    # the source in the release's dtype, so the gap is the defense's, not a cast's
+    original = load_source(args.src, dtype=model_dtype(defended.model))
     result = verify(original, defended, tolerance=args.tolerance, seed=args.seed)
     if args.json:
         print_json(result.to_dict())
