@@ -162,3 +162,16 @@ def test_request_refusals(source: Path, tmp_path: Path) -> None:
             defend(DefendRequest(str(source), tmp_path / "o", sampled, mode="native",
                                  streaming=streaming, probe=False))  # fmt: skip
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "containing"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_output_may_not_touch_the_source(tmp_path: Path, where: str, overwrite: bool) -> None:
+    src = tmp_path / "models" / "src"
+    tiny_llama().save_pretrained(src)
+    before = sorted(p.name for p in src.iterdir())
+    out = {"same": src, "inside": src / "defended", "containing": tmp_path / "models"}[where]
+    config = SpecDefConfig(alpha=100.0, top_k=2)
+    with pytest.raises(SpecdefError, match="the source"):
+        DefendRequest(str(src), out, config, overwrite=overwrite)
+    assert sorted(p.name for p in src.iterdir()) == before

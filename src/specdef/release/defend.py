@@ -84,11 +84,27 @@ class DefendRequest:
                 f"streaming keeps the source dtype, found dtype={self.dtype!r}; drop --dtype or "
                 "defend in memory."
             )
+        _check_apart(self.source, self.output)
         if self.streaming and self.probe:
             raise SpecdefError(
                 "streaming never builds the model, so it cannot run the probe batch; pass "
                 "probe=False (the CLI does with --streaming) or defend in memory."
             )
+
+
+def _check_apart(source: str, output: str | os.PathLike[str]) -> None:
+    """Refuse an output that is the source directory, lies inside it or contains it — with or
+    without overwrite, writing there would destroy the model being defended (or defend itself)."""
+    src = Path(source)
+    if not src.exists():
+        return  # a zoo name
+    src, out = src.resolve(), Path(output).resolve()
+    if out == src or src in out.parents or out in src.parents:
+        where = "is" if out == src else "lies inside" if src in out.parents else "contains"
+        raise SpecdefError(
+            f"The output {str(output)!r} {where} the source {source!r}; choose an -o outside "
+            "the source directory (overwrite never applies to the source)."
+        )
 
 
 @dataclass(frozen=True)
