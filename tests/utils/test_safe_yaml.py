@@ -52,3 +52,18 @@ def test_size_and_syntax_errors_are_one_line() -> None:
     with pytest.raises(SpecdefError, match=r"Cannot parse bad.yaml as YAML") as err:
         load_yaml("a: [1, 2\n", what="bad.yaml")
     assert "\n" not in str(err.value)
+
+
+def test_run_dry_run_refuses_a_bomb_in_one_line(tmp_path, capsys) -> None:
+    from specdef.cli import main
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_bomb(9))
+    start = time.perf_counter()
+    assert main(["run", str(path), "--dry-run"]) == 2
+    assert time.perf_counter() - start < 10
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "expands to more than" in err[0]
+    path.write_text("a: &a [1, *a]\n")
+    assert main(["run", str(path), "--dry-run"]) == 2
+    assert "recursive anchor" in capsys.readouterr().err

@@ -13,45 +13,24 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from specdef.errors import SpecdefError, did_you_mean
+from specdef.utils.safe_yaml import load_yaml
 
 KINDS = ("attack", "curvature", "utility", "detection", "landscape")
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "experiments"
 VARIANTS = "variants"  # grid key: a list of {dotted key: value} mappings, one axis
 
 
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, but ``1e-3`` is a float (YAML 1.1 wants ``1.0e-3``)."""
-
-
-_Loader.yaml_implicit_resolvers = copy.deepcopy(yaml.SafeLoader.yaml_implicit_resolvers)
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
 def parse_value(text: str) -> Any:
     """Parse a ``--set`` value as YAML (``5`` → int, ``1e-3`` → float, ``[0,1]`` → list, ``null``)."""
     try:
-        return yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError:
+        return load_yaml(text, what=f"--set value {text!r}")
+    except SpecdefError:
         return text
 
 
@@ -278,12 +257,7 @@ def shipped_configs() -> list[Path]:
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read a YAML config, apply ``--set`` overrides, validate."""
     source = resolve_config_path(path)
-    try:
-        data = yaml.load(source.read_text(encoding="utf-8"), Loader=_Loader)
-    except yaml.YAMLError as err:
-        raise SpecdefError(
-            f"Cannot parse {str(source)!r} as YAML: {err}; fix the syntax."
-        ) from None
+    data = load_yaml(source.read_text(encoding="utf-8"), what=repr(str(source)))
     return config_from_mapping(apply_overrides(data or {}, overrides), source=str(source))
 
 
