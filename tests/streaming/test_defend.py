@@ -12,6 +12,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+from _tiny import tiny_llama
 from specdef.defense.apply import apply_specdef_
 from specdef.defense.config import SpecDefConfig
 from specdef.defense.guard import DEFAULT_TOLERANCE
@@ -202,3 +203,28 @@ def test_bf16_checkpoint_native_mlp_pairs(tmp_path: Path) -> None:
         defend_streaming(
             tmp_path / "src", tmp_path / "o2", SpecDefConfig(alpha=ALPHA, top_k=8), mode="native"
         )
+
+
+@pytest.mark.parametrize(
+    "entry", ["../../x.safetensors", "/etc/passwd", "sub/../../x.safetensors", "notes.txt"]
+)
+def test_hostile_shard_index_is_refused_and_writes_nothing(tmp_path: Path, entry: str) -> None:
+    import json as _json
+
+    from specdef.cli import main
+    from specdef.io.checkpoint import INDEX
+
+    src = tmp_path / "deep" / "src"
+    tiny_llama().save_pretrained(src)
+    weights = src / "model.safetensors"
+    names = list(load_file(str(weights)))
+    index = {"metadata": {}, "weight_map": dict.fromkeys(names, "model.safetensors")}
+    index["weight_map"][names[0]] = entry
+    (src / INDEX).write_text(_json.dumps(index))
+    out = tmp_path / "deep" / "out"
+    code = main(
+        ["defend", str(src), "-o", str(out), "--alpha", "100", "--top-k", "2", "--streaming"]
+    )
+    assert code == 2
+    assert not out.exists() and not (tmp_path / "x.safetensors").exists()
+    assert not any(p.name.startswith(".out") for p in out.parent.iterdir())

@@ -38,7 +38,12 @@ from specdef.defense.layer import DefendedLinear, defended_layers, set_submodule
 from specdef.errors import SpecdefError
 from specdef.io import hf
 from specdef.native.apply import PairRecord
-from specdef.utils.files import atomic_directory, write_json_atomic, write_text_atomic
+from specdef.utils.files import (
+    atomic_directory,
+    confined,
+    write_json_atomic,
+    write_text_atomic,
+)
 from specdef.utils.provenance import provenance
 
 log = logging.getLogger(__name__)
@@ -318,7 +323,7 @@ def _read_weights(root: Path, files: list[str]) -> dict[str, torch.Tensor]:
 
     state: dict[str, torch.Tensor] = {}
     for fname in files:
-        target = root / fname
+        target = confined(root, fname, what=f"the manifest's weights.files entry {fname!r}")
         if not target.exists():
             raise SpecdefError(
                 f"Weights file {str(target)!r} is missing; the checkpoint is incomplete — re-save it."

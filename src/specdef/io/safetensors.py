@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from specdef.errors import SpecdefError
+from specdef.utils.files import confined
 
 
 def safetensors_files(path: str | Path) -> list[Path]:
@@ -31,8 +32,15 @@ def safetensors_files(path: str | Path) -> list[Path]:
             "pass a folder saved with save_pretrained or specdef defend."
         )
     if root.is_dir() and (root / "model.safetensors.index.json").exists():
-        index = json.loads((root / "model.safetensors.index.json").read_text())
-        files = sorted({root / f for f in index.get("weight_map", {}).values()})
+        where = f"{str(root / 'model.safetensors.index.json')!r}"
+        try:
+            index = json.loads((root / "model.safetensors.index.json").read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise SpecdefError(f"{where} is not valid JSON ({err}); repair it.") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise SpecdefError(f"{where} has no 'weight_map' object; repair it.")
+        files = sorted({confined(root, f, what=f"{where} entry") for f in weight_map.values()})
     return files
 
 

@@ -18,7 +18,7 @@ import torch
 
 from specdef.errors import SpecdefError
 from specdef.io.checkpoint import INDEX, WEIGHTS
-from specdef.utils.files import write_json_atomic
+from specdef.utils.files import confined, write_json_atomic
 from specdef.utils.progress import track
 
 if TYPE_CHECKING:
@@ -51,6 +51,27 @@ class Checkpoint:
     specs: dict[str, tuple[str, tuple[int, ...]]]  # tensor name → (dtype code, shape)
 
 
+def _read_index(root: Path) -> dict[str, str]:
+    """The shard index's ``weight_map`` (tensor → shard file), every file confined to ``root`` and
+    a ``.safetensors`` file: a hostile index can neither read nor write outside the checkpoint."""
+    where = f"{str(root / INDEX)!r}"
+    try:
+        index = json.loads((root / INDEX).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise SpecdefError(f"{where} is not valid JSON ({err}); repair or re-save it.") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise SpecdefError(f"{where} has no 'weight_map' object; repair or re-save it.")
+    for name, fname in weight_map.items():
+        target = confined(root, fname, what=f"{where} entry {name!r}")
+        if target.parent != root.resolve() or not target.name.endswith(".safetensors"):
+            raise SpecdefError(
+                f"{where} entry {name!r} names {fname!r}; shards are .safetensors files directly "
+                "in the checkpoint directory."
+            )
+    return {str(k): str(v) for k, v in weight_map.items()}
+
+
 def open_checkpoint(src: str | os.PathLike[str]) -> Checkpoint:
     from safetensors import SafetensorError, safe_open
 
@@ -61,7 +82,7 @@ def open_checkpoint(src: str | os.PathLike[str]) -> Checkpoint:
             f"{str(root)!r}; pass the folder written by save_pretrained."
         )
     if (root / INDEX).is_file():
-        weight_map = dict(json.loads((root / INDEX).read_text())["weight_map"])
+        weight_map = _read_index(root)
         files = tuple(dict.fromkeys(weight_map.values()))
     elif (root / WEIGHTS).is_file():
         files, weight_map = (WEIGHTS,), {}
