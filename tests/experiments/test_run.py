@@ -4,6 +4,7 @@ and every experiment end to end on a miniature override (real zoo models and dat
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -289,3 +290,39 @@ def test_demo_ends_with_a_report_and_a_png(
     assert (None, None) in reached and (1e4, None) not in reached
     # and fusing the pairs back (the informed attacker) is exactly as fast as undefended
     assert reached[(1e4, "fuse")] == reached[(None, None)]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("defense.alhpa=1e4", r"Unknown defense key 'alhpa'. Did you mean: alpha"),
+        ("attack.optimzer=adam", r"Unknown attack key 'optimzer'. Did you mean: optimizer"),
+        ("attack.steps=forty", r"attack has a value of the wrong type|steps"),
+    ],
+)
+def test_dry_run_validates_every_run_before_anything_is_written(
+    tmp_path: Path, override: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from specdef.cli import main
+
+    for args in (["--dry-run"], ["--out", str(tmp_path / "run")]):
+        assert main(["run", "E2", "--set", override, *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and re.search(message, err[0]), err
+        assert not (tmp_path / "run").exists()
+
+
+def test_non_integer_seeds_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    from specdef.cli import main
+
+    for seeds in ("[0.5, 1.7]", "[a, b]"):
+        assert main(["run", "E2", "--set", f"seeds={seeds}", "--dry-run"]) == 2
+        assert "seeds must be integers" in capsys.readouterr().err
+
+
+def test_every_shipped_config_validates() -> None:
+    from specdef.experiments.config import expand, load_config, shipped_configs
+    from specdef.experiments.runners import validate_runs
+
+    for path in shipped_configs():
+        validate_runs(expand(load_config(path)))

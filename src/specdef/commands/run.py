@@ -8,6 +8,7 @@ from typing import Any
 from specdef.commands.common import add_threads_option, print_json
 from specdef.experiments.config import expand, load_config
 from specdef.experiments.run import run_experiment
+from specdef.experiments.runners import validate_runs
 from specdef.report.page import write_report
 
 
@@ -47,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     if args.dry_run:
         runs = expand(config)
+        validate_runs(runs)
         if args.json:
             print_json([{"run_id": r.run_id, **r.to_dict()} for r in runs])
         else:

@@ -228,7 +228,13 @@ def config_from_mapping(data: Mapping[str, Any], *, source: str = "config") -> E
             )
         kwargs[section] = dict(value)
     seeds = kwargs.get("seeds", [0])
-    kwargs["seeds"] = tuple(int(s) for s in (seeds if isinstance(seeds, list | tuple) else [seeds]))
+    seeds = seeds if isinstance(seeds, list | tuple) else [seeds]
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int)]
+    if bad:
+        raise SpecdefError(
+            f"seeds must be integers, found {bad[0]!r} in {list(seeds)!r}; e.g. seeds: [0, 1, 2]."
+        )
+    kwargs["seeds"] = tuple(seeds)
     return ExperimentConfig(**kwargs)
 
 

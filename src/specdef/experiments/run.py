@@ -39,6 +39,7 @@ from specdef.experiments.config import (
     plain_data,
 )
 from specdef.experiments.kinds import execute
+from specdef.experiments.runners import validate_runs
 from specdef.utils.files import append_jsonl, read_jsonl, write_text_atomic
 from specdef.utils.progress import track
 from specdef.utils.provenance import provenance
@@ -130,8 +131,9 @@ def run_experiment(
     how many runs execute in this call."""
     import time
 
-    path = prepare_run_dir(config, run_dir or default_run_dir(config, overrides))
     runs = expand(config)
+    validate_runs(runs)  # the whole grid, before the run directory is written
+    path = prepare_run_dir(config, run_dir or default_run_dir(config, overrides))
     start = time.perf_counter()
     done = _run_resumable(
         runs,

@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -346,3 +346,51 @@ def run_utility_kind(run: Any) -> dict[str, Any]:
     out["function_gap"] = float((after - reference).abs().max()) / max(scale, 1e-30)
     out["metrics_after"] = _metrics(task, model, run, dtype)
     return out
+
+
+_DEFENSE_KEYS = {f.name for f in dataclasses.fields(SpecDefConfig)} | {"mode"}
+_ATTACK_KEYS = {f.name for f in dataclasses.fields(AttackSpec)} | {"adaptive"}
+
+
+def validate_runs(runs: Sequence[Any]) -> None:
+    """Check every expanded run's defense and attack fields — names (with "did you mean") and
+    values, through the same :class:`SpecDefConfig` / :class:`AttackSpec` the runs will build — so
+    a bad value late in a grid fails before anything is written, not after the first rows."""
+    for number, run in enumerate(runs, start=1):
+        where = f"run {number} ({run.run_id})"
+        defense = dict(run.defense)
+        if defense.get("alpha") is not None:
+            for key in defense:
+                if key not in _DEFENSE_KEYS:
+                    raise SpecdefError(
+                        f"{where}: " + did_you_mean(key, sorted(_DEFENSE_KEYS), what="defense key")
+                    )
+            mode = str(defense.get("mode", "algorithm1"))
+            if mode not in MODES:
+                raise SpecdefError(f"{where}: " + did_you_mean(mode, MODES, what="defense mode"))
+            try:
+                SpecDefConfig.from_dict(defense)
+            except SpecdefError as err:
+                raise SpecdefError(f"{where}: {err}") from None
+            except TypeError as err:
+                raise SpecdefError(
+                    f"{where}: defense has a value of the wrong type ({err})."
+                ) from None
+        if getattr(run, "kind", None) != "attack":
+            continue
+        attack = {k: v for k, v in run.attack.items() if k != "adaptive"}
+        for key in run.attack:
+            if key not in _ATTACK_KEYS:
+                raise SpecdefError(
+                    f"{where}: " + did_you_mean(key, sorted(_ATTACK_KEYS), what="attack key")
+                )
+        for key in ("frozen", "lora_targets"):
+            if isinstance(attack.get(key), list | str):
+                value = attack[key]
+                attack[key] = (value,) if isinstance(value, str) else tuple(value)
+        try:
+            AttackSpec(**{**attack, "seed": run.seed})
+        except SpecdefError as err:
+            raise SpecdefError(f"{where}: {err}") from None
+        except (TypeError, ValueError) as err:
+            raise SpecdefError(f"{where}: attack has a value of the wrong type ({err}).") from None
