@@ -97,3 +97,29 @@ def test_stability_edge_cli_on_defended_digits(
     assert main(["attack", str(defended_zoo), *EDGE]) == 0
     text = capsys.readouterr().out
     assert "adam: " in text and "sgd: " in text and "× 2/λ_max" in text
+
+
+def test_resume_never_reuses_rows_of_other_weights_or_data(
+    checkpoints: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    assert main(["attack", str(checkpoints["plain"]), *ARGS, "--out", str(out)]) == 0
+    capsys.readouterr()
+    # the same run directory and options, but a copy of the model with one weight changed
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other"
+    shutil.copytree(checkpoints["plain"], other)
+    weights = load_file(str(other / "model.safetensors"))
+    first = next(iter(weights))
+    weights[first] = weights[first] + 1e-3
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    assert main(["attack", str(other), *ARGS, "--out", str(out)]) == 0
+    assert "2 runs now, 0 resumed" in capsys.readouterr().out
+    other_data = [a if a != "digits-harmful" else "digits" for a in ARGS]
+    assert main(["attack", str(checkpoints["plain"]), *other_data, "--out", str(out)]) == 0
+    assert "2 runs now, 0 resumed" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len({r["run_id"] for r in rows}) == 6

@@ -26,7 +26,7 @@ from specdef.experiments.config import parse_value
 from specdef.informed.transforms import apply_adaptive, parse_adaptive
 from specdef.release.sources import load_source
 from specdef.utils.files import append_jsonl
-from specdef.utils.provenance import provenance
+from specdef.utils.provenance import provenance, weights_digest
 
 
 def _floats(text: str) -> list[float]:
@@ -255,7 +255,14 @@ def run(args: argparse.Namespace) -> int:
     manifest = getattr(pristine, "specdef_manifest", None) or {}
     defense = manifest.get("defense") if isinstance(manifest, dict) else None
     config = (defense or {}).get("config") or {}
-    info = {"alpha": config.get("alpha"), "defense": config or None}
+    # the weights and the exact data (tokenized with --max-length, cut by --eval-limit) are part of
+    # every run id, so a rerun with other options or other weights never resumes stale rows
+    info = {
+        "alpha": config.get("alpha"),
+        "defense": config or None,
+        "weights_sha256": weights_digest(pristine),
+        "data_sha256": zoo.task_digest(task),
+    }
     name = source.name
     if args.adaptive:
         specs, info = _adaptive(pristine, specs, info, args.adaptive)

@@ -68,3 +68,19 @@ def provenance() -> dict[str, Any]:
         "platform": platform.platform(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def weights_digest(model: Any) -> str:
+    """SHA-256 (16 hex digits) of a module's state: every tensor's name, dtype, shape and bytes in
+    state-dict order. Equal digests mean the same weights; stamped into run ids so a resumed run
+    never reuses rows made from other weights."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()[:16]
