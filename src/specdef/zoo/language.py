@@ -21,17 +21,21 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from specdef.errors import SpecdefError, did_you_mean
+from specdef.tasks import CausalLMTask
 from specdef.utils.provenance import provenance
 from specdef.zoo import hf
 from specdef.zoo._cache import ensure_entry, entry_dir, fingerprint, read_manifest
 from specdef.zoo.datasets import load_task
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +110,7 @@ def _recipe(name: str) -> LanguageRecipe:
     return RECIPES[name]
 
 
-def _llama(config: dict[str, Any], seed: int) -> nn.Module:
+def _llama(config: dict[str, Any], seed: int) -> LlamaForCausalLM:
     from transformers import LlamaConfig, LlamaForCausalLM  # heavy optional dependency
 
     with torch.random.fork_rng(devices=[]):
@@ -145,9 +149,11 @@ def _windows(task_train: Sequence[dict[str, list[int]]], window: int) -> torch.T
     return chunks[:, : length - length % window].reshape(-1, window)
 
 
-def _train(recipe: LanguageRecipe, cache_dir: CacheDir) -> tuple[nn.Module, dict[str, Any]]:
+def _train(recipe: LanguageRecipe, cache_dir: CacheDir) -> tuple[LlamaForCausalLM, dict[str, Any]]:
     tokenizer = hf.smollm2_tokenizer(cache_dir)
     task = load_task(recipe.task, tokenizer=tokenizer, max_length=EVAL_MAX_LENGTH, seed=0)
+    if not isinstance(task, CausalLMTask):
+        raise SpecdefError(f"A language recipe needs a causal-lm task, found {recipe.task!r}.")
     windows = _windows(task.train, recipe.window)
     seen = torch.unique(windows)  # sorted: the compact model's rows, then the shared unseen row
     n_unseen = VOCAB_SIZE - len(seen)
@@ -176,7 +182,7 @@ def _train(recipe: LanguageRecipe, cache_dir: CacheDir) -> tuple[nn.Module, dict
         gen = torch.Generator().manual_seed(recipe.seed)
         order = torch.empty(0, dtype=torch.long)
         compact.train()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         losses = []
         for _ in range(recipe.steps):
             if len(order) < recipe.batch_size:  # a new epoch: reshuffle the windows
@@ -192,7 +198,7 @@ def _train(recipe: LanguageRecipe, cache_dir: CacheDir) -> tuple[nn.Module, dict
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
         model = expand(compact, seen, recipe)
         heldout = task.heldout[recipe.task]
         scored = task.evaluate(model, task.eval_splits()[recipe.task])
@@ -210,7 +216,8 @@ def _train(recipe: LanguageRecipe, cache_dir: CacheDir) -> tuple[nn.Module, dict
         "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
     }
     training = {
-        "seconds": seconds,
+        "seconds": seconds,  # wall time of the training loop: depends on the machine's load
+        "cpu_seconds": cpu_seconds,  # this process's CPU time for the same loop
         "threads": 1,
         "steps": recipe.steps,
         "tokens": recipe.steps * recipe.batch_size * recipe.window,
@@ -220,7 +227,9 @@ def _train(recipe: LanguageRecipe, cache_dir: CacheDir) -> tuple[nn.Module, dict
     return model, {"metrics": metrics, "training": training}
 
 
-def expand(compact: nn.Module, seen: torch.Tensor, recipe: LanguageRecipe) -> nn.Module:
+def expand(
+    compact: LlamaForCausalLM, seen: torch.Tensor, recipe: LanguageRecipe
+) -> LlamaForCausalLM:
     """The full-vocabulary Llama equal to ``compact`` (vocabulary ``seen`` + one shared unseen row)."""
     state = dict(compact.state_dict())
     embedding = expand_embedding(state.pop("model.embed_tokens.weight"), seen, VOCAB_SIZE)
