@@ -15,14 +15,19 @@ import torch.nn.functional as F
 from specdef import zoo
 from specdef.errors import SpecdefError
 from specdef.tasks import token_loss
-from specdef.zoo import _assets, hf, images, text, vision
+from specdef.zoo import _assets, hf, images, language, text, vision
 
 # Regression oracles: the exact content of the harmful-qa split (seed 0). A change in the data,
 # the split rule, the chat template or the tokenizer changes these and must be deliberate.
 HARMFUL_QA_TEXT_SHA256 = "fb23bb9770855ed3d57f78019b0d2f3ae24f27fdc5b31d8abacc21af3000a45f"
 HARMFUL_QA_TASK_SHA256 = "e4fa381c61d2baa0aee753faed9c568a294a530d22eca89ee10aea0937c0427d"
 
-FAST_MODELS = [n for n in zoo.model_names() if n != "smollm2-135m"]
+# The recipe-trained language models take about a minute to build on a fresh cache: marked slow.
+FAST_MODELS = [
+    pytest.param(n, marks=pytest.mark.slow) if n in language.RECIPES else n
+    for n in zoo.model_names()
+    if n != "smollm2-135m"
+]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""``specdef zoo list | prepare NAME|all | eval NAME``: the offline model and data zoo."""
+"""``specdef zoo list | prepare NAME|all | info NAME | eval NAME``: the offline model and data zoo."""
 
 from __future__ import annotations
 
@@ -35,6 +35,14 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--cache-dir", help="cache folder (default: $SPECDEF_CACHE or ~/.cache/specdef)")
     p.set_defaults(func=run_prepare)
+
+    p = zsub.add_parser(
+        "info", help="a model's entry and what building it recorded (metrics, training time)"
+    )
+    p.add_argument("name", metavar="NAME", help="a model of the zoo (prepared first if needed)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--cache-dir", help="cache folder (default: $SPECDEF_CACHE or ~/.cache/specdef)")
+    p.set_defaults(func=run_info)
 
     p = zsub.add_parser("eval", help="held-out loss / perplexity / accuracy of a zoo model")
     p.add_argument("name", metavar="NAME", help="a causal-lm or vision model of the zoo")
@@ -121,6 +129,26 @@ def run_prepare(args: argparse.Namespace) -> int:
         for r in failed:
             print(f"specdef: error: {r['error']}", file=sys.stderr)
     return 2 if failed else 0
+
+
+def _flat(prefix: str, value: Any) -> list[tuple[str, Any]]:
+    if isinstance(value, dict):
+        return [row for k, v in value.items() for row in _flat(f"{prefix}.{k}" if prefix else k, v)]
+    return [(prefix, value)]
+
+
+def run_info(args: argparse.Namespace) -> int:
+    if args.name not in zoo.model_names():
+        raise SpecdefError(did_you_mean(args.name, zoo.model_names(), what="model"))
+    result = {
+        **zoo.model_info(args.name).__dict__,
+        "build": zoo.build_record(args.name, cache_dir=args.cache_dir),
+    }
+    if args.json:
+        print_json(result)
+        return 0
+    print_table(f"zoo model {args.name}", ["field", "value"], _flat("", result))
+    return 0
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -1,5 +1,5 @@
-"""The offline zoo, real models and datasets by name, never downloaded: models, datasets, text,
-images, hf and vision builders, user data and its encoding, evaluation; a checked cache (_cache, in ``$SPECDEF_CACHE``).
+"""The offline zoo, real models and datasets by name, never downloaded: models, datasets, text, images,
+hf, language and vision builders, user data and its encoding, evaluation; a checked cache (_cache, in ``$SPECDEF_CACHE``).
 Re-exports ``load_model``, ``load_tokenizer``, ``load_task``, ``load_prompts`` … as a facade.
 """
 
@@ -15,6 +15,7 @@ from specdef.zoo.encoding import encode_pair, encode_prompt
 from specdef.zoo.images import FashionMnistMissing
 from specdef.zoo.models import (
     ModelInfo,
+    build_record,
     list_models,
     load_model,
     load_tokenizer,
@@ -30,6 +31,7 @@ __all__ = [
     "FashionMnistMissing",
     "ModelInfo",
     "Pair",
+    "build_record",
     "cache_root",
     "encode_pair",
     "encode_prompt",

@@ -1,6 +1,7 @@
 """Named models: ``load_model(name)``, ``load_tokenizer(name)``, ``list_models()``, ``prepare(name)``.
 
-Every model loads offline. Models with a cache entry (SmolLM2's conversion, the trained vision models)
+Every model loads offline. Models with a cache entry (SmolLM2's conversion, the trained language and
+vision models)
 are prepared on first use or with ``specdef zoo prepare``; the rest are read straight from a wheel or
 built from a config with a fixed seed.
 """
@@ -11,14 +12,16 @@ import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from specdef.errors import SpecdefError, did_you_mean
-from specdef.zoo import hf, vision
+from specdef.zoo import hf, language, vision
 from specdef.zoo._assets import MINILM, SMOLLM2
+from specdef.zoo._cache import read_manifest
 
 CacheDir = str | os.PathLike[str] | None
 
@@ -59,6 +62,14 @@ def _prepare_smollm2(cache_dir: CacheDir, verify: bool) -> Any:
 
 def _vision_prepared(name: str, cache_dir: CacheDir) -> bool:
     return vision.vision_prepared(name, cache_dir=cache_dir)
+
+
+def _prepare_language(name: str, cache_dir: CacheDir, verify: bool) -> Any:
+    return language.prepare_language_model(name, cache_dir=cache_dir, verify=verify)
+
+
+def _language_prepared(name: str, cache_dir: CacheDir) -> bool:
+    return language.language_prepared(name, cache_dir=cache_dir)
 
 
 def _registry() -> dict[str, _Entry]:
@@ -127,6 +138,24 @@ def _registry() -> dict[str, _Entry]:
             None,
             _always,
         )
+    for name, lm_recipe in language.RECIPES.items():
+        entries[name] = _Entry(
+            ModelInfo(
+                name,
+                "causal-lm",
+                lm_recipe.params(),
+                "Apache-2.0 (specdef); trained on pydoc_data.topics (PSF-2.0)",
+                f"trained by specdef recipe {lm_recipe.key()}",
+                lm_recipe.description,
+                "smollm2-135m",
+                True,
+            ),
+            lambda *, dtype, attn_implementation, cache_dir, _n=name: language.load_language_model(
+                _n, dtype=dtype, attn_implementation=attn_implementation, cache_dir=cache_dir
+            ),
+            functools.partial(_prepare_language, name),
+            functools.partial(_language_prepared, name),
+        )
     for name, recipe in vision.RECIPES.items():
         entries[name] = _Entry(
             ModelInfo(
@@ -168,6 +197,17 @@ def list_models(*, cache_dir: CacheDir = None) -> list[dict[str, Any]]:
 
 def model_info(name: str) -> ModelInfo:
     return _entry(name).info
+
+
+def build_record(name: str, *, cache_dir: CacheDir = None) -> dict[str, Any]:
+    """What building model ``name``'s cache entry recorded in its manifest (recipe, parameters,
+    measured metrics, training time, provenance), preparing it first; ``{}`` for models without a
+    cache entry."""
+    entry = _entry(name)
+    if entry.prepare is None:
+        return {}
+    manifest = read_manifest(Path(entry.prepare(cache_dir, False)))
+    return dict(manifest["meta"]) if manifest else {}
 
 
 def load_model(
