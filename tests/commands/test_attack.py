@@ -116,6 +116,10 @@ def test_resume_never_reuses_rows_of_other_weights_or_data(
     first = next(iter(weights))
     weights[first] = weights[first] + 1e-3
     save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    from specdef.io.checkpoint import MANIFEST, bind_manifest
+
+    manifest = json.loads((other / MANIFEST).read_text())
+    (other / MANIFEST).write_text(json.dumps(bind_manifest(manifest, other)))
     assert main(["attack", str(other), *ARGS, "--out", str(out)]) == 0
     assert "2 runs now, 0 resumed" in capsys.readouterr().out
     other_data = [a if a != "digits-harmful" else "digits" for a in ARGS]

@@ -22,7 +22,14 @@ from specdef.defense.config import SpecDefConfig
 from specdef.defense.guard import DEFAULT_TOLERANCE
 from specdef.defense.layer import defended_layers
 from specdef.errors import SpecdefError
-from specdef.io.checkpoint import INDEX, MANIFEST, WEIGHTS, load_defended, save_defended
+from specdef.io.checkpoint import (
+    INDEX,
+    MANIFEST,
+    WEIGHTS,
+    bind_manifest,
+    load_defended,
+    save_defended,
+)
 
 FP32_TOL = DEFAULT_TOLERANCE[torch.float32]  # documented default (docs/precision.md)
 ALPHA = 1e4
@@ -173,7 +180,9 @@ def test_missing_and_truncated_weights(tmp_path: Path, saved: dict[str, dict]) -
     path = _copy(saved["bert"]["path"], tmp_path / "c")
     data = (path / WEIGHTS).read_bytes()
     (path / WEIGHTS).write_bytes(data[: len(data) // 2])
-    with pytest.raises(SpecdefError, match=r"is truncated or corrupt .*re-save"):
+    with pytest.raises(
+        SpecdefError, match=r"does not match the weights: model\.safetensors .*re-save"
+    ):
         load_defended(path)
     (path / WEIGHTS).unlink()
     with pytest.raises(SpecdefError, match="is missing; the checkpoint is incomplete"):
@@ -185,9 +194,74 @@ def test_manifest_that_does_not_match_the_weights(tmp_path: Path, saved: dict[st
     manifest = json.loads((path / MANIFEST).read_text())
     manifest["structure"] = manifest["structure"][1:]  # one defended layer "forgotten"
     (path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(SpecdefError, match=r"was changed after it was written"):
+        load_defended(path)  # an edited manifest is refused before anything is built
+    # re-bound (as a writer that knew the format would), the structure check still catches it
+    (path / MANIFEST).write_text(json.dumps(bind_manifest(manifest, path)))
     with pytest.raises(SpecdefError, match=r"manifest does not match the weights.*unexpected"):
         load_defended(path)
     manifest["structure"] = [{**manifest["structure"][0], "name": "bert.encoder.nope"}]
-    (path / MANIFEST).write_text(json.dumps(manifest))
+    (path / MANIFEST).write_text(json.dumps(bind_manifest(manifest, path)))
     with pytest.raises(SpecdefError, match=r"'bert\.encoder\.nope', which the model does not have"):
         load_defended(path)
+
+
+def _edits() -> list[tuple[str, object]]:
+    return [
+        ("dtype", "float16"),
+        ("params", 1),
+        ("extra", {"source": "elsewhere"}),
+        ("defense.config.alpha", 1e6),
+        ("defense.layers.0.reconstruction_error", 0.0),
+        ("structure.0.top_k", 1000000),
+        ("provenance.time", "1970-01-01"),
+    ]
+
+
+@pytest.mark.parametrize(("field", "value"), _edits())
+def test_any_edited_manifest_field_is_refused(
+    tmp_path: Path,
+    saved: dict[str, dict],
+    field: str,
+    value: object,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from specdef.cli import main
+
+    path = _copy(saved["llama"]["path"], tmp_path / "c")
+    manifest = json.loads((path / MANIFEST).read_text())
+    node = manifest
+    *parents, last = field.split(".")
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    node[int(last) if isinstance(node, list) else last] = value
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(SpecdefError, match="was changed after it was written"):
+        load_defended(path)
+    for command in (
+        ["verify", "tiny-llama", str(path)],
+        ["attack", str(path), "--data", "harmful-qa", "--steps", "1"],
+    ):
+        assert main(command) == 2
+        assert "was changed after it was written" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target", ["weights", "config"])
+def test_any_changed_byte_of_weights_or_config_is_refused(
+    tmp_path: Path, saved: dict[str, dict], target: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from specdef.cli import main
+
+    path = _copy(saved["gpt2"]["path"], tmp_path / "c")
+    name = WEIGHTS if target == "weights" else "config.json"
+    data = bytearray((path / name).read_bytes())
+    if target == "weights":
+        data[-3] ^= 0x01  # one bit of the last tensor's data
+    else:
+        data = bytearray(data.replace(b'"model_type"', b'"model_type" ', 1))  # still valid JSON
+    assert bytes(data) != (saved["gpt2"]["path"] / name).read_bytes()
+    (path / name).write_bytes(bytes(data))
+    with pytest.raises(SpecdefError, match=f"does not match the weights: {name} expected sha256"):
+        load_defended(path)
+    assert main(["verify", "tiny-llama", str(path)]) == 2
+    assert f"{name} expected sha256" in capsys.readouterr().err

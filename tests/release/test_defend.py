@@ -43,8 +43,11 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _record(folder: Path, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The manifest (or native record) without its provenance, and the provenance."""
+    """The manifest (or native record) without its provenance, and the provenance. The manifest's
+    ``integrity`` block hashes the files' bytes (safetensors headers are laid out differently by
+    the two writers) and the provenance time, so it is left out with the provenance."""
     data = json.loads((folder / name).read_text())
+    data.pop("integrity", None)
     return data, data.pop("provenance")
 
 

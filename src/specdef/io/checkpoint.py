@@ -21,6 +21,7 @@ manifest and loads the tensors with safetensors. Nothing is unpickled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -53,7 +54,7 @@ NATIVE_RECORD = "specdef_native.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 FORMAT = "specdef-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest is bound to its weights and config (``integrity``)
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
@@ -265,9 +266,64 @@ def save_defended(
             extra=extra,
             streaming=False,
         )
-        write_json_atomic(tmp / MANIFEST, manifest)
+        write_json_atomic(tmp / MANIFEST, bind_manifest(manifest, tmp))
     log.info("saved %s (%d tensors in %d file(s))", path, len(state), len(files))
     return Path(path)
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 16 MB blocks."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(16 * 1024**2):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def _canonical_sha256(manifest: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "integrity"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def bind_manifest(manifest: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """``manifest`` with an ``integrity`` block: the sha256 of every weight file it lists and of
+    ``config.json`` (when present) in ``directory``, and of the manifest's own other fields — so a
+    changed byte of a weight file or config, or any edited manifest field, is found on load."""
+    files = list(manifest.get("weights", {}).get("files") or [WEIGHTS])
+    digests = {f: file_sha256(confined(directory, f, what="weights file")) for f in files}
+    if (directory / "config.json").is_file():
+        digests["config.json"] = file_sha256(directory / "config.json")
+    return {**manifest, "integrity": {"files": digests, "manifest": _canonical_sha256(manifest)}}
+
+
+def check_integrity(manifest: Mapping[str, Any], directory: Path) -> None:
+    """Refuse a checkpoint whose manifest does not match its files (see :func:`bind_manifest`);
+    a format-1 manifest (made before binding existed) is accepted with a warning."""
+    integrity = manifest.get("integrity")
+    if integrity is None and manifest.get("format_version") == 1:
+        log.warning("%s: a format-1 manifest is not bound to its weights; re-save it", directory)
+        return
+    if not isinstance(integrity, Mapping) or not isinstance(integrity.get("files"), Mapping):
+        raise SpecdefError(
+            f"The manifest of {str(directory)!r} has no integrity record; it was edited or is "
+            "not from specdef — re-save the checkpoint."
+        )
+    if integrity.get("manifest") != _canonical_sha256(manifest):
+        raise SpecdefError(
+            f"The manifest of {str(directory)!r} was changed after it was written (its fields no "
+            "longer match its integrity record); re-save the checkpoint instead of editing it."
+        )
+    for name, expected in integrity["files"].items():
+        target = confined(directory, name, what="the manifest's integrity entry")
+        if not target.is_file():
+            raise SpecdefError(f"{str(target)!r} is missing; the checkpoint is incomplete.")
+        found = file_sha256(target)
+        if found != expected:
+            raise SpecdefError(
+                f"The manifest does not match the weights: {name} expected sha256 "
+                f"{str(expected)[:16]}…, found {found[:16]}…; re-save the checkpoint."
+            )
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -352,6 +408,7 @@ def load_defended(
     """
     root = Path(path)
     manifest = read_manifest(root)
+    check_integrity(manifest, root)
     dtype = getattr(torch, str(manifest.get("dtype", "float32")), None)
     if not isinstance(dtype, torch.dtype):
         raise SpecdefError(f"Manifest dtype {manifest.get('dtype')!r} is not a torch dtype.")

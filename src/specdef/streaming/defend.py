@@ -52,6 +52,7 @@ from specdef.io.allowlist import Skipped, release_files
 from specdef.io.checkpoint import (
     MANIFEST,
     NATIVE_RECORD,
+    bind_manifest,
     build_manifest,
     native_record,
     weights_metadata,
@@ -157,7 +158,6 @@ def defend_streaming(
         tmp = staging.out
         if mode == "algorithm1":
             report, manifest = _run_algorithm1(source, model, staging, config, extra)
-            write_json_atomic(tmp / MANIFEST, manifest)
             tensors_out = int(manifest["weights"]["tensors"])
         else:
             selected = select_pairs(model, config.targets, exclude=config.exclude)
@@ -185,6 +185,8 @@ def defend_streaming(
                 tolerance=config.tolerance_for(dtype),
             )  # fmt: skip
         write_text_atomic(tmp / card.CARD, card.model_card(facts))
+        if mode == "algorithm1":  # last: bound to the final config.json and shards
+            write_json_atomic(tmp / MANIFEST, bind_manifest(manifest, tmp))
         bytes_out = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
         resumed = tuple(staging.resumed)
     return StreamingResult(
