@@ -204,6 +204,8 @@ def test_stripped_checkpoint_is_rebuilt_and_fused_from_the_tensors(tmp_path: Pat
         main(["transform", str(tmp_path / "stripped"), "--adaptive", "fuse", "-o", str(out)]) == 0
     )
     capsys.readouterr()
+    card = (out / "README.md").read_text()  # the transform's output says it is not defended
+    assert "**This model is not defended.**" in card and "`fuse`" in card
     fused = load_source(str(out)).model
     assert not defended_layers(fused)
     with torch.no_grad():

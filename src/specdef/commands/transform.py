@@ -11,6 +11,7 @@ from specdef.commands.common import add_threads_option, print_json, print_table
 from specdef.defense import probe as probing
 from specdef.errors import SpecdefError
 from specdef.informed.transforms import apply_adaptive, parse_adaptive
+from specdef.io import card
 from specdef.io.checkpoint import save_defended
 from specdef.release.sources import load_source, probe_batch
 from specdef.utils.files import preflight_output
@@ -72,6 +73,15 @@ def run(args: argparse.Namespace) -> int:
             tokenizer=source.tokenizer,
             overwrite=args.overwrite,
             extra={"source": args.model, "transform": record.to_dict(), "probe_gap": gap},
+            texts={
+                card.CARD: card.transform_card(
+                    source=args.model,
+                    transform=args.adaptive,
+                    params_before=record.params_before,
+                    params_after=record.params_after,
+                    probe_gap=gap,
+                )
+            },
         )
     out = {**record.to_dict(), "probe_gap": gap, "saved": args.out}
     if args.json:

@@ -207,3 +207,33 @@ def model_card(facts: CardFacts) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def transform_card(
+    *, source: str, transform: str, params_before: int, params_after: int, probe_gap: float
+) -> str:
+    """The card of an informed transform's output (``specdef transform … -o``): a model whose
+    defense an informed attacker has undone — said first, so nobody mistakes it for a release."""
+    return "\n".join(
+        [
+            "---",
+            "library_name: transformers",
+            "tags:",
+            "- specdef",
+            "- specdef-transformed",
+            "---",
+            "",
+            f"# `{source}` after the informed transform `{transform}`",
+            "",
+            "**This model is not defended.** It is what an informed attacker makes of a "
+            f"{PROJECT}-defended model: `{transform}` preserves the function and removes the "
+            "convergence-rate control, so fine-tuning it converges at the undefended rate "
+            f"(measured in {PROJECT}'s `{INFORMED_PAGE}`).",
+            "",
+            "| | |",
+            "|---|---|",
+            f"| parameters | {params_before:,} → {params_after:,} |",
+            f"| output gap vs the input model | {_num(probe_gap)} relative, on the probe batch |",
+            "",
+        ]
+    )
