@@ -42,6 +42,7 @@ from specdef.native.apply import PairRecord
 from specdef.utils.files import (
     atomic_directory,
     confined,
+    file_sha256,
     write_json_atomic,
     write_text_atomic,
 )
@@ -269,15 +270,6 @@ def save_defended(
         write_json_atomic(tmp / MANIFEST, bind_manifest(manifest, tmp))
     log.info("saved %s (%d tensors in %d file(s))", path, len(state), len(files))
     return Path(path)
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in 16 MB blocks."""
-    hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(16 * 1024**2):
-            hasher.update(chunk)
-    return hasher.hexdigest()
 
 
 def _canonical_sha256(manifest: Mapping[str, Any]) -> str:

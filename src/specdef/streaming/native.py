@@ -21,9 +21,9 @@ from specdef.linalg import symmetry as sym
 from specdef.native.apply import PairRecord, check_pair, pair_record
 from specdef.native.pairs import SymmetricPair
 from specdef.streaming import shards as sio
-from specdef.streaming.resume import Staging, file_sha256
+from specdef.streaming.resume import Staging
 from specdef.streaming.shards import SAFETENSORS_DTYPES, Checkpoint, Item, write_shards
-from specdef.utils.files import write_json_atomic
+from specdef.utils.files import file_sha256, write_json_atomic
 from specdef.utils.progress import track
 
 

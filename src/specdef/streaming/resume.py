@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from specdef.errors import SpecdefError
-from specdef.utils.files import check_output_target, write_json_atomic
+from specdef.utils.files import check_output_target, file_sha256, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +45,6 @@ def staging_path(out: str | os.PathLike[str]) -> Path:
     """Where a streaming run into ``out`` keeps its resumable state."""
     target = Path(out)
     return target.parent / f".{target.name}.partial"
-
-
-def file_sha256(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(16 * 1024**2):
-            hasher.update(chunk)
-    return hasher.hexdigest()
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -12,6 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from specdef.errors import SpecdefError
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file, read in 16 MB blocks (shard records, manifest integrity)."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(16 * 1024**2):
+            hasher.update(chunk)
+    return hasher.hexdigest()
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:

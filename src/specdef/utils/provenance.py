@@ -80,7 +80,7 @@ def weights_digest(model: Any) -> str:
 
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
-        value = tensor.detach().cpu().contiguous()
+        value = tensor.detach().cpu().contiguous().reshape(-1)  # 0-d buffers too
         digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
         digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
     return digest.hexdigest()[:16]
