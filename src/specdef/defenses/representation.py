@@ -36,16 +36,19 @@ from specdef.tasks import Batch
 
 @dataclass(frozen=True)
 class RMUConfig(TrainedConfig):
-    """layer: the module whose output is misdirected (None: the middle hidden layer).
+    """layer: the module whose output is misdirected (None: the middle hidden layer, the later one
+        of two).
     update: parameter prefixes trained (None: the layer itself and the parametrised modules of
         the one or two layers below it, as the paper updates layers ℓ−2…ℓ).
     steering: c, in units of the layer's mean retain activation norm (the paper's c is absolute).
     alpha: weight of the retain term.
     """
 
+    steps: int = 100
+    lr: float = 3e-3
     layer: str | None = None
     update: tuple[str, ...] | None = None
-    steering: float = 4.0
+    steering: float = 2.0
     alpha: float = 10.0
 
 
@@ -57,7 +60,7 @@ def rmu_direction(dim: int, *, seed: int) -> torch.Tensor:
 
 def _rmu_plan(model: nn.Module, config: RMUConfig) -> tuple[str, tuple[str, ...]]:
     layers = features.default_layers(model)
-    layer = config.layer or layers[(len(layers) - 1) // 2]
+    layer = config.layer or layers[len(layers) // 2]
     features.check_layers(model, [layer])
     if config.update is not None:
         return layer, tuple(config.update)

@@ -30,6 +30,7 @@ class TARConfig(TrainedConfig):
     """inner_steps: SGD steps of the simulated attack; inner_lrs: its learning rates (one drawn
     per outer step); tamper_weight / retain_weight: the outer loss's two terms."""
 
+    steps: int = 100
     inner_steps: int = 4
     inner_lrs: tuple[float, ...] = (0.05, 0.1, 0.2)
     tamper_weight: float = 1.0
