@@ -4,6 +4,7 @@ and a third-party defense registered and applied through the same protocol."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -95,3 +96,13 @@ def test_a_third_party_defense_plugs_in_through_the_same_protocol() -> None:
     assert defended.record["flags"]["training_free"]
     with pytest.raises(SpecdefError, match="already registered"):
         register_defense(get_defense_entry("test-scale"))
+
+
+def test_a_yaml_file_is_a_config(tmp_path: Path) -> None:
+    path = tmp_path / "npo.yaml"
+    path.write_text("steps: 12\nlr: 3.0e-4\nbeta: 0.2\n")
+    config = make_config("npo", parse_assignments([str(path)]))
+    assert (config.steps, config.lr, config.beta) == (12, 3e-4, 0.2)
+    path.write_text("[1, 2]\n")
+    with pytest.raises(SpecdefError, match="mapping"):
+        parse_assignments([str(path)])

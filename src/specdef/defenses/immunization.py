@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from specdef.defenses import features
-from specdef.defenses.data import DefenseData, TrainedConfig, train_objective, training_record
+from specdef.defenses.data import DefenseData, TrainedConfig, train_defense
 from specdef.defenses.registry import Defended, DefenseEntry
 from specdef.tasks import Batch
 
@@ -84,11 +84,7 @@ def immunization(model: nn.Module, config: ImmunizationConfig, data: DefenseData
     def objective(m: nn.Module, forget: Batch, retain: Batch) -> torch.Tensor:
         loss = config.ill_weight * r_ill(probe_features(m, forget, probe))
         loss = loss + config.well_weight * r_well(probe_features(m, retain, probe))
-        if config.retain_weight:
-            loss = loss + config.retain_weight * features.loss_from_logits(
-                features.logits(m, retain), retain
-            )
-        return loss
+        return loss + features.retain_loss(m, retain, config.retain_weight)
 
     def kappas() -> dict[str, float]:
         with torch.no_grad():
@@ -98,10 +94,9 @@ def immunization(model: nn.Module, config: ImmunizationConfig, data: DefenseData
             }
 
     before = kappas()
-    result = train_objective(model, data, objective, config)
-    record = training_record(result)
-    record["immunization"] = {"probe": probe, "before": before, "after": kappas()}
-    return Defended(model, record)
+    defended = train_defense(model, data, objective, config)
+    defended.record["immunization"] = {"probe": probe, "before": before, "after": kappas()}
+    return defended
 
 
 def _all_features(model: nn.Module, task: Any, probe: str) -> torch.Tensor:
@@ -110,15 +105,11 @@ def _all_features(model: nn.Module, task: Any, probe: str) -> torch.Tensor:
     return probe_features(model, batch, probe)
 
 
-def _immunization(model: nn.Module, config: Any, data: Any) -> Defended:
-    return immunization(model, config, data)
-
-
 ENTRIES = (
     DefenseEntry(
         name="condition-number",
         config=ImmunizationConfig,
-        apply=_immunization,
+        apply=immunization,
         summary="raise the condition number of the harmful task's linear-probe Hessian, keep the "
         "benign one's low and the retain loss",
         cites="Zheng, Bai, Bullins, Yeh 2025, Model Immunization from a Condition Number "
