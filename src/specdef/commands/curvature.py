@@ -16,6 +16,7 @@ from specdef.defense.certify import measure_curvature
 from specdef.defense.config import SpecDefConfig
 from specdef.errors import SpecdefError
 from specdef.release.sources import load_source
+from specdef.tasks import check_compatible
 
 
 def register(sub: Any) -> None:
@@ -90,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     if source.tokenizer is not None:
         kwargs = {"tokenizer": source.tokenizer, "max_length": args.max_length}
     task = zoo.load_task(args.data, **kwargs)
+    check_compatible(source.model, task, model_name=f"model {args.model!r}")
     train = getattr(task, "train", None)
     size = len(train[1]) if isinstance(train, tuple) else len(train or [])
     if size == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,8 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
 
+    if args.tolerance is not None and not (math.isfinite(args.tolerance) and args.tolerance > 0):
+        raise SpecdefError(f"Expected --tolerance > 0 (finite), found {args.tolerance}; e.g. 1e-5.")
     out = Path(args.out)
     if (out / MANIFEST).exists():
         read_manifest(out)  # an Algorithm-1 checkpoint: its manifest must parse

@@ -37,9 +37,9 @@ from specdef.errors import SpecdefError, did_you_mean
 from specdef.informed.transforms import apply_adaptive
 from specdef.linalg import spectral
 from specdef.native.apply import apply_native_
-from specdef.tasks import Batch, Task
+from specdef.tasks import Batch, Task, check_compatible
 from specdef.utils.dtypes import dtype_named
-from specdef.zoo import TASKS, load_model, load_task, load_tokenizer
+from specdef.zoo import TASKS, load_model, load_task, load_tokenizer, model_info, model_names
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ def load_run_model(run: Any) -> nn.Module:
         pretrain = run.data.get("pretrain")
         if pretrain:
             task = load_run_task(run, name=run.data.get("pretrain_task", run.task))
+            check_compatible(model, task, model_name=f"model {spec.get('name')!r}")
             run_attack(model, task, AttackSpec(**{**pretrain, "seed": run.seed}))
     model.eval()
     return model
@@ -118,7 +119,7 @@ MODES = ("algorithm1", "native")  # defense.mode: Algorithm 1 (default) or nativ
 def defend(model: nn.Module, defense: Mapping[str, Any], *, probe: Any = None) -> Any:
     """Apply SpecDef (Algorithm 1) with the run's defense fields; returns the defense report."""
 
-    return apply_specdef_(model, SpecDefConfig.from_dict(defense), probe=probe)
+    return apply_specdef_(model, SpecDefConfig.from_dict(defense, also=("mode",)), probe=probe)
 
 
 def _defense_summary(report: Any) -> dict[str, Any]:
@@ -137,7 +138,8 @@ def defend_summary(model: nn.Module, defense: Mapping[str, Any]) -> dict[str, An
     mode = str(defense.get("mode", "algorithm1"))
     if mode not in MODES:
         raise SpecdefError(did_you_mean(mode, MODES, what="defense mode"))
-    config = SpecDefConfig.from_dict(defense)  # α, top-k, method validated once, for both modes
+    # α, top-k, method validated once, for both modes
+    config = SpecDefConfig.from_dict(defense, also=("mode",))
     if mode == "algorithm1":
         return {"mode": mode, **_defense_summary(apply_specdef_(model, config))}
     before = count_parameters(model)
@@ -198,6 +200,7 @@ def run_attack_kind(run: Any) -> dict[str, Any]:
 
     prepared = prepare(run)
     task = load_run_task(run)
+    check_compatible(prepared.model, task, model_name=f"model {model_name(run.model)!r}")
     out: dict[str, Any] = {**prepared.fields, "task_kind": task.kind}
     attack = {k: v for k, v in run.attack.items() if k != "adaptive"}
     attack["frozen"] = [*attack.get("frozen", ()), *prepared.frozen]
@@ -364,6 +367,25 @@ def run_utility_kind(run: Any) -> dict[str, Any]:
     return out
 
 
+# which task kinds each zoo model kind trains on (model_info(...).kind → TaskInfo.kind)
+_TASK_KINDS = {"causal-lm": "causal-lm", "vision": "classification"}
+
+
+def _check_zoo_kinds(run: Any, where: str) -> None:
+    """A zoo model and a zoo task of different kinds (a vision model on a language task, …) are
+    refused from the registries alone, before anything is loaded or written."""
+    if not (isinstance(run.model, str) and run.model in model_names() and run.task in TASKS):
+        return
+    kind = model_info(run.model).kind
+    wanted = _TASK_KINDS.get(kind)
+    found = TASKS[run.task].kind
+    if wanted is not None and found != wanted:
+        raise SpecdefError(
+            f"{where}: model {run.model!r} ({kind}) cannot train on task {run.task!r} ({found}); "
+            f"pick a {wanted} task or a model of the task's kind."
+        )
+
+
 _DEFENSE_KEYS = {f.name for f in dataclasses.fields(SpecDefConfig)} | {"mode"}
 _ATTACK_KEYS = {f.name for f in dataclasses.fields(AttackSpec)} | {"adaptive"}
 
@@ -374,6 +396,7 @@ def validate_runs(runs: Sequence[Any]) -> None:
     a bad value late in a grid fails before anything is written, not after the first rows."""
     for number, run in enumerate(runs, start=1):
         where = f"run {number} ({run.run_id})"
+        _check_zoo_kinds(run, where)
         defense = dict(run.defense)
         if defense.get("alpha") is not None:
             for key in defense:
@@ -385,7 +408,7 @@ def validate_runs(runs: Sequence[Any]) -> None:
             if mode not in MODES:
                 raise SpecdefError(f"{where}: " + did_you_mean(mode, MODES, what="defense mode"))
             try:
-                SpecDefConfig.from_dict(defense)
+                SpecDefConfig.from_dict(defense, also=("mode",))
             except SpecdefError as err:
                 raise SpecdefError(f"{where}: {err}") from None
             except TypeError as err:

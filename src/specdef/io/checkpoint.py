@@ -38,6 +38,7 @@ from specdef.defense.config import SpecDefConfig
 from specdef.defense.layer import DefendedLinear, defended_layers, set_submodule
 from specdef.errors import SpecdefError
 from specdef.io import hf
+from specdef.io.allowlist import strip_remote_code
 from specdef.native.apply import PairRecord
 from specdef.utils.files import (
     atomic_directory,
@@ -255,6 +256,7 @@ def save_defended(
             tokenizer.save_pretrained(str(tmp))
         for name, text in (texts or {}).items():
             write_text_atomic(tmp / name, text)
+        strip_remote_code(tmp)
         manifest = build_manifest(
             model=spec,
             dtype=dtype,
@@ -355,7 +357,7 @@ def _build_base(root: Path, spec: dict[str, Any], attn_implementation: str | Non
             )
         if not (root / "config.json").exists():
             raise SpecdefError(f"{str(root)!r} has no config.json; re-save the checkpoint.")
-        config = transformers.AutoConfig.from_pretrained(str(root), trust_remote_code=False)
+        config = hf.read_config(root)
         if attn_implementation is not None:
             return cls._from_config(config, attn_implementation=attn_implementation)
         return cls(config)
@@ -467,4 +469,10 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any | None:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(root), trust_remote_code=False)
+    try:
+        return AutoTokenizer.from_pretrained(str(root), trust_remote_code=False)
+    except (ValueError, OSError, KeyError, TypeError) as err:
+        raise SpecdefError(
+            f"Cannot load the tokenizer in {str(root)!r} without remote code "
+            f"({str(err).splitlines()[0][:160]}); specdef never runs code from a model directory."
+        ) from None

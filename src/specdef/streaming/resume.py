@@ -30,8 +30,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from specdef.errors import SpecdefError
-from specdef.utils.files import check_output_target, file_sha256, write_json_atomic
+from specdef.errors import SpecdefError, WriteError
+from specdef.utils.files import check_output_target, file_sha256, write_json_atomic, writing
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +152,14 @@ def staged_directory(
         _prepare(root, options, overwrite)
         staging = Staging(root)
         try:
-            yield staging
-            staging.publish(target)
+            with writing(target):
+                yield staging
+                staging.publish(target)
+        except WriteError as err:  # a full disk recurs only until space is freed: keep the work
+            raise WriteError(
+                f"{err} The partial run is kept in {str(root)!r}: rerun the same command to "
+                "resume it."
+            ) from None
         except SpecdefError:
             shutil.rmtree(root, ignore_errors=True)
             raise
