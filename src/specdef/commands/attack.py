@@ -30,16 +30,26 @@ from specdef.utils.files import append_jsonl
 from specdef.utils.provenance import provenance, weights_digest
 
 
+def _listed(text: str, convert: Any, what: str) -> list[Any]:
+    try:
+        values = [convert(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, found {text!r}")
+    return values
+
+
 def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+    return _listed(text, float, "numbers")
 
 
 def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+    return _listed(text, int, "whole numbers")
 
 
 def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+    return _listed(text, str.strip, "names")
 
 
 def register(sub: Any) -> None:
@@ -251,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
             f"--out {args.out!r} is a file; --out names a run directory (results.jsonl goes "
             "inside it) — choose a directory path."
         )
+    zoo.check_pairing(args.model, args.data)  # before loading either
     source = load_source(args.model, attn_implementation="eager")
     kwargs: dict[str, Any] = {}
     if source.tokenizer is not None:

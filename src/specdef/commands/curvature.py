@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.compare and args.alpha is None:
         raise SpecdefError("--compare needs --alpha (the undefended model is MODEL itself).")
+    zoo.check_pairing(args.model, args.data)  # before loading either
     dtype = getattr(torch, args.dtype)
     source = load_source(args.model, dtype=dtype, attn_implementation="eager")
     kwargs: dict[str, Any] = {}

@@ -39,7 +39,7 @@ from specdef.linalg import spectral
 from specdef.native.apply import apply_native_
 from specdef.tasks import Batch, Task, check_compatible
 from specdef.utils.dtypes import dtype_named
-from specdef.zoo import TASKS, load_model, load_task, load_tokenizer, model_info, model_names
+from specdef.zoo import TASKS, check_pairing, load_model, load_task, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -367,25 +367,6 @@ def run_utility_kind(run: Any) -> dict[str, Any]:
     return out
 
 
-# which task kinds each zoo model kind trains on (model_info(...).kind → TaskInfo.kind)
-_TASK_KINDS = {"causal-lm": "causal-lm", "vision": "classification"}
-
-
-def _check_zoo_kinds(run: Any, where: str) -> None:
-    """A zoo model and a zoo task of different kinds (a vision model on a language task, …) are
-    refused from the registries alone, before anything is loaded or written."""
-    if not (isinstance(run.model, str) and run.model in model_names() and run.task in TASKS):
-        return
-    kind = model_info(run.model).kind
-    wanted = _TASK_KINDS.get(kind)
-    found = TASKS[run.task].kind
-    if wanted is not None and found != wanted:
-        raise SpecdefError(
-            f"{where}: model {run.model!r} ({kind}) cannot train on task {run.task!r} ({found}); "
-            f"pick a {wanted} task or a model of the task's kind."
-        )
-
-
 _DEFENSE_KEYS = {f.name for f in dataclasses.fields(SpecDefConfig)} | {"mode"}
 _ATTACK_KEYS = {f.name for f in dataclasses.fields(AttackSpec)} | {"adaptive"}
 
@@ -396,7 +377,11 @@ def validate_runs(runs: Sequence[Any]) -> None:
     a bad value late in a grid fails before anything is written, not after the first rows."""
     for number, run in enumerate(runs, start=1):
         where = f"run {number} ({run.run_id})"
-        _check_zoo_kinds(run, where)
+        if isinstance(run.model, str):
+            try:
+                check_pairing(run.model, run.task)
+            except SpecdefError as err:
+                raise SpecdefError(f"{where}: {err}") from None
         defense = dict(run.defense)
         if defense.get("alpha") is not None:
             for key in defense:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from specdef.errors import WRITE_ERRNOS, SpecdefError, write_error
+from specdef.errors import WRITE_ERRNOS, SpecdefError, WriteError, write_error
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -38,7 +38,7 @@ def writing(path: str | os.PathLike[str]) -> Iterator[None]:
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder, then rename."""
-    target = Path(path)
+    target = Path(os.path.abspath(path))
     with writing(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -109,6 +109,12 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 def check_output_target(target: Path, *, overwrite: bool) -> Path:
     """Refuse an existing ``target`` unless ``overwrite``; create its parent and check that it is
     writable, before any work starts. Returns the parent."""
+    target = Path(os.path.abspath(target))  # 'out/../x' is x, even while out does not exist
+    if target.exists() and not target.is_dir():
+        raise SpecdefError(
+            f"Output path {str(target)!r} is a file; the output is a directory — choose another "
+            "path (--overwrite replaces directories only)."
+        )
     if target.exists() and not overwrite:
         raise SpecdefError(
             f"Output path {str(target)!r} already exists; choose another path or pass --overwrite."
@@ -134,7 +140,7 @@ def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -
     Refuses an existing ``path`` unless ``overwrite``; checks that the parent is writable before any
     work starts. On failure the temporary directory is removed and ``path`` is untouched.
     """
-    target = Path(path)
+    target = Path(os.path.abspath(path))
     parent = check_output_target(target, overwrite=overwrite)
     with writing(target):
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
@@ -143,6 +149,9 @@ def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)
+        except WriteError as err:  # name the file where the user will look for it
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise WriteError(str(err).replace(str(tmp), str(target))) from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -180,7 +189,12 @@ def replace_marked_region(path: str | os.PathLike[str], start: str, end: str, te
 
 def preflight_output(path: str | os.PathLike[str], *, overwrite: bool) -> None:
     """Fail fast (before any heavy work) when ``path`` exists or its folder is not writable."""
-    target = Path(path)
+    target = Path(os.path.abspath(path))
+    if target.exists() and not target.is_dir():
+        raise SpecdefError(
+            f"Output path {str(target)!r} is a file; the output is a directory — choose another "
+            "path (--overwrite replaces directories only)."
+        )
     if target.exists() and not overwrite:
         raise SpecdefError(
             f"Output path {str(target)!r} already exists; choose another path or pass --overwrite."
