@@ -9,6 +9,7 @@ grid validation)."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from _tiny import tiny_llama
 from specdef.cli import main
 from specdef.defense.config import SpecDefConfig
 from specdef.errors import SpecdefError
-from specdef.io.checkpoint import MANIFEST, _canonical_sha256
+from specdef.io.checkpoint import MANIFEST
 from specdef.utils.files import file_sha256
 
 MARKER = "specdef-remote-code-ran"
@@ -309,7 +310,8 @@ def _rebind(manifest: dict[str, Any], root: Path) -> None:
     digests are no secret)."""
     manifest.pop("integrity", None)
     files = {f: file_sha256(root / f) for f in ("model.safetensors",)}
-    manifest["integrity"] = {"files": files, "manifest": _canonical_sha256(manifest)}
+    body = json.dumps(manifest, sort_keys=True, separators=(",", ":"), default=str)
+    manifest["integrity"] = {"files": files, "manifest": hashlib.sha256(body.encode()).hexdigest()}
     (root / MANIFEST).write_text(json.dumps(manifest))
 
 
