@@ -115,6 +115,10 @@ def test_auto_map_is_ignored_never_run_and_never_released(
     accepted(capsys, ["verify", src, tmp_path / "out0"])
     accepted(capsys, ["transform", src, "--adaptive", "fuse"])
     accepted(capsys, ["detect", src])
+    # attack and curvature load it past the config too, then meet the next check: this tiny
+    # model has no tokenizer of its own, and the default one's ids overflow its 96-row vocabulary
+    refused(capsys, ["curvature", src, "--data", "benign-qa"], "vocabulary of model")
+    refused(capsys, ["attack", src, "--data", "benign-qa", "--steps", 1], "vocabulary of model")
     assert not (tmp_path / MARKER).exists()
 
 
@@ -359,6 +363,19 @@ def test_a_rebound_hostile_manifest_is_refused_before_any_allocation(
     refused(capsys, ["attack", root, "--data", "digits", "--steps", 1], match)
     if case not in ("huge-shape", "huge-hidden"):  # inspect shows only what the schema allows
         refused(capsys, ["inspect", root], match)
+
+
+def test_inspect_refuses_an_edited_manifest(
+    defended_mlp: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Edited without re-binding (a layer dropped, top_k raised): inspect no longer displays it."""
+    for key, value in (("structure", []), ("format_version", 2.5)):
+        root = tmp_path / key
+        shutil.copytree(defended_mlp, root)
+        manifest = json.loads((root / MANIFEST).read_text())
+        manifest[key] = value
+        (root / MANIFEST).write_text(json.dumps(manifest))
+        refused(capsys, ["inspect", root], "was changed after it was written")
 
 
 def test_invalid_json_in_a_shard_index_is_one_line(
