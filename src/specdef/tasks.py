@@ -208,6 +208,8 @@ def check_compatible(model: nn.Module, task: Task, *, model_name: str = "the mod
                 f"{rows} entries (its tokenizer does not belong to this model); use the model's "
                 "own tokenizer or a model with a larger vocabulary."
             )
+    training = model.training
+    model.eval()  # the probe leaves no trace (no batch-norm statistics move)
     try:
         batch = next(task.train_batches(batch_size=1, seed=0))
         with torch.no_grad():
@@ -219,3 +221,5 @@ def check_compatible(model: nn.Module, task: Task, *, model_name: str = "the mod
             f"{model_name} cannot run on task {task.name!r}'s inputs "
             f"({str(err).splitlines()[0][:160]}); pick a model and task of the same kind and shape."
         ) from None
+    finally:
+        model.train(training)
