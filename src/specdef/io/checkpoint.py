@@ -342,10 +342,10 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         ) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise SpecdefError(f"{str(target)!r} is not a {FORMAT} manifest; re-save the checkpoint.")
-    check_schema(manifest, where=str(target))
+    check_integrity(manifest, root)  # an edited field is named as an edit first
+    check_schema(manifest, where=str(target))  # then what a writer may have bound
     for fname in manifest.get("weights", {}).get("files", []):
         confined(root, fname, what=f"the manifest's weights.files entry {fname!r}")
-    check_integrity(manifest, root)
     return manifest
 
 
