@@ -29,7 +29,8 @@ def write_error(err: OSError, path: object) -> WriteError:
     what = err.strerror or type(err).__name__
     code = errno.errorcode.get(err.errno or 0, "")
     named = str(err.filename) if err.filename else str(path)
-    verb = "write" if named.startswith(os.path.dirname(str(path)) or ".") else "access"
+    inside = os.path.abspath(named).startswith(os.path.dirname(os.path.abspath(str(path))))
+    verb = "write" if inside else "access"
     return WriteError(
         f"Cannot {verb} {named!r}: {what}{f' ({code})' if code else ''}; nothing was left half "
         "written — free space, fix the permissions or choose another output path."
