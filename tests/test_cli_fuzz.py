@@ -7,7 +7,8 @@ The property: the exit code is 0 or 2, stderr never holds a traceback, and an ex
 nothing (the example's folder, also the working directory, is unchanged). ``main`` is called
 in-process (stderr captured, ``SystemExit`` from argparse caught) so 2000 invocations cost seconds,
 not the minutes 2000 interpreters would. The profile is fixed (derandomized, no example database)
-so CI runs the same examples every time; each test prints and asserts its example count.
+so CI runs the same examples every time; each test prints and asserts its example count
+(``pytest -s``), and ``SPECDEF_FUZZ_SLOW=1`` lists argument sets slower than 0.5 s.
 """
 
 from __future__ import annotations
