@@ -170,3 +170,56 @@ def token_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
         shift_labels.reshape(-1),
         ignore_index=-100,
     )
+
+
+def _embedding_rows(model: nn.Module) -> int | None:
+    """Rows of the token embedding of a language model, ``None`` for a model that takes features."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    return int(embedding.num_embeddings) if isinstance(embedding, nn.Embedding) else None
+
+
+def _max_token_id(task: CausalLMTask) -> int:
+    examples = [*task.train, *(e for split in task.heldout.values() for e in split)]
+    return max((max(e["input_ids"], default=0) for e in examples), default=0)
+
+
+def check_compatible(model: nn.Module, task: Task, *, model_name: str = "the model") -> None:
+    """Refuse a model that cannot train on ``task`` before any training starts: the input kind
+    (token ids vs features), a vocabulary smaller than the task's token ids, then one probe
+    forward of the loss on a single training batch (a shape mismatch fails there, in one line)."""
+    rows = _embedding_rows(model)
+    if task.kind == "classification" and rows is not None:
+        raise SpecdefError(
+            f"{model_name} is a language model (it takes token ids) but task {task.name!r} gives "
+            "feature tensors; pick a classification model (e.g. mlp-digits) or a language task."
+        )
+    if task.kind == "causal-lm":
+        if rows is None:
+            raise SpecdefError(
+                f"{model_name} takes feature tensors but task {task.name!r} gives token ids; pick "
+                "a language model (e.g. llama-tiny-benign) or a classification task."
+            )
+        assert isinstance(task, CausalLMTask)
+        top = _max_token_id(task)
+        if top >= rows:
+            raise SpecdefError(
+                f"Task {task.name!r} has token id {top} but the vocabulary of {model_name} has "
+                f"{rows} entries (its tokenizer does not belong to this model); use the model's "
+                "own tokenizer or a model with a larger vocabulary."
+            )
+    training = model.training
+    model.eval()  # the probe leaves no trace (no batch-norm statistics move)
+    try:
+        batch = next(task.train_batches(batch_size=1, seed=0))
+        with torch.no_grad():
+            task.loss(model, batch)
+    except SpecdefError:
+        raise
+    except (RuntimeError, TypeError, ValueError, IndexError) as err:
+        raise SpecdefError(
+            f"{model_name} cannot run on task {task.name!r}'s inputs "
+            f"({str(err).splitlines()[0][:160]}); pick a model and task of the same kind and shape."
+        ) from None
+    finally:
+        model.train(training)

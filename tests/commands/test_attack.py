@@ -127,3 +127,21 @@ def test_resume_never_reuses_rows_of_other_weights_or_data(
     assert "2 runs now, 0 resumed" in capsys.readouterr().out
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len({r["run_id"] for r in rows}) == 6
+
+
+def test_resume_never_reuses_rows_of_other_max_length_or_eval_limit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--max-length and --eval-limit change the tokenized data, so they change the run id: a
+    rerun with other values runs anew instead of printing the old rows as resumed."""
+    out = tmp_path / "run"
+    base = ["attack", "llama-tiny-benign", "--data", "benign-qa", "--steps", "1", "--lr", "1e-3",
+            "--eval-every", "1", "--batch-size", "2", "--threads", "1", "--out", str(out)]  # fmt: skip
+    for extra, expected in (
+        (["--max-length", "64", "--eval-limit", "2"], "1 runs now, 0 resumed"),
+        (["--max-length", "64", "--eval-limit", "2"], "0 runs now, 1 resumed"),
+        (["--max-length", "48", "--eval-limit", "2"], "1 runs now, 0 resumed"),
+        (["--max-length", "64", "--eval-limit", "3"], "1 runs now, 0 resumed"),
+    ):
+        assert main([*base, *extra]) == 0
+        assert expected in capsys.readouterr().out

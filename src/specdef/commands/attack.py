@@ -25,20 +25,31 @@ from specdef.errors import SpecdefError
 from specdef.experiments.config import parse_value
 from specdef.informed.transforms import apply_adaptive, parse_adaptive
 from specdef.release.sources import load_source
+from specdef.tasks import check_compatible
 from specdef.utils.files import append_jsonl
 from specdef.utils.provenance import provenance, weights_digest
 
 
+def _listed(text: str, convert: Any, what: str) -> list[Any]:
+    try:
+        values = [convert(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, found {text!r}")
+    return values
+
+
 def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+    return _listed(text, float, "numbers")
 
 
 def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+    return _listed(text, int, "whole numbers")
 
 
 def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+    return _listed(text, str.strip, "names")
 
 
 def register(sub: Any) -> None:
@@ -245,12 +256,19 @@ def run(args: argparse.Namespace) -> int:
 
     specs = build_specs(args)  # validate the grid before loading anything
     search = _search_config(args)
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise SpecdefError(
+            f"--out {args.out!r} is a file; --out names a run directory (results.jsonl goes "
+            "inside it) — choose a directory path."
+        )
+    zoo.check_pairing(args.model, args.data)  # before loading either
     source = load_source(args.model, attn_implementation="eager")
     kwargs: dict[str, Any] = {}
     if source.tokenizer is not None:
         kwargs = {"tokenizer": source.tokenizer, "max_length": args.max_length}
         kwargs["eval_limit"] = args.eval_limit
     task = zoo.load_task(args.data, **kwargs)
+    check_compatible(source.model, task, model_name=f"model {args.model!r}")
     pristine = source.model
     manifest = getattr(pristine, "specdef_manifest", None) or {}
     defense = manifest.get("defense") if isinstance(manifest, dict) else None

@@ -16,6 +16,7 @@ from specdef.defense.certify import measure_curvature
 from specdef.defense.config import SpecDefConfig
 from specdef.errors import SpecdefError
 from specdef.release.sources import load_source
+from specdef.tasks import check_compatible
 
 
 def register(sub: Any) -> None:
@@ -84,12 +85,14 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.compare and args.alpha is None:
         raise SpecdefError("--compare needs --alpha (the undefended model is MODEL itself).")
+    zoo.check_pairing(args.model, args.data)  # before loading either
     dtype = getattr(torch, args.dtype)
     source = load_source(args.model, dtype=dtype, attn_implementation="eager")
     kwargs: dict[str, Any] = {}
     if source.tokenizer is not None:
         kwargs = {"tokenizer": source.tokenizer, "max_length": args.max_length}
     task = zoo.load_task(args.data, **kwargs)
+    check_compatible(source.model, task, model_name=f"model {args.model!r}")
     train = getattr(task, "train", None)
     size = len(train[1]) if isinstance(train, tuple) else len(train or [])
     if size == 0:

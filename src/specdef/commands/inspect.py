@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from specdef.commands.common import print_json, print_table
+from specdef.errors import SpecdefError
 from specdef.io.checkpoint import read_manifest
 
 
@@ -23,10 +24,21 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
 
-    manifest = read_manifest(args.out)
+    manifest = read_manifest(args.out)  # schema and integrity checked
     if args.json:
         print_json(manifest)
         return 0
+    try:
+        _print(manifest, args.out)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+        raise SpecdefError(
+            f"The defense report in the manifest of {args.out!r} is malformed ({type(err).__name__}: "
+            f"{err}); re-save the checkpoint with specdef."
+        ) from None
+    return 0
+
+
+def _print(manifest: dict[str, Any], out: str) -> None:
     defense = manifest.get("defense") or {}
     config = defense.get("config", {})
     k = int(config.get("top_k", 0))
@@ -55,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         ]
     model = manifest.get("model", {})
     print_table(
-        f"{model.get('class') or model.get('architecture', {}).get('name')} — {args.out}",
+        f"{model.get('class') or model.get('architecture', {}).get('name')} — {out}",
         ["layer", "m×n", "dtype", "σ1 before", "σ1 after", "σk+1 before", "σk+1 after",
          "recon err", "gap", "params"],
         rows,
@@ -71,4 +83,3 @@ def run(args: argparse.Namespace) -> int:
             f"model output gap {defense.get('model_output_gap')}; forced={defense.get('forced')}"
         )
     print(f"dtype {manifest.get('dtype')}; git {prov.get('git')}; saved {prov.get('time_utc')}")
-    return 0

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
 from specdef.commands.common import add_threads_option, fmt, print_json, print_table
 from specdef.errors import SpecdefError
-from specdef.io.checkpoint import MANIFEST, NATIVE_RECORD, model_dtype, read_manifest
+from specdef.io.checkpoint import MANIFEST, NATIVE_RECORD, model_dtype
 from specdef.release.sources import load_source
 from specdef.release.verify import verify
 
@@ -40,10 +41,10 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
 
+    if args.tolerance is not None and not (math.isfinite(args.tolerance) and args.tolerance > 0):
+        raise SpecdefError(f"Expected --tolerance > 0 (finite), found {args.tolerance}; e.g. 1e-5.")
     out = Path(args.out)
-    if (out / MANIFEST).exists():
-        read_manifest(out)  # an Algorithm-1 checkpoint: its manifest must parse
-    elif not (out / NATIVE_RECORD).exists():
+    if not (out / MANIFEST).exists() and not (out / NATIVE_RECORD).exists():
         raise SpecdefError(
             f"{args.out!r} is not a specdef release: it has neither {MANIFEST} (Algorithm 1) nor "
             f"{NATIVE_RECORD} (native); pass the -o directory of `specdef defend`."

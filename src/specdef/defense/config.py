@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from specdef.defense import guard
-from specdef.errors import SpecdefError
+from specdef.errors import SpecdefError, did_you_mean
 from specdef.linalg import spectral
 
 
@@ -64,12 +65,22 @@ class SpecDefConfig:
             self.tolerance > 0 and math.isfinite(self.tolerance)
         ):
             raise SpecdefError(f"tolerance must be a positive number, found {self.tolerance}.")
+        for fname in ("seed", "n_random"):
+            value = getattr(self, fname)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise SpecdefError(f"{fname} must be an integer, found {value!r}.")
         if self.n_random is not None and self.n_random < 1:
             raise SpecdefError(f"n_random must be ≥ 1, found {self.n_random}.")
         for fname in ("targets", "exclude"):
             value = getattr(self, fname)
-            if not isinstance(value, str):
+            if isinstance(value, str):
+                _check_regex(fname, value)
+            elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
                 object.__setattr__(self, fname, tuple(value))
+            else:
+                raise SpecdefError(
+                    f"{fname} must be a layer name, a list of names or a regex, found {value!r}."
+                )
 
     def tolerance_for(self, dtype: torch.dtype) -> float:
         if self.tolerance is not None:
@@ -84,10 +95,26 @@ class SpecDefConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SpecDefConfig:
+    def from_dict(cls, data: Mapping[str, Any], *, also: Collection[str] = ()) -> SpecDefConfig:
+        """The config ``data`` describes; a key that is neither a field nor in ``also`` (keys the
+        caller reads itself, such as an experiment's ``mode``) is an error with "did you mean"."""
         known = {f.name for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in known and key not in also:
+                raise SpecdefError(did_you_mean(str(key), [*known, *also], what="defense key"))
         kwargs = {k: v for k, v in data.items() if k in known}
         for fname in ("targets", "exclude"):
             if isinstance(kwargs.get(fname), list):
                 kwargs[fname] = tuple(kwargs[fname])
         return cls(**kwargs)
+
+
+def _check_regex(fname: str, value: str) -> None:
+    """A regex selection must compile before anything is read or written ("all-linear" and
+    "preset:NAME" are names, not regexes)."""
+    if value.lower() == "all-linear" or value.startswith("preset:"):
+        return
+    try:
+        re.compile(value)
+    except re.error as err:
+        raise SpecdefError(f"Invalid {fname} regex {value!r}: {err}.") from None

@@ -193,6 +193,8 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
     """
     out: dict[str, Any] = copy.deepcopy(plain_data(dict(data)))
     for item in overrides:
+        if not isinstance(item, str):  # argparse hands `--set=--` over as a list
+            raise SpecdefError(f"Expected --set KEY=VALUE (e.g. attack.steps=5), found {item!r}.")
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
@@ -268,6 +270,11 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
     """Read a YAML config, apply ``--set`` overrides, validate."""
     source = resolve_config_path(path)
     data = load_yaml(source.read_text(encoding="utf-8"), what=repr(str(source)))
+    if data is not None and not isinstance(data, Mapping):
+        raise SpecdefError(
+            f"Expected a YAML mapping in {str(source)!r}, found {type(data).__name__}; a config "
+            "has name, kind, model, task, … keys."
+        )
     return config_from_mapping(apply_overrides(data or {}, overrides), source=str(source))
 
 

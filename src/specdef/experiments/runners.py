@@ -40,9 +40,9 @@ from specdef.errors import SpecdefError, did_you_mean
 from specdef.informed.transforms import apply_adaptive
 from specdef.linalg import spectral
 from specdef.native.apply import apply_native_
-from specdef.tasks import Batch, Task
+from specdef.tasks import Batch, Task, check_compatible
 from specdef.utils.dtypes import dtype_named
-from specdef.zoo import TASKS, load_model, load_task, load_tokenizer
+from specdef.zoo import TASKS, check_pairing, load_model, load_task, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ def load_run_model(run: Any) -> nn.Module:
         pretrain = run.data.get("pretrain")
         if pretrain:
             task = load_run_task(run, name=run.data.get("pretrain_task", run.task))
+            check_compatible(model, task, model_name=f"model {spec.get('name')!r}")
             run_attack(model, task, AttackSpec(**{**pretrain, "seed": run.seed}))
     model.eval()
     return model
@@ -121,7 +122,7 @@ MODES = ("algorithm1", "native")  # defense.mode: Algorithm 1 (default) or nativ
 def defend(model: nn.Module, defense: Mapping[str, Any], *, probe: Any = None) -> Any:
     """Apply SpecDef (Algorithm 1) with the run's defense fields; returns the defense report."""
 
-    return apply_specdef_(model, SpecDefConfig.from_dict(defense), probe=probe)
+    return apply_specdef_(model, SpecDefConfig.from_dict(defense, also=("mode",)), probe=probe)
 
 
 def _defense_summary(report: Any) -> dict[str, Any]:
@@ -140,7 +141,8 @@ def defend_summary(model: nn.Module, defense: Mapping[str, Any]) -> dict[str, An
     mode = str(defense.get("mode", "native" if defense.get("name") == "native" else "algorithm1"))
     if mode not in MODES:
         raise SpecdefError(did_you_mean(mode, MODES, what="defense mode"))
-    config = SpecDefConfig.from_dict(defense)  # α, top-k, method validated once, for both modes
+    # α, top-k, method validated once, for both modes
+    config = SpecDefConfig.from_dict(defense, also=("mode",))
     if mode == "algorithm1":
         return {"mode": mode, **_defense_summary(apply_specdef_(model, config))}
     before = count_parameters(model)
@@ -223,6 +225,7 @@ def run_attack_kind(run: Any) -> dict[str, Any]:
 
     prepared = prepare(run)
     task = load_run_task(run)
+    check_compatible(prepared.model, task, model_name=f"model {model_name(run.model)!r}")
     out: dict[str, Any] = {**prepared.fields, "task_kind": task.kind}
     attack = {k: v for k, v in run.attack.items() if k != "adaptive"}
     attack["frozen"] = [*attack.get("frozen", ()), *prepared.frozen]
@@ -402,6 +405,11 @@ def validate_runs(runs: Sequence[Any]) -> None:
     a bad value late in a grid fails before anything is written, not after the first rows."""
     for number, run in enumerate(runs, start=1):
         where = f"run {number} ({run.run_id})"
+        if isinstance(run.model, str):
+            try:
+                check_pairing(run.model, run.task)
+            except SpecdefError as err:
+                raise SpecdefError(f"{where}: {err}") from None
         defense = dict(run.defense)
         if is_registry_defense(defense):
             try:
@@ -418,7 +426,7 @@ def validate_runs(runs: Sequence[Any]) -> None:
             if mode not in MODES:
                 raise SpecdefError(f"{where}: " + did_you_mean(mode, MODES, what="defense mode"))
             try:
-                SpecDefConfig.from_dict(defense)
+                SpecDefConfig.from_dict(defense, also=("mode",))
             except SpecdefError as err:
                 raise SpecdefError(f"{where}: {err}") from None
             except TypeError as err:

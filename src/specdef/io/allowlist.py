@@ -6,9 +6,13 @@ names it with the reason, so a release never ships a way around its own defense.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from specdef.io.hf import REMOTE_CODE_KEYS
+from specdef.utils.files import write_json_atomic
 
 # exact names a Hugging Face model directory holds besides its weights
 SAFE_NAMES = frozenset(
@@ -37,6 +41,7 @@ SAFE_NAMES = frozenset(
 SAFE_TEXT = re.compile(r"^(licen[cs]e|notice|copying|use_policy)(\.(md|txt))?$", re.I)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
 CODE_SUFFIXES = (".py", ".pyc", ".so", ".sh", ".ipynb")
+REMOTE_REASON = "remote-code reference (specdef never runs remote code), removed from the release"
 
 
 @dataclass(frozen=True)
@@ -71,8 +76,19 @@ def _reason(path: Path) -> str | None:
     return "not on the release allowlist"
 
 
+def _remote_code_keys(path: Path) -> list[str]:
+    """The remote-code entries (``auto_map``) of JSON file ``path``; [] when it has none or is not
+    a JSON object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [key for key in REMOTE_CODE_KEYS if isinstance(data, dict) and key in data]
+
+
 def release_files(source: str | Path) -> tuple[list[Path], list[Skipped]]:
-    """The files of directory ``source`` a release copies, and the ones it leaves behind."""
+    """The files of directory ``source`` a release copies, and what it leaves behind (files, and
+    remote-code entries such as ``auto_map`` that :func:`strip_remote_code` removes)."""
     root = Path(source)
     copy: list[Path] = []
     skipped: list[Skipped] = []
@@ -82,6 +98,22 @@ def release_files(source: str | Path) -> tuple[list[Path], list[Skipped]]:
         reason = _reason(path)
         if reason is None:
             copy.append(path)
+            if path.suffix == ".json":
+                skipped += [Skipped(f"{path.name}: {key}", REMOTE_REASON)
+                            for key in _remote_code_keys(path)]  # fmt: skip
         elif not reason.startswith("weights"):
             skipped.append(Skipped(path.name, reason))
     return copy, skipped
+
+
+def strip_remote_code(directory: str | Path) -> None:
+    """Remove remote-code entries (``auto_map``) from the JSON configs of a release being written
+    (config.json, tokenizer_config.json, …), so no loader is pointed at code specdef did not ship;
+    call it before the manifest binds config.json."""
+    for path in sorted(Path(directory).glob("*.json")):
+        if path.name not in SAFE_NAMES or not _remote_code_keys(path):
+            continue
+        data = json.loads(path.read_text(encoding="utf-8"))
+        for key in REMOTE_CODE_KEYS:
+            data.pop(key, None)
+        write_json_atomic(path, data)

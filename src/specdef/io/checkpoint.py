@@ -38,6 +38,7 @@ from specdef.defense.config import SpecDefConfig
 from specdef.defense.layer import DefendedLinear, defended_layers, set_submodule
 from specdef.errors import SpecdefError
 from specdef.io import hf
+from specdef.io.allowlist import strip_remote_code
 from specdef.native.apply import PairRecord
 from specdef.utils.files import (
     atomic_directory,
@@ -255,6 +256,7 @@ def save_defended(
             tokenizer.save_pretrained(str(tmp))
         for name, text in (texts or {}).items():
             write_text_atomic(tmp / name, text)
+        strip_remote_code(tmp)
         manifest = build_manifest(
             model=spec,
             dtype=dtype,
@@ -340,7 +342,72 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         ) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise SpecdefError(f"{str(target)!r} is not a {FORMAT} manifest; re-save the checkpoint.")
+    check_integrity(manifest, root)  # an edited field is named as an edit first
+    check_schema(manifest, where=str(target))  # then what a writer may have bound
+    for fname in manifest.get("weights", {}).get("files", []):
+        confined(root, fname, what=f"the manifest's weights.files entry {fname!r}")
     return manifest
+
+
+def _is_int(value: object, low: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def check_schema(manifest: Mapping[str, Any], *, where: str = "the manifest") -> None:
+    """Refuse a manifest whose fields have the wrong types or ranges — before anything is built
+    from it (a writer that binds a bad manifest is still refused; shapes are then checked against
+    the safetensors headers by :func:`load_defended` on the meta device, before any allocation)."""
+
+    def bad(what: str) -> SpecdefError:
+        return SpecdefError(f"{where!r}: {what}; re-save the checkpoint with specdef.")
+
+    model = manifest.get("model")
+    if not isinstance(model, Mapping) or model.get("kind") not in ("transformers", "architecture"):
+        raise bad("'model' must be an object whose kind is 'transformers' or 'architecture'")
+    if model["kind"] == "transformers" and not isinstance(model.get("class"), str):
+        raise bad("'model.class' must be a transformers class name")
+    if model["kind"] == "architecture":
+        arch = model.get("architecture")
+        if not (
+            isinstance(arch, Mapping)
+            and isinstance(arch.get("name"), str)
+            and isinstance(arch.get("kwargs", {}), Mapping)
+        ):
+            raise bad("'model.architecture' must be {name, kwargs}")
+    if not isinstance(manifest.get("dtype", "float32"), str):
+        raise bad("'dtype' must be a dtype name such as 'float32'")
+    layers = manifest.get("structure", [])
+    if not isinstance(layers, list):
+        raise bad("'structure' must be a list of defended layers")
+    for i, entry in enumerate(layers):
+        shape = entry.get("shape") if isinstance(entry, Mapping) else None
+        if not (
+            isinstance(entry, Mapping) and isinstance(entry.get("name"), str) and entry["name"]
+        ):
+            raise bad(f"structure[{i}] must be an object with a layer 'name'")
+        if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(d) for d in shape)):
+            raise bad(f"structure[{i}].shape must be two whole numbers ≥ 1, found {shape!r}")
+        alpha = entry.get("alpha")
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 1 < alpha < 1e300:
+            raise bad(f"structure[{i}].alpha must be a finite number > 1, found {alpha!r}")
+        top_k = entry.get("top_k")
+        if not (_is_int(top_k) and top_k <= min(shape)):
+            raise bad(f"structure[{i}].top_k must be a whole number in [1, {min(shape)}]")
+        if not isinstance(entry.get("bias"), bool) or entry.get("source", "linear") not in (
+            "linear",
+            "conv1d",
+        ):
+            raise bad(f"structure[{i}] needs bias true/false and source 'linear' or 'conv1d'")
+    weights = manifest.get("weights", {})
+    files = weights.get("files", []) if isinstance(weights, Mapping) else None
+    aliases = weights.get("aliases", {}) if isinstance(weights, Mapping) else None
+    if not (isinstance(files, list) and all(isinstance(f, str) for f in files)):
+        raise bad("'weights.files' must be a list of file names")
+    if not (
+        isinstance(aliases, Mapping)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items())
+    ):
+        raise bad("'weights.aliases' must map tensor names to tensor names")
 
 
 def _build_base(root: Path, spec: dict[str, Any], attn_implementation: str | None) -> nn.Module:
@@ -355,13 +422,21 @@ def _build_base(root: Path, spec: dict[str, Any], attn_implementation: str | Non
             )
         if not (root / "config.json").exists():
             raise SpecdefError(f"{str(root)!r} has no config.json; re-save the checkpoint.")
-        config = transformers.AutoConfig.from_pretrained(str(root), trust_remote_code=False)
+        config = hf.read_config(root)
         if attn_implementation is not None:
             return cls._from_config(config, attn_implementation=attn_implementation)
         return cls(config)
     if spec.get("kind") == "architecture":
         arch = spec["architecture"]
-        return build_architecture(arch["name"], **arch.get("kwargs", {}))
+        try:
+            return build_architecture(arch["name"], **arch.get("kwargs", {}))
+        except (TypeError, ValueError, RuntimeError) as err:
+            if isinstance(err, SpecdefError):
+                raise
+            raise SpecdefError(
+                f"The manifest's architecture {arch['name']!r} cannot be built from its kwargs "
+                f"({str(err).splitlines()[0][:160]}); re-save the checkpoint."
+            ) from None
     raise SpecdefError(f"Unknown model kind {spec.get('kind')!r} in the manifest.")
 
 
@@ -399,15 +474,34 @@ def load_defended(
     which double backward needs on CPU.
     """
     root = Path(path)
-    manifest = read_manifest(root)
-    check_integrity(manifest, root)
+    manifest = read_manifest(root)  # schema and integrity checked
     dtype = getattr(torch, str(manifest.get("dtype", "float32")), None)
     if not isinstance(dtype, torch.dtype):
         raise SpecdefError(f"Manifest dtype {manifest.get('dtype')!r} is not a torch dtype.")
     files = list(manifest.get("weights", {}).get("files", []))
     if not files:
         files = [WEIGHTS]
-    state = _read_weights(root, files)
+    state = _read_weights(root, files)  # bounded by the files' sizes
+    with torch.device("meta"):  # shapes first: a lying manifest never allocates
+        _check_against(root, _assemble(root, manifest, attn_implementation, dtype), state, manifest)
+    model = _assemble(root, manifest, attn_implementation, dtype)
+    aliases = dict(manifest.get("weights", {}).get("aliases", {}))
+    for dropped, kept in aliases.items():
+        if dropped in model.state_dict() and kept in state:
+            state[dropped] = state[kept]  # re-tie even if the rebuilt model did not tie them
+    model.load_state_dict(state, strict=False)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    setattr(model, "specdef_manifest", manifest)  # noqa: B010
+    return model
+
+
+def _assemble(
+    root: Path, manifest: Mapping[str, Any], attn_implementation: str | None, dtype: torch.dtype
+) -> nn.Module:
+    """The manifest's model with its defended structure, uninitialized (call under the meta device
+    to check shapes without allocating)."""
     model = _build_base(root, manifest.get("model", {}), attn_implementation).to(dtype)
     for entry in manifest.get("structure", []):
         name = entry["name"]
@@ -419,18 +513,25 @@ def load_defended(
                 "manifest does not match the model — re-save the checkpoint."
             ) from None
         m, n = entry["shape"]
-        layer = DefendedLinear(
-            n, m, bias=bool(entry["bias"]), alpha=float(entry["alpha"]), top_k=int(entry["top_k"]),
-            source=str(entry.get("source", "linear")), dtype=dtype,
-        )  # fmt: skip
         weight = getattr(original, "weight", None)
         expected = (m, n) if entry.get("source") != "conv1d" else (n, m)
-        if weight is None or tuple(weight.shape) != expected:
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != expected:
             raise SpecdefError(
                 f"Manifest shape {m}×{n} of layer {name!r} does not match the model's "
                 f"{tuple(weight.shape) if weight is not None else 'missing weight'}; re-save it."
             )
+        layer = DefendedLinear(
+            n, m, bias=bool(entry["bias"]), alpha=float(entry["alpha"]), top_k=int(entry["top_k"]),
+            source=str(entry.get("source", "linear")), dtype=dtype,
+        )  # fmt: skip
         set_submodule(model, name, layer)
+    return model
+
+
+def _check_against(
+    root: Path, model: nn.Module, state: Mapping[str, torch.Tensor], manifest: Mapping[str, Any]
+) -> None:
+    """Refuse weights whose names or shapes do not match the model the manifest describes."""
     aliases = dict(manifest.get("weights", {}).get("aliases", {}))
     wanted = model.state_dict()
     missing = [k for k in wanted if k not in state and k not in aliases]
@@ -449,15 +550,6 @@ def load_defended(
                 f"Tensor {key!r} has shape {tuple(tensor.shape)} in the weights but "
                 f"{tuple(wanted[key].shape)} in the rebuilt model; the manifest does not match."
             )
-    for dropped, kept in aliases.items():
-        if dropped in wanted and kept in state:
-            state[dropped] = state[kept]  # re-tie even if the rebuilt model did not tie them
-    model.load_state_dict(state, strict=False)
-    if device is not None:
-        model.to(device)
-    model.eval()
-    setattr(model, "specdef_manifest", manifest)  # noqa: B010
-    return model
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Any | None:
@@ -467,4 +559,10 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any | None:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(root), trust_remote_code=False)
+    try:
+        return AutoTokenizer.from_pretrained(str(root), trust_remote_code=False)
+    except (ValueError, OSError, KeyError, TypeError) as err:
+        raise SpecdefError(
+            f"Cannot load the tokenizer in {str(root)!r} without remote code "
+            f"({str(err).splitlines()[0][:160]}); specdef never runs code from a model directory."
+        ) from None

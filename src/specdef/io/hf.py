@@ -17,8 +17,11 @@ No remote code is involved: the classes are built from transformers' own classes
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -34,6 +37,34 @@ _PREFIX = "SpecDef"
 _CONFIGS: dict[str, type[PreTrainedConfig]] = {}
 
 
+REMOTE_CODE_KEYS = ("auto_map",)  # config entries that point transformers at remote code
+
+
+def read_config(root: str | os.PathLike[str]) -> PreTrainedConfig:
+    """``AutoConfig`` of model directory ``root`` without remote code: an ``auto_map`` beside a
+    model type transformers knows is ignored (and never released, see
+    :func:`specdef.io.allowlist.strip_remote_code`); a type only remote code defines, or a
+    config.json that does not parse, is a :class:`SpecdefError`."""
+    import transformers
+
+    path = Path(root) / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise SpecdefError(f"Cannot read {str(path)!r} ({err}); repair it.") from None
+    if not isinstance(raw, dict):
+        raise SpecdefError(f"{str(path)!r} is not a JSON object; repair it.")
+    try:
+        return transformers.AutoConfig.from_pretrained(str(root), trust_remote_code=False)
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        remote = " (it asks for remote code via auto_map)" if "auto_map" in raw else ""
+        raise SpecdefError(
+            f"transformers {transformers.__version__} cannot build the config of {str(root)!r}"
+            f"{remote}: {str(err).splitlines()[0][:160]}; specdef never runs code from a model "
+            "directory — use a model type transformers knows."
+        ) from None
+
+
 def config_json(
     config: Mapping[str, Any],
     structure: list[dict[str, Any]],
@@ -45,6 +76,8 @@ def config_json(
     config dict re-typed as :data:`MODEL_TYPE`, the layers under ``"specdef"``; with no defended
     layer (e.g. after the informed attacker's fuse) the plain base config again."""
     out = copy.deepcopy(dict(config))
+    for key in REMOTE_CODE_KEYS:  # a release never points a loader at remote code
+        out.pop(key, None)
     previous = out.pop(MODEL_TYPE, None)
     if out.get("model_type") == MODEL_TYPE:
         if not isinstance(previous, Mapping) or not isinstance(

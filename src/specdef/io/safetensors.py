@@ -61,5 +61,10 @@ def checkpoint_weights(path: str | Path) -> dict[str, torch.Tensor]:
             ) from None
         for key, t in tensors.items():
             if t.ndim == 2 and t.is_floating_point():
+                if not bool(torch.isfinite(t).all()):
+                    raise SpecdefError(
+                        f"Tensor {key!r} in {str(file)!r} contains NaN or Inf entries; its "
+                        "spectrum is undefined — repair the checkpoint first."
+                    )
                 out[key.removesuffix(".weight")] = t
     return out

@@ -27,7 +27,7 @@ from specdef.defense.cost import forward_latency, inference_cost
 from specdef.defense.layer import count_parameters
 from specdef.errors import SpecdefError
 from specdef.io import card
-from specdef.io.allowlist import Skipped, release_files
+from specdef.io.allowlist import Skipped, release_files, strip_remote_code
 from specdef.io.checkpoint import NATIVE_RECORD, model_dtype, native_record, save_defended
 from specdef.native.apply import PairRecord, apply_native_
 from specdef.release.sources import Source, check_finite, load_source, probe_batch
@@ -261,3 +261,4 @@ def _save_native(
             source.tokenizer.save_pretrained(str(tmp))
         write_json_atomic(tmp / NATIVE_RECORD, record)
         write_text_atomic(tmp / card.CARD, model_card)
+        strip_remote_code(tmp)

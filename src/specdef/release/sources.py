@@ -24,6 +24,8 @@ from specdef.io.checkpoint import (
     load_tokenizer,
     model_dtype,
 )
+from specdef.io.hf import read_config
+from specdef.streaming.shards import check_shapes, open_checkpoint
 
 # Benign English text for probe batches and perplexity (written for specdef; no licence issue).
 PROBE_TEXT = (
@@ -54,7 +56,7 @@ def _load_transformers_dir(root: Path, dtype: torch.dtype | None) -> nn.Module:
             f"{str(root)!r} has no *.safetensors weights (found: {found}); specdef never unpickles "
             ".bin/.pt files — convert the model to safetensors first."
         )
-    config = transformers.AutoConfig.from_pretrained(str(root), trust_remote_code=False)
+    config = read_config(root)
     names = list(getattr(config, "architectures", None) or [])
     cls = getattr(transformers, names[0], None) if names else None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
@@ -76,6 +78,16 @@ def _load_transformers_dir(root: Path, dtype: torch.dtype | None) -> nn.Module:
         raise SpecdefError(
             f"Cannot read the weights in {str(root)!r} ({str(err).splitlines()[0]}); the "
             "safetensors file is missing or truncated."
+        ) from None
+    except RuntimeError as err:  # a header shape that config.json does not imply
+        if "mismatch" not in str(err):
+            raise
+        with torch.device("meta"):
+            expected = cls._from_config(config)  # type: ignore[union-attr]
+        check_shapes(open_checkpoint(root), expected)  # names the tensor
+        raise SpecdefError(
+            f"The weights in {str(root)!r} do not have the shapes its config.json implies; "
+            "re-save the checkpoint."
         ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -109,11 +121,12 @@ def load_source(
         if (root / MANIFEST).exists():
             model = load_defended(root, attn_implementation=attn_implementation)
             model = model.to(dtype) if dtype is not None else model
+            check_finite(model)
             return Source(model, load_tokenizer(root), src, "specdef-checkpoint")
         if (root / "config.json").exists():
-            return Source(
-                _load_transformers_dir(root, dtype), load_tokenizer(root), src, "transformers-dir"
-            )
+            model = _load_transformers_dir(root, dtype)
+            check_finite(model)  # NaN/Inf weights: every later spectrum or loss is undefined
+            return Source(model, load_tokenizer(root), src, "transformers-dir")
         raise SpecdefError(
             f"{src!r} is a directory without config.json or {MANIFEST}; pass a Hugging Face model "
             "directory, a specdef checkpoint, or a zoo model name."
@@ -178,5 +191,5 @@ def check_finite(model: nn.Module) -> None:
         if param.is_floating_point() and not bool(torch.isfinite(param).all()):
             raise SpecdefError(
                 f"Parameter {name!r} contains NaN or Inf entries; repair the source model before "
-                "defending it."
+                "defending, attacking or transforming it."
             )

@@ -107,9 +107,17 @@ def verify(
     """Compare ``defended`` with ``original`` on a probe batch (and, for causal LMs with a
     tokenizer, greedy generations and perplexity on the probe text)."""
     tokenizer = defended.tokenizer or original.tokenizer
+    if tolerance is not None and not (math.isfinite(tolerance) and tolerance > 0):
+        raise SpecdefError(f"Expected a tolerance > 0 (finite), found {tolerance}; e.g. 1e-5.")
     batch = probe_batch(original.model, tokenizer, seed=seed)
     ref = probing.model_output(original.model, batch)
-    out = probing.model_output(defended.model, batch)
+    try:
+        out = probing.model_output(defended.model, batch)
+    except (RuntimeError, TypeError, ValueError, IndexError) as err:
+        raise SpecdefError(
+            f"The defended model cannot run on the source model's probe input "
+            f"({str(err).splitlines()[0][:160]}); is OUT a defended copy of SRC?"
+        ) from None
     if ref.shape != out.shape:
         raise SpecdefError(
             f"The two models' outputs differ in shape ({tuple(ref.shape)} vs {tuple(out.shape)}); "

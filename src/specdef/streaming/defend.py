@@ -48,7 +48,7 @@ from specdef.defense.step import LayerReport, defend_layer
 from specdef.defense.targets import select_targets
 from specdef.errors import SpecdefError
 from specdef.io import card, hf
-from specdef.io.allowlist import Skipped, release_files
+from specdef.io.allowlist import Skipped, release_files, strip_remote_code
 from specdef.io.checkpoint import (
     MANIFEST,
     NATIVE_RECORD,
@@ -66,6 +66,7 @@ from specdef.streaming.shards import (
     SAFETENSORS_DTYPES,
     Checkpoint,
     Item,
+    check_shapes,
     open_checkpoint,
     write_shards,
 )
@@ -97,7 +98,7 @@ class StreamingResult:
 def _meta_model(root: Path) -> nn.Module:
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(str(root), trust_remote_code=False)
+    config = hf.read_config(root)
     names = list(getattr(config, "architectures", None) or [])
     cls = getattr(transformers, names[0], None) if names else None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
@@ -143,6 +144,8 @@ def defend_streaming(
     start = time.perf_counter()
     source = open_checkpoint(src)
     model = _meta_model(source.root)
+    # a lying header would otherwise write a checkpoint that never loads
+    check_shapes(source, model)
     options = {
         "mode": mode,
         "config": config.to_dict(),
@@ -171,6 +174,7 @@ def defend_streaming(
         copied, skipped = release_files(source.root)
         for item in copied:  # config, tokenizer, generation config, licence — the allowlist
             shutil.copy2(item, tmp / item.name)
+        strip_remote_code(tmp)
         dtype = _model_dtype(source, model)
         dtype_name = str(dtype).removeprefix("torch.")
         if mode == "algorithm1":

@@ -30,8 +30,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from specdef.errors import SpecdefError
-from specdef.utils.files import check_output_target, file_sha256, write_json_atomic
+from specdef.errors import SpecdefError, WriteError
+from specdef.utils.files import check_output_target, file_sha256, write_json_atomic, writing
 
 log = logging.getLogger(__name__)
 
@@ -149,11 +149,18 @@ def staged_directory(
                 f"Another specdef run is writing {str(target)!r} (lock held on {str(root)!r}); "
                 "wait for it to finish or choose another -o."
             ) from None
-        _prepare(root, options, overwrite)
+        try:
+            with writing(target):
+                _prepare(root, options, overwrite)  # its own refusals keep the leftover run
+        except WriteError as err:
+            raise _kept(err, root) from None
         staging = Staging(root)
         try:
-            yield staging
-            staging.publish(target)
+            with writing(target):
+                yield staging
+                staging.publish(target)
+        except WriteError as err:  # a full disk recurs only until space is freed: keep the work
+            raise _kept(err, root) from None
         except SpecdefError:
             shutil.rmtree(root, ignore_errors=True)
             raise
@@ -162,6 +169,12 @@ def staged_directory(
             raise
     finally:
         lock.close()
+
+
+def _kept(err: WriteError, root: Path) -> WriteError:
+    return WriteError(
+        f"{err} The partial run is kept in {str(root)!r}: rerun the same command to resume it."
+    )
 
 
 def _prepare(root: Path, options: dict[str, Any], overwrite: bool) -> None:

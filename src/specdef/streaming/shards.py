@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
+from torch import nn
 
 from specdef.errors import SpecdefError
 from specdef.io.checkpoint import INDEX, WEIGHTS
@@ -106,6 +107,20 @@ def open_checkpoint(src: str | os.PathLike[str]) -> Checkpoint:
                 f"Shard {str(root / fname)!r} is truncated or corrupt ({err}); re-save it."
             ) from None
     return Checkpoint(root, files, weight_map, specs)
+
+
+def check_shapes(source: Checkpoint, model: nn.Module) -> None:
+    """Refuse a checkpoint whose safetensors headers disagree with the shapes its config.json
+    implies (``model`` built from that config, e.g. on the meta device) — a transposed or lying
+    header — before anything is read in full or written."""
+    for name, tensor in model.state_dict().items():
+        spec = source.specs.get(name)
+        if spec is not None and tuple(spec[1]) != tuple(tensor.shape):
+            raise SpecdefError(
+                f"Tensor {name!r} has shape {list(spec[1])} in the header of "
+                f"{str(source.root / source.weight_map[name])!r} but config.json implies "
+                f"{list(tensor.shape)}; the checkpoint does not match its config — re-save it."
+            )
 
 
 def read_tensor(source: Checkpoint, name: str) -> torch.Tensor:

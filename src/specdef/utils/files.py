@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from specdef.errors import SpecdefError
+from specdef.errors import WRITE_ERRNOS, SpecdefError, WriteError, write_error
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -24,21 +24,34 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return hasher.hexdigest()
 
 
+@contextlib.contextmanager
+def writing(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn a write failure (ENOSPC, EFBIG, EACCES, EROFS, …) inside the block into the one-line
+    :class:`~specdef.errors.WriteError` naming ``path``."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in WRITE_ERRNOS:
+            raise write_error(err, path) from None
+        raise
+
+
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder, then rename."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    target = Path(os.path.abspath(path))
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
@@ -50,12 +63,18 @@ def append_jsonl(path: str | os.PathLike[str], row: dict[str, Any]) -> None:
     """Append one JSON row and fsync. A row is written with a single ``write`` call of a whole line,
     so a killed process leaves at most one truncated last line, which :func:`read_jsonl` skips."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(row, default=str, allow_nan=True) + "\n"
-    with open(target, "a", encoding="utf-8") as handle:
-        handle.write(line)
-        handle.flush()
-        os.fsync(handle.fileno())
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "a", encoding="utf-8") as handle:
+            start = handle.tell()
+            try:
+                handle.write(line)
+                handle.flush()
+                os.fsync(handle.fileno())
+            except OSError:
+                handle.truncate(start)  # a full disk leaves no partial row behind
+                raise
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -64,19 +83,38 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     if not target.exists():
         return []
     rows: list[dict[str, Any]] = []
-    with open(target, encoding="utf-8") as handle:
-        for line in handle:
+    with open(target, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
             if not line.endswith("\n"):
                 break  # a write cut short by a kill: not a finished row
             line = line.strip()
-            if line:
-                rows.append(json.loads(line))
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as err:
+                raise SpecdefError(
+                    f"Line {number} of {str(target)!r} is not JSON ({err}); remove or repair that "
+                    "line (rows are one JSON object per line)."
+                ) from None
+            if not isinstance(row, dict):
+                raise SpecdefError(
+                    f"Line {number} of {str(target)!r} is a JSON {type(row).__name__}, not a row "
+                    "object; remove or repair that line."
+                )
+            rows.append(row)
     return rows
 
 
 def check_output_target(target: Path, *, overwrite: bool) -> Path:
     """Refuse an existing ``target`` unless ``overwrite``; create its parent and check that it is
     writable, before any work starts. Returns the parent."""
+    target = Path(os.path.abspath(target))  # 'out/../x' is x, even while out does not exist
+    if target.exists() and not target.is_dir():
+        raise SpecdefError(
+            f"Output path {str(target)!r} is a file; the output is a directory — choose another "
+            "path (--overwrite replaces directories only)."
+        )
     if target.exists() and not overwrite:
         raise SpecdefError(
             f"Output path {str(target)!r} already exists; choose another path or pass --overwrite."
@@ -102,17 +140,21 @@ def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -
     Refuses an existing ``path`` unless ``overwrite``; checks that the parent is writable before any
     work starts. On failure the temporary directory is removed and ``path`` is untouched.
     """
-    target = Path(path)
+    target = Path(os.path.abspath(path))
     parent = check_output_target(target, overwrite=overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
-    try:
-        yield tmp
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with writing(target):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+        try:
+            yield tmp
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except WriteError as err:  # name the file where the user will look for it
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise WriteError(str(err).replace(str(tmp), str(target))) from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def replace_markdown_section(path: str | os.PathLike[str], heading: str, text: str) -> None:
@@ -147,7 +189,12 @@ def replace_marked_region(path: str | os.PathLike[str], start: str, end: str, te
 
 def preflight_output(path: str | os.PathLike[str], *, overwrite: bool) -> None:
     """Fail fast (before any heavy work) when ``path`` exists or its folder is not writable."""
-    target = Path(path)
+    target = Path(os.path.abspath(path))
+    if target.exists() and not target.is_dir():
+        raise SpecdefError(
+            f"Output path {str(target)!r} is a file; the output is a directory — choose another "
+            "path (--overwrite replaces directories only)."
+        )
     if target.exists() and not overwrite:
         raise SpecdefError(
             f"Output path {str(target)!r} already exists; choose another path or pass --overwrite."

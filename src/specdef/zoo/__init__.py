@@ -16,6 +16,7 @@ from specdef.zoo.images import FashionMnistMissing
 from specdef.zoo.models import (
     ModelInfo,
     build_record,
+    check_pairing,
     list_models,
     load_model,
     load_tokenizer,
@@ -28,6 +29,7 @@ from specdef.zoo.text import PROMPT_SETS, Pair, load_prompts
 __all__ = [
     "PROMPT_SETS",
     "TASKS",
+    "check_pairing",
     "FashionMnistMissing",
     "ModelInfo",
     "Pair",

@@ -22,6 +22,7 @@ from specdef.errors import SpecdefError, did_you_mean
 from specdef.zoo import hf, language, vision
 from specdef.zoo._assets import MINILM, SMOLLM2
 from specdef.zoo._cache import read_manifest
+from specdef.zoo.datasets import TASKS
 
 CacheDir = str | os.PathLike[str] | None
 
@@ -253,3 +254,23 @@ def prepare(name: str, *, cache_dir: CacheDir = None, verify: bool = False) -> b
     if entry.info.tokenizer == "smollm2-135m":
         hf.smollm2_tokenizer_dir(cache_dir, verify=verify)
     return not was_ready
+
+
+# which task kind each zoo model kind trains on (ModelInfo.kind → TaskInfo.kind)
+TRAINS_ON = {"causal-lm": "causal-lm", "vision": "classification"}
+
+
+def check_pairing(model: str, task: str) -> None:
+    """Refuse a zoo model and a zoo task of different kinds (a vision model on a language task, …)
+    from the registries alone, before either is loaded; names outside the zoo pass (their
+    compatibility is checked on the loaded objects, :func:`specdef.tasks.check_compatible`)."""
+    if model not in model_names() or task not in TASKS:
+        return
+    kind = model_info(model).kind
+    wanted = TRAINS_ON.get(kind)
+    found = TASKS[task].kind
+    if wanted is not None and found != wanted:
+        raise SpecdefError(
+            f"Model {model!r} ({kind}) cannot train on task {task!r} ({found}); pick a {wanted} "
+            "task or a model of the task's kind."
+        )
