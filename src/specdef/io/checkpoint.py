@@ -39,6 +39,7 @@ from specdef.defense.layer import DefendedLinear, defended_layers, set_submodule
 from specdef.errors import SpecdefError
 from specdef.io import hf
 from specdef.native.apply import PairRecord
+from specdef.utils.dtypes import default_dtype
 from specdef.utils.files import (
     atomic_directory,
     confined,
@@ -408,7 +409,8 @@ def load_defended(
     if not files:
         files = [WEIGHTS]
     state = _read_weights(root, files)
-    model = _build_base(root, manifest.get("model", {}), attn_implementation).to(dtype)
+    with default_dtype(dtype):
+        model = _build_base(root, manifest.get("model", {}), attn_implementation).to(dtype)
     for entry in manifest.get("structure", []):
         name = entry["name"]
         try:
