@@ -13,6 +13,8 @@ dense Hessian fits in memory), optionally pre-trained with ``data.pretrain`` (an
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import dataclasses
 import functools
@@ -38,6 +40,7 @@ from specdef.informed.transforms import apply_adaptive
 from specdef.linalg import spectral
 from specdef.native.apply import apply_native_
 from specdef.tasks import Batch, Task
+from specdef.utils.devices import to_device
 from specdef.utils.dtypes import dtype_named
 from specdef.zoo import TASKS, load_model, load_task, load_tokenizer
 
@@ -54,8 +57,23 @@ def _cached_zoo_model(name: str, attn_implementation: str | None) -> nn.Module:
     return load_model(name, attn_implementation=attn_implementation)
 
 
+_DEVICE: contextvars.ContextVar[str] = contextvars.ContextVar("specdef_run_device", default="cpu")
+
+
+@contextlib.contextmanager
+def on_device(device: torch.device) -> Any:
+    """Run every experiment run inside on ``device``: :func:`load_run_model` puts the model
+    there, and probe / training / Hessian batches follow the model."""
+    token = _DEVICE.set(str(device))
+    try:
+        yield
+    finally:
+        _DEVICE.reset(token)
+
+
 def load_run_model(run: Any) -> nn.Module:
-    """A fresh copy of the run's model in float32 (zoo models are loaded once per process)."""
+    """A fresh copy of the run's model in float32 (zoo models are loaded once per process), on
+    the device of :func:`on_device` (the CPU by default)."""
     spec = run.model
     if isinstance(spec, str):
         attn = run.data.get("attn_implementation")
@@ -70,7 +88,7 @@ def load_run_model(run: Any) -> nn.Module:
             task = load_run_task(run, name=run.data.get("pretrain_task", run.task))
             run_attack(model, task, AttackSpec(**{**pretrain, "seed": run.seed}))
     model.eval()
-    return model
+    return model.to(torch.device(_DEVICE.get()))
 
 
 def load_run_task(run: Any, *, name: str | None = None) -> Task:
@@ -227,7 +245,12 @@ def _batches(task: Task, run: Any) -> list[Batch]:
 
 
 def _to_dtype(batches: list[Batch], dtype: torch.dtype) -> list[Batch]:
-    return [{k: v.to(dtype) if v.is_floating_point() else v for k, v in b.items()} for b in batches]
+    """``batches`` in ``dtype`` (floating tensors), on the run's device."""
+    device = torch.device(_DEVICE.get())
+    return [
+        {k: (v.to(dtype) if v.is_floating_point() else v).to(device) for k, v in b.items()}
+        for b in batches
+    ]
 
 
 def run_curvature_kind(run: Any) -> dict[str, Any]:
@@ -297,7 +320,7 @@ def _probe(task: Task, run: Any) -> Any:
     splits = task.eval_splits()
     if split not in splits:
         raise SpecdefError(f"Probe split {split!r} not in task {task.name!r}: {sorted(splits)}.")
-    batch = splits[split][0]
+    batch = to_device(splits[split][0], torch.device(_DEVICE.get()))
     if "x" in batch:
         return batch["x"]
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
