@@ -22,6 +22,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,12 +38,15 @@ from specdef.defense.config import SpecDefConfig
 from specdef.defense.layer import count_parameters, defended_layers, linear_form
 from specdef.errors import SpecdefError, did_you_mean
 from specdef.informed.transforms import apply_adaptive
+from specdef.io.checkpoint import MANIFEST
+from specdef.io.checkpoint import load_tokenizer as checkpoint_tokenizer
 from specdef.linalg import spectral
 from specdef.native.apply import apply_native_
+from specdef.release.sources import load_source
 from specdef.tasks import Batch, Task
 from specdef.utils.devices import to_device
 from specdef.utils.dtypes import dtype_named
-from specdef.zoo import TASKS, load_model, load_task, load_tokenizer
+from specdef.zoo import TASKS, load_model, load_task, load_tokenizer, model_names
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +57,31 @@ def model_name(model: str | Mapping[str, Any]) -> str:
 
 @functools.lru_cache(maxsize=2)
 def _cached_zoo_model(name: str, attn_implementation: str | None) -> nn.Module:
-
+    """A zoo model, or the Hugging Face directory / specdef checkpoint at path ``name`` (float32)."""
+    if Path(name).is_dir():
+        source = load_source(name, dtype=torch.float32, attn_implementation=attn_implementation)
+        return source.model
     return load_model(name, attn_implementation=attn_implementation)
+
+
+def check_model(model: str | Mapping[str, Any]) -> None:
+    """Refuse (one line) a ``model:`` that is neither a zoo name nor a directory specdef loads
+    (a Hugging Face directory with config.json, or a specdef checkpoint)."""
+    if not isinstance(model, str):
+        return
+    path = Path(model)
+    if path.is_dir():
+        if not ((path / "config.json").is_file() or (path / MANIFEST).is_file()):
+            raise SpecdefError(
+                f"model {model!r} is a directory without config.json or {MANIFEST}; pass a "
+                "Hugging Face model directory, a specdef checkpoint or a zoo model name."
+            )
+        return
+    if model not in model_names():
+        raise SpecdefError(
+            did_you_mean(model, model_names(), what="model")
+            + " (or a Hugging Face model directory / specdef checkpoint that exists)."
+        )
 
 
 _DEVICE: contextvars.ContextVar[str] = contextvars.ContextVar("specdef_run_device", default="cpu")
@@ -126,7 +153,17 @@ def _cached_task(name: str, tokenizer: str | None, kwargs: tuple[tuple[str, Any]
 
     extra: dict[str, Any] = dict(kwargs)
     if tokenizer is not None:
-        extra["tokenizer"] = load_tokenizer(tokenizer)
+        found = (
+            checkpoint_tokenizer(tokenizer)
+            if Path(tokenizer).is_dir()
+            else load_tokenizer(tokenizer)
+        )
+        if found is None:
+            raise SpecdefError(
+                f"Task {name!r} needs a tokenizer, and {tokenizer!r} has none; save one beside "
+                "the model (tokenizer.json)."
+            )
+        extra["tokenizer"] = found
     return load_task(name, **extra)
 
 
@@ -397,6 +434,10 @@ def validate_runs(runs: Sequence[Any]) -> None:
     a bad value late in a grid fails before anything is written, not after the first rows."""
     for number, run in enumerate(runs, start=1):
         where = f"run {number} ({run.run_id})"
+        try:
+            check_model(run.model)
+        except SpecdefError as err:
+            raise SpecdefError(f"{where}: {err}") from None
         defense = dict(run.defense)
         if defense.get("alpha") is not None:
             for key in defense:
