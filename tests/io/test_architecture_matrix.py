@@ -98,9 +98,12 @@ def test_matrix_cell(tmp_path: Path, arch: str, mode: str) -> None:
 
 
 def test_conv2d_cnn_cells(tmp_path: Path) -> None:
-    """The zoo's Conv2d CNN: Algorithm 1 defends its linear layers (a specdef architecture, so it
-    reloads with load_defended, not transformers); a convolution named as a target is refused in
-    one line naming Conv2d; native mode refuses in one line (no Linear→ReLU→Linear chain)."""
+    """The zoo's Conv2d CNN (a specdef architecture, so it reloads with load_defended, not
+    transformers). Algorithm 1 defends its linear layers; a convolution named as an Algorithm-1
+    target is refused in one line naming Conv2d. Native mode deforms the Conv2d → ReLU → MaxPool
+    → Conv2d pair (output channels of the first, input channels of the second) and detection finds
+    it from the tensors (the architecture comes from the manifest's model entry; nothing about the
+    defense is read)."""
     out = tmp_path / "a1"
     result = defend(DefendRequest(source="cnn-digits", output=out, config=CONFIG))
     assert result.report is not None
@@ -117,11 +120,13 @@ def test_conv2d_cnn_cells(tmp_path: Path) -> None:
     with pytest.raises(SpecdefError, match="Conv2d") as err:
         defend(DefendRequest(source="cnn-digits", output=tmp_path / "conv", config=conv))
     assert "\n" not in str(err.value)
-    with pytest.raises(SpecdefError, match="no exact linear symmetry") as err:
-        defend(
-            DefendRequest(source="cnn-digits", output=tmp_path / "n", config=CONFIG, mode="native")
-        )
-    assert "\n" not in str(err.value)
+
+    native = tmp_path / "native"
+    result = defend(DefendRequest(source="cnn-digits", output=native, config=CONFIG, mode="native"))
+    assert [p.pair for p in result.pairs] == ["features.0+features.3"]
+    assert verify(original, load_source(str(native))).passed
+    found = detect_checkpoint(native)
+    assert [p.inflated for p in found.native_deformed] == ["features.0"] and not found.pairs
 
 
 @pytest.mark.parametrize(

@@ -68,6 +68,16 @@ def checkpoint_native(
     def key(module: str) -> str:
         return saved[f"{module}.weight"].removesuffix(".weight")
 
+    conv = [
+        f"{key(m)}.weight"
+        for p in found
+        if p.layout == "conv"
+        for m in (p.inflated, p.compensating)
+    ]
+    weights = {
+        **weights,
+        **{k.removesuffix(".weight"): t for k, t in _read_tensors(files, set(conv)).items()},
+    }
     pairs = [
         replace(p, inflated=key(p.inflated), compensating=key(p.compensating))
         for p in found

@@ -24,6 +24,8 @@ from specdef.linalg import symmetry as sym
 KINDS = ("attention", "gated_mlp", "relu_mlp")
 # Activations f with f(c·x) = c·f(x) for every c > 0: a positive diagonal passes through them.
 _HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.Identity)
+# ... and per-channel maps that commute with a positive per-channel scale (between two Conv2d)
+_CHANNELWISE = (nn.MaxPool2d, nn.Dropout2d)
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,9 @@ class SymmetricPair:
 
     ``inflated`` is the module whose weight is deformed (V, up, or the first ReLU layer);
     ``compensating`` absorbs the inverse (O, down, or the next layer). ``heads`` / ``kv_heads`` are
-    set for attention pairs. ``layout`` is ``"linear"`` (weights stored out×in), ``"fused"``
+    set for attention pairs. ``layout`` is ``"linear"`` (weights stored out×in), ``"conv"`` (two
+    Conv2d joined by ReLU / max-pooling: the diagonal scales the first one's output channels and
+    the second one's input channels), ``"fused"``
     (a Linear whose output rows hold more than the inflated side: V inside a fused QKV projection,
     ``up`` inside Phi-3's ``gate_up_proj``) or ``"gpt2"`` (``Conv1D`` weights stored in×out, V a
     slice of ``c_attn``'s output columns). For ``"fused"`` and ``"gpt2"`` the inflated side is the
@@ -61,7 +65,7 @@ def inflated_index(pair: SymmetricPair) -> torch.Tensor | None:
     """The output features of the inflated module that form the pair's inflated side (rows of a
     ``"fused"`` Linear weight, columns of a ``"gpt2"`` Conv1D weight, entries of the bias), or
     ``None`` when the whole module is (``"linear"``)."""
-    if pair.layout == "linear":
+    if pair.layout in ("linear", "conv"):
         return None
     starts = pair.v_offset + pair.v_stride * torch.arange(pair.v_count)
     return (starts.unsqueeze(1) + torch.arange(pair.v_block)).flatten()
@@ -228,16 +232,35 @@ def _mlp_pairs(name: str, module: nn.Module) -> list[SymmetricPair]:
     pairs = []
     items = list(children.items())
     for i, (first_name, first) in enumerate(items):
-        if not isinstance(first, nn.Linear):
+        kind = nn.Linear if isinstance(first, nn.Linear) else nn.Conv2d
+        if not isinstance(first, nn.Linear | nn.Conv2d):
             continue
+        between = (*_HOMOGENEOUS, nn.Dropout) + (_CHANNELWISE if kind is nn.Conv2d else ())
         j = i + 1
         saw_activation = False
-        while j < len(items) and isinstance(items[j][1], (*_HOMOGENEOUS, nn.Dropout)):
+        while j < len(items) and isinstance(items[j][1], between):
             saw_activation = saw_activation or isinstance(items[j][1], nn.ReLU | nn.LeakyReLU)
             j += 1
-        if saw_activation and j < len(items) and isinstance(items[j][1], nn.Linear):
-            pairs.append(SymmetricPair("relu_mlp", prefix + first_name, prefix + items[j][0]))
+        if saw_activation and j < len(items) and isinstance(items[j][1], kind):
+            second = items[j][1]
+            if kind is nn.Conv2d and not _plain_conv(first, second):
+                continue
+            layout = "conv" if kind is nn.Conv2d else "linear"
+            pairs.append(
+                SymmetricPair("relu_mlp", prefix + first_name, prefix + items[j][0], layout=layout)
+            )
     return pairs
+
+
+def _plain_conv(first: nn.Module, second: nn.Module) -> bool:
+    """Ungrouped convolutions whose channels match (a grouped one mixes no channels across groups,
+    but its weight is not one channel-by-channel matrix)."""
+    return (
+        isinstance(first, nn.Conv2d)
+        and isinstance(second, nn.Conv2d)
+        and first.groups == second.groups == 1
+        and first.out_channels == second.in_channels
+    )
 
 
 def find_symmetric_pairs(model: nn.Module) -> list[SymmetricPair]:
@@ -337,6 +360,12 @@ def stored_pair(
             None if b1 is None else b1[index].to(torch.float64, copy=True),
             w2.T.to(torch.float64, copy=True),
         )
+    if pair.layout == "conv":  # rows: output channels of the first, columns: inputs of the second
+        return sym.PairTensors(
+            w1.reshape(w1.shape[0], -1).to(torch.float64, copy=True),
+            _f64(b1),
+            w2.movedim(1, -1).reshape(-1, w2.shape[1]).to(torch.float64, copy=True),
+        )
     if index is not None:  # fused: the inflated side is some of the output rows
         w1, b1 = w1[index], None if b1 is None else b1[index]
     return sym.PairTensors(
@@ -355,6 +384,13 @@ def write_pair(model: nn.Module, pair: SymmetricPair, tensors: sym.PairTensors) 
         if b1 is not None and tensors.bias is not None:
             b1[index] = tensors.bias.to(b1.dtype)
         w2.copy_(tensors.compensating.T.to(w2.dtype))
+        return
+    if pair.layout == "conv":
+        w1.copy_(tensors.inflated.reshape(w1.shape).to(w1.dtype))
+        if b1 is not None and tensors.bias is not None:
+            b1.copy_(tensors.bias.to(b1.dtype))
+        moved = (w2.shape[0], *w2.shape[2:], w2.shape[1])
+        w2.copy_(tensors.compensating.reshape(moved).movedim(-1, 1).to(w2.dtype))
         return
     if index is not None:
         w1[index] = tensors.inflated.to(w1.dtype)

@@ -28,6 +28,11 @@ from specdef.utils.progress import track
 
 
 def _keys(pair: SymmetricPair, source: Checkpoint) -> dict[str, str]:
+    if pair.layout == "conv":
+        raise SpecdefError(
+            f"Pair {pair.name}: Conv2d pairs are deformed in memory only; defend without "
+            "--streaming."
+        )
     keys = {
         "w": f"{pair.inflated}.weight",
         "b": f"{pair.inflated}.bias",
