@@ -19,14 +19,28 @@ from specdef.errors import SpecdefError
 
 __version__ = "0.1.0"
 
+# the Python API, documented with tested examples in docs/api.md
 __all__ = [
+    "AttackSpec",
+    "DefendRequest",
+    "ModelVariant",
+    "SearchConfig",
     "SpecDefConfig",
     "SpecdefError",
     "__version__",
     "apply_specdef_",
+    "defend",
+    "detect_checkpoint",
     "load_defended",
+    "load_source",
+    "load_task",
+    "measure_curvature",
+    "run_attack",
+    "run_defense",
+    "run_search",
     "save_defended",
     "undo_specdef_",
+    "verify",
 ]
 
 _LAZY = {
@@ -35,6 +49,19 @@ _LAZY = {
     "undo_specdef_": "specdef.defense.apply",
     "load_defended": "specdef.io.checkpoint",
     "save_defended": "specdef.io.checkpoint",
+    "DefendRequest": "specdef.release.defend",
+    "defend": "specdef.release.defend",
+    "verify": "specdef.release.verify",
+    "load_source": "specdef.release.sources",
+    "run_defense": "specdef.release.tamperbench",
+    "load_task": "specdef.zoo",
+    "AttackSpec": "specdef.attack.loop",
+    "run_attack": "specdef.attack.loop",
+    "ModelVariant": "specdef.attack.sweep",
+    "run_search": "specdef.attack.search.run",
+    "SearchConfig": "specdef.attack.search.space",
+    "measure_curvature": "specdef.defense.certify",
+    "detect_checkpoint": "specdef.informed.detect",
 }
 
 

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from specdef import __version__
-from specdef.commands.common import use_threads
+from specdef.commands.common import use_device, use_threads
 from specdef.errors import SpecdefError
 from specdef.utils import progress
 
@@ -78,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             (not getattr(args, "json", False) and sys.stderr.isatty())
             or bool(os.environ.get("SPECDEF_PROGRESS"))
         ):
+            use_device(args)
             return int(args.func(args) or 0)
     except SpecdefError as err:
         print(f"specdef: error: {err}", file=sys.stderr)

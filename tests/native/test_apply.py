@@ -256,3 +256,32 @@ def test_smollm2_native_round_trip(tmp_path: Path) -> None:
     stock = load_file(str(tmp_path / "smol" / "stock_logits.safetensors"))["logits"]
     assert counts[str(tmp_path / "smol")] == count
     assert _rel(stock, before) <= DEFAULT_TOLERANCE[torch.float32]
+
+
+def test_conv2d_channel_pair_is_exact_and_rebalances() -> None:
+    """Conv2d → ReLU → MaxPool → Conv2d: scaling the first conv's output channels (weights and
+    bias) by D > 0 and the second's input channels by D⁻¹ leaves the function unchanged (ReLU and
+    max-pooling commute with a positive per-channel scale); the top-k channels by norm are × α."""
+    model = load_model("cnn-digits").double()
+    (pair,) = find_symmetric_pairs(model)
+    assert (pair.inflated, pair.compensating, pair.layout) == ("features.0", "features.3", "conv")
+    x = torch.randn(16, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(x)
+    conv = model.features[0]
+    norms = torch.cat([conv.weight.flatten(1), conv.bias[:, None]], 1).norm(dim=1).detach()
+    apply_native_(model, SpecDefConfig(alpha=1e3, top_k=4))
+    after = torch.cat([conv.weight.flatten(1), conv.bias[:, None]], 1).norm(dim=1).detach()
+    ratio = after / norms
+    top = norms.argsort(descending=True)[:4]
+    assert torch.allclose(ratio[top], torch.full((4,), 1e3, dtype=torch.float64))
+    assert torch.allclose(
+        ratio[norms.argsort(descending=True)[4:]], torch.ones(12, dtype=torch.float64)
+    )
+    with torch.no_grad():
+        assert float((model(x) - before).abs().max() / before.abs().max()) < 1e-12
+    assert native_imbalance(model)[pair.name] > 2
+    rebalance_(model)
+    assert native_imbalance(model)[pair.name] < 1e-6
+    with torch.no_grad():
+        assert float((model(x) - before).abs().max() / before.abs().max()) < 1e-12

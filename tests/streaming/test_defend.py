@@ -12,6 +12,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+from _archs import ARCHS
 from _tiny import tiny_llama
 from specdef.defense.apply import apply_specdef_
 from specdef.defense.config import SpecDefConfig
@@ -228,3 +229,23 @@ def test_hostile_shard_index_is_refused_and_writes_nothing(tmp_path: Path, entry
     assert code == 2
     assert not out.exists() and not (tmp_path / "x.safetensors").exists()
     assert not any(p.name.startswith(".out") for p in out.parent.iterdir())
+
+
+@pytest.mark.parametrize("arch", ["phi3", "gpt_neox", "falcon", "opt", "t5"])
+def test_native_streaming_of_fused_and_separate_vo_families(tmp_path: Path, arch: str) -> None:
+    """The native pairs added for fused QKV (V rows sliced out of qkv_proj / query_key_value, up
+    out of gate_up_proj), separate V/out_proj and T5's v/o and ReLU wi/wo: streaming writes the
+    tensors the in-memory path computes."""
+    model = ARCHS[arch].build().double()
+    model.save_pretrained(tmp_path / "src")
+    config = SpecDefConfig(alpha=1e3, top_k=2, method="exact")
+    defend_streaming(tmp_path / "src", tmp_path / "out", config, mode="native")
+    apply_native_(model, config)
+    streamed = _all_tensors(tmp_path / "out")
+    expected = {k: v for k, v in model.state_dict().items() if k in streamed}  # saved = memory name
+    changed = [
+        k for k, v in _all_tensors(tmp_path / "src").items() if not torch.equal(v, streamed[k])
+    ]
+    assert changed and set(changed) <= set(expected)  # the defense did something, on known tensors
+    for key in expected:
+        assert torch.allclose(streamed[key], expected[key], rtol=1e-12, atol=1e-12), key

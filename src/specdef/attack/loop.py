@@ -38,6 +38,7 @@ from specdef.attack.optim import get_optimizer_entry, make_optimizer
 from specdef.defense.layer import defended_layers, parameter_roles
 from specdef.errors import SpecdefError
 from specdef.tasks import Batch, Task
+from specdef.utils.devices import to_device
 
 log = logging.getLogger(__name__)
 
@@ -219,10 +220,6 @@ def lr_factor(spec: AttackSpec, step: int) -> float:
     return 1.0 - progress
 
 
-def _to_device(batch: Batch, device: torch.device) -> Batch:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 def _evaluate(
     task: Task, model: nn.Module, splits: Mapping[str, Any], step: int
 ) -> dict[str, float]:
@@ -292,7 +289,7 @@ def run_attack(
         stream = _shard(
             task.train_batches(batch_size=spec.batch_size * world, seed=spec.seed), rank, world
         )
-        splits = {k: [_to_device(b, device) for b in v] for k, v in task.eval_splits().items()}
+        splits = {k: [to_device(b, device) for b in v] for k, v in task.eval_splits().items()}
         create_graph = entry.needs_create_graph
 
         def closure() -> torch.Tensor:
@@ -324,7 +321,7 @@ def run_attack(
             factor = lr_factor(spec, step)
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * factor
-            micro_batches = [_to_device(next(stream), device) for _ in range(spec.grad_accum)]
+            micro_batches = [to_device(next(stream), device) for _ in range(spec.grad_accum)]
             if entry.needs_batch:
                 _observe(optimizer, task, micro_batches)
             if entry.needs_closure:

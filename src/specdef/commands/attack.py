@@ -20,7 +20,7 @@ from specdef.attack.loop import AttackSpec
 from specdef.attack.metrics import StepsToThreshold, best_over_grid
 from specdef.attack.search import PRUNERS, SearchConfig, SearchSummary, read_rows, run_search
 from specdef.attack.sweep import ModelVariant, attack_grid, run_sweep
-from specdef.commands.common import add_threads_option, print_json, print_table
+from specdef.commands.common import add_device_option, add_threads_option, print_json, print_table
 from specdef.errors import SpecdefError
 from specdef.experiments.config import parse_value
 from specdef.informed.transforms import apply_adaptive, parse_adaptive
@@ -197,6 +197,7 @@ def register(sub: Any) -> None:
         "--edge-batches", type=int, default=1, help="training batches (of --batch-size) for λ_max"
     )
     add_threads_option(parser)
+    add_device_option(parser)
     parser.set_defaults(func=run)  # fmt: skip
 
 
@@ -262,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
             "inside it) — choose a directory path."
         )
     zoo.check_pairing(args.model, args.data)  # before loading either
-    source = load_source(args.model, attn_implementation="eager")
+    source = load_source(args.model, attn_implementation="eager", device=args.device)
     kwargs: dict[str, Any] = {}
     if source.tokenizer is not None:
         kwargs = {"tokenizer": source.tokenizer, "max_length": args.max_length}

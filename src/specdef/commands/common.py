@@ -1,4 +1,5 @@
-"""Small helpers shared by sub-commands: the ``--threads`` option, JSON output and rich tables."""
+"""Small helpers shared by sub-commands: the ``--threads`` and ``--device`` options, JSON output and
+rich tables."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from specdef.utils.devices import DEVICE_CHOICES, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,28 @@ def use_threads(args: argparse.Namespace) -> int | None:
     torch.set_num_threads(threads)
     log.info("torch threads: %d", threads)
     return threads
+
+
+DEVICE_HELP = (
+    f"where the model runs: {DEVICE_CHOICES} (default: auto — CUDA device 0 when CUDA is "
+    "available, else the CPU; probe and training batches follow the model)"
+)
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    """``--device`` on every command that runs a model; :func:`use_device` resolves it (one-line
+    error, exit 2, for a device this machine lacks) before the command runs."""
+    parser.add_argument("--device", default="auto", metavar="DEVICE", help=DEVICE_HELP)
+
+
+def use_device(args: argparse.Namespace) -> torch.device | None:
+    """Replace ``args.device`` (text) by the :class:`torch.device` it names; ``None`` for commands
+    without the option."""
+    if not hasattr(args, "device"):
+        return None
+    args.device = resolve_device(args.device)
+    log.info("device: %s", args.device)
+    return args.device
 
 
 def print_json(obj: Any) -> None:

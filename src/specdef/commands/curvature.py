@@ -8,7 +8,7 @@ import copy
 from typing import Any
 
 from specdef import zoo
-from specdef.commands.common import add_threads_option, print_json, print_table
+from specdef.commands.common import add_device_option, add_threads_option, print_json, print_table
 from specdef.commands.defend import _selection
 from specdef.curvature.lr import predicted_slowdown
 from specdef.defense.apply import apply_specdef_
@@ -72,6 +72,7 @@ def register(sub: Any) -> None:
     parser.add_argument("--no-bounds", action="store_true", help="skip the certified bounds")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     add_threads_option(parser)
+    add_device_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         raise SpecdefError("--compare needs --alpha (the undefended model is MODEL itself).")
     zoo.check_pairing(args.model, args.data)  # before loading either
     dtype = getattr(torch, args.dtype)
-    source = load_source(args.model, dtype=dtype, attn_implementation="eager")
+    source = load_source(args.model, dtype=dtype, attn_implementation="eager", device=args.device)
     kwargs: dict[str, Any] = {}
     if source.tokenizer is not None:
         kwargs = {"tokenizer": source.tokenizer, "max_length": args.max_length}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from specdef.commands.common import add_threads_option, print_json, print_table
+from specdef.commands.common import add_device_option, add_threads_option, print_json, print_table
 from specdef.defense.apply import DefenseReport
 from specdef.defense.config import SpecDefConfig
 from specdef.defenses.catalog import defense_names, get_defense_entry
@@ -105,6 +105,7 @@ def register(sub: Any) -> None:
         "never built); a killed run resumes when rerun with the same options",
     )
     add_threads_option(parser)
+    add_device_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -154,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         overwrite=args.overwrite,
         probe=not args.streaming,  # streaming never builds the model to run a probe batch
+        device=None if args.streaming else str(args.device),
     )
     result = defend(request)
     if args.json:

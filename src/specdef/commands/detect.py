@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from specdef.commands.common import add_threads_option, print_json, print_table
+from specdef.commands.common import add_device_option, add_threads_option, print_json, print_table
 from specdef.informed.detect import DetectConfig, detect_checkpoint, detect_model
 from specdef.release.sources import load_source
 
@@ -44,6 +44,7 @@ def register(sub: Any) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print the findings as JSON")
     add_threads_option(parser)
+    add_device_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if path.exists():
         found = detect_checkpoint(path, config=config)
     else:
-        found = detect_model(load_source(args.model).model, config=config)
+        found = detect_model(load_source(args.model, device=args.device).model, config=config)
     if args.json:
         print_json(found.to_dict())
         return 0

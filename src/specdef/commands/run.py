@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from specdef.commands.common import add_threads_option, print_json
+from specdef.commands.common import add_device_option, add_threads_option, print_json
 from specdef.experiments.config import expand, load_config
 from specdef.experiments.run import run_experiment
 from specdef.experiments.runners import validate_runs
@@ -40,6 +40,7 @@ def register(sub: Any) -> None:
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     add_threads_option(parser)
+    add_device_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -56,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
             for r in runs:
                 print(f"  {r.run_id}  defense={r.defense}  attack={r.attack}  seed={r.seed}")
         return 0
-    summary = run_experiment(config, run_dir=args.out, overrides=args.overrides, limit=args.limit)
+    summary = run_experiment(
+        config, run_dir=args.out, overrides=args.overrides, limit=args.limit, device=args.device
+    )
     out: dict[str, Any] = {
         "experiment": config.name,
         "run_dir": str(summary.run_dir),

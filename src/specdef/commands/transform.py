@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from specdef.commands.common import add_threads_option, print_json, print_table
+from specdef.commands.common import add_device_option, add_threads_option, print_json, print_table
 from specdef.defense import probe as probing
 from specdef.errors import SpecdefError
 from specdef.informed.transforms import apply_adaptive, parse_adaptive
@@ -44,6 +44,7 @@ def register(sub: Any) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     parser.add_argument("--json", action="store_true", help="print the record as JSON")
     add_threads_option(parser)
+    add_device_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -59,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.out:
         preflight_output(args.out, overwrite=args.overwrite)
-    source = load_source(args.model)  # rebuilds a defended directory whose manifest is gone
+    source = load_source(
+        args.model, device=args.device
+    )  # rebuilds a defended directory whose manifest is gone
     model = source.model
     probe = probe_batch(model, source.tokenizer)
     with torch.no_grad():

@@ -7,7 +7,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from specdef.commands.common import add_threads_option, fmt, print_json, print_table
+from specdef.commands.common import (
+    add_device_option,
+    add_threads_option,
+    fmt,
+    print_json,
+    print_table,
+)
 from specdef.errors import SpecdefError
 from specdef.io.checkpoint import MANIFEST, NATIVE_RECORD, model_dtype
 from specdef.release.sources import load_source
@@ -36,6 +42,7 @@ def register(sub: Any) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of a random probe batch")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     add_threads_option(parser)
+    add_device_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -49,9 +56,9 @@ def run(args: argparse.Namespace) -> int:
             f"{args.out!r} is not a specdef release: it has neither {MANIFEST} (Algorithm 1) nor "
             f"{NATIVE_RECORD} (native); pass the -o directory of `specdef defend`."
         )
-    defended = load_source(args.out)
+    defended = load_source(args.out, device=args.device)
     # the source in the release's dtype, so the gap is the defense's, not a cast's
-    original = load_source(args.src, dtype=model_dtype(defended.model))
+    original = load_source(args.src, dtype=model_dtype(defended.model), device=args.device)
     result = verify(original, defended, tolerance=args.tolerance, seed=args.seed)
     if args.json:
         print_json(result.to_dict())

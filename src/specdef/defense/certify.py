@@ -28,6 +28,7 @@ from specdef.curvature.hvp import HessianOperator, LossFn
 from specdef.curvature.lr import lr_ceiling
 from specdef.defense.layer import DefendedLinear, defended_layers, parameter_roles
 from specdef.errors import SpecdefError, did_you_mean
+from specdef.utils.devices import to_device
 from specdef.utils.progress import track
 
 
@@ -200,8 +201,11 @@ def measure_curvature(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Top eigenvalues of the Hessian block by Lanczos, the GD learning-rate ceiling, and — for a
-    defended model — the weight-spectrum bound and the Rayleigh certificate. A JSON-ready dict."""
+    defended model — the weight-spectrum bound and the Rayleigh certificate. A JSON-ready dict.
+    ``batches`` are moved to the model's device."""
 
+    device = next(model.parameters()).device
+    batches = [to_device(b, device) for b in batches]
     names = block_names(model, block)
     op = HessianOperator(model, loss_fn, batches, rows=names)
     ticking = _Ticking(op, max_hvps, f"Lanczos on {block} ({op.shape[0]:,} parameters)")

@@ -103,6 +103,24 @@ def resolve_preset(targets: str) -> tuple[str, ...]:
     return PRESETS[key]
 
 
+def _refuse_unsupported(model: nn.Module, key: str, leaves: Sequence[str]) -> None:
+    """Name the type of a module ``key`` matches that SpecDef cannot defend (a Conv2d, a norm …),
+    rather than calling it unknown."""
+    for name, module in model.named_modules():
+        if name and _name_matches(name, key):
+            kind = type(module).__name__
+            why = (
+                " (Algorithm 1 would need its weight reshaped to out × in·k·k and a 1×1 "
+                "compensation convolution, which specdef does not implement)"
+                if isinstance(module, nn.Conv2d | nn.Conv1d | nn.Conv3d)
+                else ""
+            )
+            raise SpecdefError(
+                f"Layer {name!r} is a {kind}, which SpecDef does not defend{why}; it defends "
+                f"nn.Linear and Conv1D layers only — name one of: {', '.join(leaves[:40])}."
+            )
+
+
 def select_targets(
     model: nn.Module,
     targets: str | Sequence[str],
@@ -155,6 +173,7 @@ def select_targets(
             raise SpecdefError("Empty target selection; pass layer names, a regex or 'all-linear'.")
         for key in keys:
             if not any(_name_matches(n, key) for n in layers):
+                _refuse_unsupported(model, key, leaves)
                 raise SpecdefError(
                     did_you_mean(key, [*leaves, *layers][:400], what="target layer")
                     + " (names match exactly or as a dotted suffix; 'all-linear' and "

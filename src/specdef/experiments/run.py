@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from specdef.attack.sweep import drop_partial_line
@@ -39,7 +40,8 @@ from specdef.experiments.config import (
     plain_data,
 )
 from specdef.experiments.kinds import execute
-from specdef.experiments.runners import validate_runs
+from specdef.experiments.runners import on_device, validate_runs
+from specdef.utils.devices import resolve_device
 from specdef.utils.files import append_jsonl, read_jsonl, write_text_atomic
 from specdef.utils.progress import track
 from specdef.utils.provenance import provenance
@@ -125,24 +127,27 @@ def run_experiment(
     run_dir: str | Path | None = None,
     overrides: Sequence[str] = (),
     limit: int | None = None,
+    device: str | torch.device | None = None,
 ) -> RunSummary:
     """Expand ``config`` and execute every run not yet in ``RUN_DIR/results.jsonl`` (one row
     appended per finished run, so a killed experiment resumes where it stopped). ``limit`` caps
-    how many runs execute in this call."""
+    how many runs execute in this call; ``device`` (``specdef.utils.devices.resolve_device``; None:
+    the CPU) is where the runs' models run — not part of a run's id, so rows resume across devices."""
     import time
 
     runs = expand(config)
     validate_runs(runs)  # the whole grid, before the run directory is written
     path = prepare_run_dir(config, run_dir or default_run_dir(config, overrides))
     start = time.perf_counter()
-    done = _run_resumable(
-        runs,
-        path / RESULTS_NAME,
-        key=lambda run: run.run_id,
-        execute=_execute_row,
-        limit=limit,
-        progress=lambda items, total: track(items, config.name, total=total),
-    )
+    with on_device(resolve_device(device) if device is not None else torch.device("cpu")):
+        done = _run_resumable(
+            runs,
+            path / RESULTS_NAME,
+            key=lambda run: run.run_id,
+            execute=_execute_row,
+            limit=limit,
+            progress=lambda items, total: track(items, config.name, total=total),
+        )
     return RunSummary(path, len(runs), done.skipped, done.ran, time.perf_counter() - start)
 
 

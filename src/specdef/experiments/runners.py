@@ -13,6 +13,8 @@ dense Hessian fits in memory), optionally pre-trained with ``data.pretrain`` (an
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import dataclasses
 import functools
@@ -20,6 +22,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,11 +41,15 @@ from specdef.defenses.registry import make_config
 from specdef.defenses.run import apply_named, is_registry_defense
 from specdef.errors import SpecdefError, did_you_mean
 from specdef.informed.transforms import apply_adaptive
+from specdef.io.checkpoint import MANIFEST
+from specdef.io.checkpoint import load_tokenizer as checkpoint_tokenizer
 from specdef.linalg import spectral
 from specdef.native.apply import apply_native_
+from specdef.release.sources import load_source
 from specdef.tasks import Batch, Task, check_compatible
+from specdef.utils.devices import to_device
 from specdef.utils.dtypes import dtype_named
-from specdef.zoo import TASKS, check_pairing, load_model, load_task, load_tokenizer
+from specdef.zoo import TASKS, check_pairing, load_model, load_task, load_tokenizer, model_names
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +60,50 @@ def model_name(model: str | Mapping[str, Any]) -> str:
 
 @functools.lru_cache(maxsize=2)
 def _cached_zoo_model(name: str, attn_implementation: str | None) -> nn.Module:
-
+    """A zoo model, or the Hugging Face directory / specdef checkpoint at path ``name`` (float32)."""
+    if Path(name).is_dir():
+        source = load_source(name, dtype=torch.float32, attn_implementation=attn_implementation)
+        return source.model
     return load_model(name, attn_implementation=attn_implementation)
 
 
+def check_model(model: str | Mapping[str, Any]) -> None:
+    """Refuse (one line) a ``model:`` that is neither a zoo name nor a directory specdef loads
+    (a Hugging Face directory with config.json, or a specdef checkpoint)."""
+    if not isinstance(model, str):
+        return
+    path = Path(model)
+    if path.is_dir():
+        if not ((path / "config.json").is_file() or (path / MANIFEST).is_file()):
+            raise SpecdefError(
+                f"model {model!r} is a directory without config.json or {MANIFEST}; pass a "
+                "Hugging Face model directory, a specdef checkpoint or a zoo model name."
+            )
+        return
+    if model not in model_names():
+        raise SpecdefError(
+            did_you_mean(model, model_names(), what="model")
+            + " (or a Hugging Face model directory / specdef checkpoint that exists)."
+        )
+
+
+_DEVICE: contextvars.ContextVar[str] = contextvars.ContextVar("specdef_run_device", default="cpu")
+
+
+@contextlib.contextmanager
+def on_device(device: torch.device) -> Any:
+    """Run every experiment run inside on ``device``: :func:`load_run_model` puts the model
+    there, and probe / training / Hessian batches follow the model."""
+    token = _DEVICE.set(str(device))
+    try:
+        yield
+    finally:
+        _DEVICE.reset(token)
+
+
 def load_run_model(run: Any) -> nn.Module:
-    """A fresh copy of the run's model in float32 (zoo models are loaded once per process)."""
+    """A fresh copy of the run's model in float32 (zoo models are loaded once per process), on
+    the device of :func:`on_device` (the CPU by default)."""
     spec = run.model
     if isinstance(spec, str):
         attn = run.data.get("attn_implementation")
@@ -74,7 +119,7 @@ def load_run_model(run: Any) -> nn.Module:
             check_compatible(model, task, model_name=f"model {spec.get('name')!r}")
             run_attack(model, task, AttackSpec(**{**pretrain, "seed": run.seed}))
     model.eval()
-    return model
+    return model.to(torch.device(_DEVICE.get()))
 
 
 def load_run_task(run: Any, *, name: str | None = None) -> Task:
@@ -112,7 +157,17 @@ def _cached_task(name: str, tokenizer: str | None, kwargs: tuple[tuple[str, Any]
 
     extra: dict[str, Any] = dict(kwargs)
     if tokenizer is not None:
-        extra["tokenizer"] = load_tokenizer(tokenizer)
+        found = (
+            checkpoint_tokenizer(tokenizer)
+            if Path(tokenizer).is_dir()
+            else load_tokenizer(tokenizer)
+        )
+        if found is None:
+            raise SpecdefError(
+                f"Task {name!r} needs a tokenizer, and {tokenizer!r} has none; save one beside "
+                "the model (tokenizer.json)."
+            )
+        extra["tokenizer"] = found
     return load_task(name, **extra)
 
 
@@ -255,7 +310,12 @@ def _batches(task: Task, run: Any) -> list[Batch]:
 
 
 def _to_dtype(batches: list[Batch], dtype: torch.dtype) -> list[Batch]:
-    return [{k: v.to(dtype) if v.is_floating_point() else v for k, v in b.items()} for b in batches]
+    """``batches`` in ``dtype`` (floating tensors), on the run's device."""
+    device = torch.device(_DEVICE.get())
+    return [
+        {k: (v.to(dtype) if v.is_floating_point() else v).to(device) for k, v in b.items()}
+        for b in batches
+    ]
 
 
 def run_curvature_kind(run: Any) -> dict[str, Any]:
@@ -328,7 +388,7 @@ def _probe(task: Task, run: Any) -> Any:
     splits = task.eval_splits()
     if split not in splits:
         raise SpecdefError(f"Probe split {split!r} not in task {task.name!r}: {sorted(splits)}.")
-    batch = splits[split][0]
+    batch = to_device(splits[split][0], torch.device(_DEVICE.get()))
     if "x" in batch:
         return batch["x"]
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -405,11 +465,12 @@ def validate_runs(runs: Sequence[Any]) -> None:
     a bad value late in a grid fails before anything is written, not after the first rows."""
     for number, run in enumerate(runs, start=1):
         where = f"run {number} ({run.run_id})"
-        if isinstance(run.model, str):
-            try:
+        try:
+            check_model(run.model)
+            if isinstance(run.model, str) and run.model in model_names():
                 check_pairing(run.model, run.task)
-            except SpecdefError as err:
-                raise SpecdefError(f"{where}: {err}") from None
+        except SpecdefError as err:
+            raise SpecdefError(f"{where}: {err}") from None
         defense = dict(run.defense)
         if is_registry_defense(defense):
             try:

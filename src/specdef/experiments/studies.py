@@ -27,6 +27,7 @@ from specdef.errors import SpecdefError, did_you_mean
 from specdef.experiments.runners import defend_summary, load_run_model, load_run_task, prepare
 from specdef.informed.detect import detect, detect_model, linear_weights
 from specdef.native.apply import native_imbalance
+from specdef.utils.devices import to_device
 
 VIEWS = ("model", "renamed")  # detection on the live model's layers, or on anonymous tensors
 HESSIAN_DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -72,6 +73,7 @@ def run_detection_kind(run: Any) -> dict[str, Any]:
 
 
 def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    batch = to_device(batch, next(model.parameters()).device)
     if "x" in batch:
         return model(batch["x"]).double()
     ids = batch["input_ids"]

@@ -53,13 +53,35 @@ def checkpoint_native(
 ) -> list[NativePair] | None:
     """Scores of the symmetric pairs of the checkpoint at ``root`` (``weights``: its 2-D tensors
     keyed without ``.weight``; biases are read from ``files``), or ``None`` without an architecture.
-    Pairs whose tensors are not stored under their module names (Algorithm 1 renames its layers
-    ``X.inflated`` / ``X.compensation``) are skipped."""
+    Pairs are found on the model built from the config and named, read and reported by their
+    *saved* names (:func:`saved_names`: transformers ≥ 5 renames some modules in memory, e.g. ViT's
+    saved ``attention.attention.value`` is ``attention.v_proj`` in memory), like every other layer
+    of a checkpoint's detection. Pairs whose tensors are not in the checkpoint (Algorithm 1 renames
+    its layers ``X.inflated`` / ``X.compensation``) are skipped."""
     arch = architecture(root)
     if arch is None:
         return None
+    found = find_symmetric_pairs(arch)
+    members = [m for p in found for m in (p.inflated, p.compensating)]
+    saved = saved_names(arch, [f"{m}.weight" for m in members])
+
+    def key(module: str) -> str:
+        return saved[f"{module}.weight"].removesuffix(".weight")
+
+    conv = [
+        f"{key(m)}.weight"
+        for p in found
+        if p.layout == "conv"
+        for m in (p.inflated, p.compensating)
+    ]
+    weights = {
+        **weights,
+        **{k.removesuffix(".weight"): t for k, t in _read_tensors(files, set(conv)).items()},
+    }
     pairs = [
-        p for p in find_symmetric_pairs(arch) if p.inflated in weights and p.compensating in weights
+        replace(p, inflated=key(p.inflated), compensating=key(p.compensating))
+        for p in found
+        if key(p.inflated) in weights and key(p.compensating) in weights
     ]
     biases = _read_tensors(files, {f"{p.inflated}.bias" for p in pairs})
     tensors = {
@@ -69,6 +91,26 @@ def checkpoint_native(
         for p in pairs
     }
     return score_pairs(pairs, tensors, threshold=threshold)
+
+
+def saved_names(model: nn.Module, names: Sequence[str]) -> dict[str, str]:
+    """Each in-memory parameter name of ``model`` → the name ``save_pretrained`` stores it under
+    (transformers' reverse weight conversion; the name itself for other models, for names no
+    renaming touches, and when transformers has no such mapping)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion  # transformers ≥ 5
+    except ImportError:
+        return {n: n for n in names}
+    out = {}
+    for name in names:
+        try:
+            renamed = list(revert_weight_conversion(model, {name: torch.empty(0)}))  # type: ignore[arg-type]
+        except (
+            Exception
+        ):  # a many-to-one converter (fused experts) needs its siblings: keep the name
+            renamed = []
+        out[name] = renamed[0] if len(renamed) == 1 else name
+    return out
 
 
 def relabel(

@@ -40,6 +40,7 @@ from specdef.errors import SpecdefError
 from specdef.io import hf
 from specdef.io.allowlist import strip_remote_code
 from specdef.native.apply import PairRecord
+from specdef.utils.dtypes import default_dtype
 from specdef.utils.files import (
     atomic_directory,
     confined,
@@ -502,7 +503,10 @@ def _assemble(
 ) -> nn.Module:
     """The manifest's model with its defended structure, uninitialized (call under the meta device
     to check shapes without allocating)."""
-    model = _build_base(root, manifest.get("model", {}), attn_implementation).to(dtype)
+    with default_dtype(
+        dtype
+    ):  # build in the checkpoint's dtype (a float32 build then cast loses bits)
+        model = _build_base(root, manifest.get("model", {}), attn_implementation).to(dtype)
     for entry in manifest.get("structure", []):
         name = entry["name"]
         try:

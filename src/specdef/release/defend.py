@@ -63,6 +63,8 @@ class DefendRequest:
         output gap (Algorithm 1), the model's output gap (native) — and refuse above the
         tolerance unless ``config.force``. Needs the model in memory.
     probe_seed: seeds the probe batch's random token ids or inputs (the probe text needs none).
+    device: where the model is defended and probed (``"auto"``, ``"cpu"``, ``"cuda:0"`` …; None:
+        the CPU); the checkpoint is written from there, so it loads on any device.
     """
 
     source: str
@@ -74,6 +76,7 @@ class DefendRequest:
     overwrite: bool = False
     probe: bool = True
     probe_seed: int = 0
+    device: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -166,7 +169,7 @@ def defend(request: DefendRequest) -> DefendResult:
             not_copied=streamed.not_copied,
         )  # fmt: skip
     preflight_output(request.output, overwrite=request.overwrite)
-    source = load_source(request.source, dtype=parse_dtype(request.dtype))
+    source = load_source(request.source, dtype=parse_dtype(request.dtype), device=request.device)
     check_finite(source.model)
     batch = (
         probe_batch(source.model, source.tokenizer, seed=request.probe_seed)

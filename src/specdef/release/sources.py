@@ -26,6 +26,7 @@ from specdef.io.checkpoint import (
 )
 from specdef.io.hf import read_config
 from specdef.streaming.shards import check_shapes, open_checkpoint
+from specdef.utils.devices import check_dtype, resolve_device
 
 # Benign English text for probe batches and perplexity (written for specdef; no licence issue).
 PROBE_TEXT = (
@@ -110,9 +111,24 @@ def _load_transformers_dir(root: Path, dtype: torch.dtype | None) -> nn.Module:
 
 
 def load_source(
-    src: str, *, dtype: torch.dtype | None = None, attn_implementation: str | None = None
+    src: str,
+    *,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
+    device: torch.device | str | None = None,
 ) -> Source:
-    """Load ``src``: a specdef checkpoint, a Hugging Face directory, or a zoo model name."""
+    """Load ``src``: a specdef checkpoint, a Hugging Face directory, or a zoo model name; on
+    ``device`` when given (``specdef.utils.devices.resolve_device``: ``"auto"``, ``"cuda:1"`` …),
+    else on the CPU."""
+    source = _load_source(src, dtype=dtype, attn_implementation=attn_implementation)
+    if device is not None:
+        target = resolve_device(device)
+        check_dtype(target, model_dtype(source.model))
+        source.model.to(target)
+    return source
+
+
+def _load_source(src: str, *, dtype: torch.dtype | None, attn_implementation: str | None) -> Source:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # library code never prints; specdef shows its own progress
@@ -153,18 +169,62 @@ def _vocab_size(model: nn.Module) -> int | None:
 
 
 def probe_batch(model: nn.Module, tokenizer: Any | None, *, seed: int = 0) -> probing.Probe:
-    """A fixed probe batch for ``model``: the probe text when there is a tokenizer, seeded random
-    token ids for a Hugging Face model without one, a seeded Gaussian input otherwise."""
+    """A fixed probe batch for ``model``, on the model's device: the probe text when there is a
+    tokenizer, seeded random token ids for a Hugging Face text model without one, inputs built
+    from the config for the rest (:func:`config_inputs`: speech features, images, the decoder ids
+    of an encoder-decoder), a seeded Gaussian input for specdef's own architectures."""
     gen = torch.Generator().manual_seed(seed)
+    config = getattr(model, "config", None)
+    batch: dict[str, torch.Tensor] = {}
     vocab = _vocab_size(model)
-    if vocab is not None:
+    if config is not None:
+        batch = config_inputs(config, gen, dtype=model_dtype(model))
+    if vocab is not None and not {"input_features", "pixel_values"} & set(batch):
         if tokenizer is not None:
             ids = tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"][:, :64]
             ids = ids % vocab
         else:
             ids = torch.randint(0, vocab, (2, 32), generator=gen)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    return torch.randn(_input_shape(model), generator=gen).to(model_dtype(model))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **batch}
+    if batch:
+        return {k: v.to(model_device(model)) for k, v in batch.items()}
+    x = torch.randn(_input_shape(model), generator=gen).to(model_dtype(model))
+    return x.to(model_device(model))
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without any)."""
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def config_inputs(
+    config: Any, gen: torch.Generator, *, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """The inputs a Hugging Face config implies besides ``input_ids``: log-mel features
+    (``num_mel_bins`` × 2·``max_source_positions``, Whisper), images (``num_channels`` ×
+    ``image_size``², ViT and other vision encoders), and for an encoder-decoder the decoder's ids.
+    Empty for a plain text model. Raises :class:`SpecdefError` for an encoder-decoder whose decoder
+    vocabulary is unknown."""
+    out: dict[str, torch.Tensor] = {}
+    mels, frames = (
+        getattr(config, "num_mel_bins", None),
+        getattr(config, "max_source_positions", None),
+    )
+    side, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
+    if isinstance(mels, int) and isinstance(frames, int):
+        out["input_features"] = torch.randn(2, mels, 2 * frames, generator=gen).to(dtype)
+    elif isinstance(side, int) and isinstance(channels, int):
+        out["pixel_values"] = torch.randn(2, channels, side, side, generator=gen).to(dtype)
+    if getattr(config, "is_encoder_decoder", False):
+        vocab = getattr(config, "vocab_size", None)
+        if not isinstance(vocab, int):
+            raise SpecdefError(
+                f"Cannot build decoder inputs for {type(config).__name__}: its config names no "
+                "vocab_size."
+            )
+        out["decoder_input_ids"] = torch.randint(0, vocab, (2, 8), generator=gen)
+    return out
 
 
 def _input_shape(model: nn.Module) -> tuple[int, ...]:

@@ -19,7 +19,7 @@ from specdef.defense.step import layer_generator
 from specdef.errors import SpecdefError
 from specdef.linalg import symmetry as sym
 from specdef.native.apply import PairRecord, check_pair, pair_record
-from specdef.native.pairs import SymmetricPair
+from specdef.native.pairs import SymmetricPair, inflated_index
 from specdef.streaming import shards as sio
 from specdef.streaming.resume import Staging
 from specdef.streaming.shards import SAFETENSORS_DTYPES, Checkpoint, Item, write_shards
@@ -28,6 +28,11 @@ from specdef.utils.progress import track
 
 
 def _keys(pair: SymmetricPair, source: Checkpoint) -> dict[str, str]:
+    if pair.layout == "conv":
+        raise SpecdefError(
+            f"Pair {pair.name}: Conv2d pairs are deformed in memory only; defend without "
+            "--streaming."
+        )
     keys = {
         "w": f"{pair.inflated}.weight",
         "b": f"{pair.inflated}.bias",
@@ -44,18 +49,16 @@ def _keys(pair: SymmetricPair, source: Checkpoint) -> dict[str, str]:
     return keys
 
 
-def _gpt2_cols(pair: SymmetricPair, role: str, x: torch.Tensor) -> slice:
-    return slice(pair.v_offset, x.shape[-1])  # V is the last third of c_attn's (d, 3d) and bias
-
-
 def _linear_view(pair: SymmetricPair, role: str, x: torch.Tensor) -> torch.Tensor:
     """One of the pair's tensors (stored layout) as the Linear-layout piece the symmetry acts on."""
-    if pair.layout != "gpt2":
+    index = inflated_index(pair)
+    if index is None or (role == "o" and pair.layout != "gpt2"):
         return x
     if role == "o":
         return x.T
-    cols = _gpt2_cols(pair, role, x)
-    return x[:, cols].T if role == "w" else x[cols]
+    if role == "w" and pair.layout == "gpt2":
+        return x[:, index].T
+    return x[index]  # a fused Linear's rows, or the entries of the bias
 
 
 def _transform(
@@ -81,16 +84,16 @@ def _transform(
         scale = transform if role == "b" else transform.unsqueeze(1 if role == "w" else 0)
         new = lin / scale if role == "o" else lin * scale
     assert new is not None
-    if pair.layout != "gpt2":
+    index = inflated_index(pair)
+    if index is None or (role == "o" and pair.layout != "gpt2"):
         return new
     if role == "o":
         return new.T.contiguous()
     out = x.clone()
-    cols = _gpt2_cols(pair, role, x)
-    if role == "w":
-        out[:, cols] = new.T
+    if role == "w" and pair.layout == "gpt2":
+        out[:, index] = new.T
     else:
-        out[cols] = new
+        out[index] = new
     return out
 
 

@@ -1,3 +1,3 @@
 """Plumbing every floor may use: atomic writes, output preflight and path confinement (files), dtype
-names (dtypes), bounded YAML (safe_yaml), provenance stamps (provenance), progress bars (progress).
+names (dtypes), --device (devices), bounded YAML (safe_yaml), provenance stamps (provenance), progress bars (progress).
 """

@@ -3,6 +3,9 @@ experiment configs (``measure.dtype``) and manifests."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from specdef.errors import SpecdefError, did_you_mean
@@ -33,3 +36,16 @@ def dtype_named(name: str) -> torch.dtype:
 def parse_dtype(name: str | None) -> torch.dtype | None:
     """:func:`dtype_named`, or None (keep the source's dtype) for None."""
     return None if name is None else dtype_named(name)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Build modules in ``dtype``, as ``from_pretrained`` does: buffers computed at construction
+    (Gemma's embedding normalizer √d, rotary frequencies) are then computed in that dtype rather
+    than in float32 and cast (measured: a 1e-7 relative logit gap on a float64 Gemma)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
