@@ -19,11 +19,13 @@ from specdef.defense.guard import DEFAULT_TOLERANCE
 from specdef.errors import SpecdefError
 from specdef.io.checkpoint import INDEX, MANIFEST, load_defended
 from specdef.native.apply import apply_native_
+from specdef.streaming import overlap
 from specdef.streaming import shards as _stream_io
 from specdef.streaming.defend import defend_streaming
 from specdef.zoo import load_model
 
 ALPHA = 1e4
+READS_ALIVE = 2 * overlap.DEPTH + 2
 IDS = torch.randint(5, 500, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
@@ -72,7 +74,9 @@ def test_algorithm1_matches_in_memory_and_loads(
         tmp_path / "out",
         SpecDefConfig(alpha=ALPHA, top_k=4, targets="all-linear", method="exact"),
     )
-    assert peak_live_reads["reads"] > 0 and peak_live_reads["peak"] == 1  # one tensor at a time
+    # a bounded number of tensors at once: the one transformed, DEPTH read ahead, and (a tensor
+    # copied unchanged) DEPTH waiting for the writer plus the one being written
+    assert peak_live_reads["reads"] > 0 and peak_live_reads["peak"] <= READS_ALIVE
     reference = load_model(name)
     before = _logits(reference)
     report = apply_specdef_(reference, SpecDefConfig(alpha=ALPHA, top_k=4, method="exact"))
@@ -95,9 +99,8 @@ def test_native_matches_in_memory_and_loads_stock(
     defend_streaming(
         source, tmp_path / "out", SpecDefConfig(alpha=ALPHA, top_k=4, method="exact"), mode="native"
     )
-    assert (
-        peak_live_reads["reads"] > 0 and peak_live_reads["peak"] <= 3
-    )  # planning holds one pair (V, its bias, O) at most
+    # planning holds one pair (V, its bias, O) at most; rewriting as Algorithm 1 does
+    assert peak_live_reads["reads"] > 0 and peak_live_reads["peak"] <= max(3, READS_ALIVE)
     reference = load_model(name)
     before = _logits(reference)
     apply_native_(reference, SpecDefConfig(alpha=ALPHA, top_k=4, method="exact"))
