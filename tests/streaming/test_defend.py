@@ -17,7 +17,7 @@ from specdef.defense.apply import apply_specdef_
 from specdef.defense.config import SpecDefConfig
 from specdef.defense.guard import DEFAULT_TOLERANCE
 from specdef.errors import SpecdefError
-from specdef.io.checkpoint import INDEX, MANIFEST, load_defended
+from specdef.io.checkpoint import INDEX, MANIFEST, bind_manifest, load_defended
 from specdef.native.apply import apply_native_
 from specdef.streaming import overlap
 from specdef.streaming import shards as _stream_io
@@ -86,6 +86,9 @@ def test_algorithm1_matches_in_memory_and_loads(
     assert sum(p.numel() for p in defended.parameters()) == report.params_after
     manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
     assert [e["name"] for e in manifest["structure"]] == [r.name for r in report.layers]
+    # the shard digests taken from the records (hashed as written) are those of the files on disk
+    unbound = {k: v for k, v in manifest.items() if k != "integrity"}
+    assert bind_manifest(unbound, tmp_path / "out") == manifest
     index = json.loads((tmp_path / "out" / INDEX).read_text())["weight_map"]
     assert len(index) == result.tensors_out
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

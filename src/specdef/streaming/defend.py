@@ -186,7 +186,9 @@ def defend_streaming(
             )  # fmt: skip
         write_text_atomic(tmp / card.CARD, card.model_card(facts))
         if mode == "algorithm1":  # last: bound to the final config.json and shards
-            write_json_atomic(tmp / MANIFEST, bind_manifest(manifest, tmp))
+            # the shards' digests from their records: hashed on the way out, not read again
+            bound = bind_manifest(manifest, tmp, known=staging.digests())
+            write_json_atomic(tmp / MANIFEST, bound)
         bytes_out = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
         resumed = tuple(staging.resumed)
     return StreamingResult(
