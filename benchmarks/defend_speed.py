@@ -12,6 +12,7 @@ machine's state.
   not counted), divided by the matmul rate.
 - *randomized / floor*: CPU seconds of ``apply_specdef_(model, config, probe=batch)`` (the whole
   in-memory defense, precision guard included; not loading or saving) over the floor. Target ≤ 3×.
+  The guard's probe forwards are not in the floor; their FLOPs are printed beside it.
 - *exact / plain SVD*: CPU seconds of the same call with ``method="exact"`` over those of
   ``torch.linalg.svd(W, full_matrices=False)`` in float64 over the same 210 weights. Target ≤ 1.2×.
 - *equal to the previous implementation*: per layer, W̃ and C from the code before issue 18 (a
@@ -22,8 +23,9 @@ machine's state.
 
 Prints a table and rewrites the "Defense speed" section of ``docs/benchmarks.md``.
 
-Run: ``PYTHONPATH=src .venv/bin/python benchmarks/defend_speed.py`` (≈3–6 min on 2 cores; run it
-when ``uptime`` shows a quiet machine — CPU time is robust to load, not immune to it).
+Run: ``PYTHONPATH=src nice -n 5 .venv/bin/python benchmarks/defend_speed.py`` (≈3–6 min on 2 cores;
+one torch thread, set by the script; run it when ``uptime`` shows a quiet machine — CPU time is
+robust to load, not immune to it: memory-bound steps slow down more than the floor's GEMMs).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Defense speed"
 MODEL, TOP_K, ALPHA = "smollm2-135m", 25, 1e4
 FLOOR_TARGET, EXACT_TARGET, EQUAL_TARGET, INFLATION_TARGET = 3.0, 1.2, 1e-6, 0.94
-COMMAND = "PYTHONPATH=src .venv/bin/python benchmarks/defend_speed.py"
+COMMAND = "PYTHONPATH=src nice -n 5 .venv/bin/python benchmarks/defend_speed.py"
 
 
 # --- the previous implementation (before issue 18), verbatim, for the equality check -----------
@@ -118,6 +120,14 @@ def run() -> dict[str, Any]:
     model, batch = load()
     _, weights = linear_weights(model)
     row["layers"] = len(weights)
+    row["tokens"] = int(batch["input_ids"].numel())
+    row["guard_gflop"] = (
+        2
+        * 2
+        * row["tokens"]
+        * sum(w.shape[0] * w.shape[1] + w.shape[0] ** 2 for w in weights)
+        / 1e9
+    )
     rate, square = matmul_rates(weights)
     q = spectral.POWER_ITERS
     floor_flops = sum(4 * w.shape[0] * w.shape[1] * TOP_K for w in weights) * (q + 2)
@@ -127,14 +137,16 @@ def run() -> dict[str, Any]:
         f"matmul {rate:.1f} GFLOP/s (square {square:.1f}); floor {row['floor_s']:.2f} s", flush=True
     )
 
-    for method in ("randomized", "exact"):
-        if method == "exact":
+    # the randomized defense best of 2 (a fresh model each time), as the matmul rate is best of 3
+    for method in ("randomized", "randomized", "exact"):
+        if method == "exact" or f"{method}_s" in row:
             model, batch = load()
         if method == "randomized":
             params, before = count_parameters(model), forward_latency(model, batch)
         config = SpecDefConfig(alpha=ALPHA, top_k=TOP_K, targets="all-linear", method=method)
         seconds, _ = cpu_seconds(lambda c=config, m=model, b=batch: apply_specdef_(m, c, probe=b))
-        row[f"{method}_s"] = seconds
+        row.setdefault(f"{method}_runs", []).append(seconds)
+        row[f"{method}_s"] = min(row[f"{method}_runs"])
         if method == "randomized":
             cost = inference_cost(model, batch, params_before=params, latency_before_s=before)
             row.update(parameter_ratio=cost.parameter_ratio, latency_ratio=cost.latency_ratio)
@@ -233,7 +245,8 @@ def render(row: dict[str, Any]) -> str:
         f"| matmul rate, float64 2048² GEMM (for reference) | {row['square_rate']:.1f} GFLOP/s | — |",
         f"| FLOP floor: Σ 4·m·n·k × {row['passes']} passes (q = {POWER_ITERS}) | "
         f"{row['floor_gflop']:.1f} GFLOP = {row['floor_s']:.2f} s | — |",
-        f"| randomized defense (`apply_specdef_`, guard included) | {row['randomized_s']:.2f} s = "
+        f"| randomized defense (`apply_specdef_`, guard included; best of "
+        f"{', '.join(f'{t:.2f}' for t in row['randomized_runs'])} s) | {row['randomized_s']:.2f} s = "
         f"**{floor_ratio:.2f}× the floor** | ≤ {FLOOR_TARGET:g}×: "
         f"{verdict(floor_ratio <= FLOOR_TARGET)} |",
         f"| of which the per-layer math alone (range finder, W̃ and C, float32 casts, probe error) | "
@@ -260,11 +273,15 @@ def render(row: dict[str, Any]) -> str:
         f"Smallest q meeting the target: {chosen}; the default is {POWER_ITERS} — "
         + ("consistent." if chosen == POWER_ITERS else "**inconsistent, revisit the default**."),
         "",
-        "What separates the whole defense from the per-layer math is the precision guard's probe "
-        "forwards and module bookkeeping in `apply_specdef_` (the undefended model runs twice, for "
-        "the captured inputs and for the reference output; each layer's original output is "
-        "recomputed for its output gap; every DefendedLinear is allocated, zeroed and copied into), "
-        "left for the one-pipeline restructuring of `defense/apply.py`. The randomized range finder "
+        "What separates the whole defense from the per-layer math is mostly the precision "
+        "guard's probe forwards: the undefended model once (its output, and each layer's input "
+        "and original output, captured in the same pass), the defended model once, and each "
+        f"defended layer once on its captured input. At the probe's {row['tokens']} tokens the "
+        f"two defended passes cost 2·{row['tokens']}·(Σm·n + Σm²)·2 = "
+        f"{row['guard_gflop']:.1f} GFLOP (float32) — as much as the floor itself, because each "
+        "compensation C is m×m; they cannot be shared, since the per-layer check runs on the "
+        "undefended inputs and the model check on the defended ones. The rest: casting each W to "
+        "float64, the finiteness checks, the report's norms. The randomized range finder "
         f"itself runs at width k + 10 = {TOP_K + 10} through {POWER_ITERS + 1} passes (≈"
         f"{(POWER_ITERS + 1) * (TOP_K + 10) / TOP_K:.0f} of the floor's k-wide passes), and C = "
         "I + (1/α − 1)·U_kU_kᵀ costs 2·m²·k more; neither is in the floor.",

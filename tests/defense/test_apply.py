@@ -11,10 +11,19 @@ from torch import nn
 
 from _tiny import TINY, VOCAB, logits, tiny_gpt2, tiny_llama, token_batch
 from specdef.architectures import build_architecture
+from specdef.defense import probe as probing
 from specdef.defense.apply import apply_specdef_, undo_specdef_
 from specdef.defense.config import SpecDefConfig
 from specdef.defense.guard import DEFAULT_TOLERANCE
-from specdef.defense.layer import DefendedLinear, defended_layers, parameter_roles
+from specdef.defense.layer import (
+    DefendedLinear,
+    defended_layers,
+    linear_form,
+    parameter_roles,
+    set_submodule,
+)
+from specdef.defense.step import defend_layer
+from specdef.defense.targets import select_targets
 from specdef.errors import SpecdefError
 
 FP32_TOL = DEFAULT_TOLERANCE[torch.float32]  # documented default (docs/precision.md)
@@ -73,6 +82,19 @@ def test_defended_linear_contract() -> None:
     assert roles["model.embed_tokens.weight"] == "untouched"
     assert set(roles.values()) == {"inflated", "compensation", "untouched"}
     assert sum(r == "inflated" for r in roles.values()) == 2
+
+
+def test_from_weights_holds_the_given_tensors() -> None:
+    inflated, comp, bias = torch.randn(3, 5), torch.randn(3, 3), torch.randn(3)
+    layer = DefendedLinear.from_weights(inflated, comp, bias, alpha=7.0, top_k=2, source="conv1d")
+    assert layer.inflated.weight.data_ptr() == inflated.data_ptr()  # handed over, not copied
+    assert layer.compensation.weight.data_ptr() == comp.data_ptr()
+    assert layer.bias is not None and layer.bias.data_ptr() != bias.data_ptr()  # a copy
+    assert torch.equal(layer.bias, bias) and layer.bias.requires_grad
+    assert (layer.in_features, layer.out_features, layer.alpha, layer.top_k) == (5, 3, 7.0, 2)
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(layer(x), (x @ inflated.T) @ comp.T + bias)
+    assert DefendedLinear.from_weights(inflated, comp, None, alpha=7.0, top_k=2).bias is None
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -259,3 +281,87 @@ def test_defending_twice_is_a_clear_error() -> None:
     apply_specdef_(model, SpecDefConfig(alpha=10, top_k=2))
     with pytest.raises(SpecdefError, match="every linear layer is already defended"):
         apply_specdef_(model, SpecDefConfig(alpha=10, top_k=2))
+
+
+def _guard_as_before(model: nn.Module, config: SpecDefConfig, probe: dict) -> dict:
+    """The precision guard as ``apply_specdef_`` ran it before issue 18, as an oracle: the
+    undefended model run twice (inputs captured by pre-hooks, then the reference output), each
+    layer's original output recomputed from its captured input, each DefendedLinear allocated and
+    copied into, then the defended model's output. Returns every figure the guard decides on."""
+    names = select_targets(model, config.targets, exclude=config.exclude)
+    inputs: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):  # type: ignore[no-untyped-def]
+        def fn(_module: nn.Module, args: tuple) -> None:
+            inputs.setdefault(name, args[0].detach())
+
+        return fn
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    probing.model_output(model, probe)
+    for handle in handles:
+        handle.remove()
+    reference = probing.model_output(model, probe)
+    out: dict = {"layers": {}}
+    for name in names:
+        module = model.get_submodule(name)
+        weight, bias, source = linear_form(module)
+        m, n = weight.shape
+        step = defend_layer(name, weight, config, bias=bias is not None, source=source)
+        layer = DefendedLinear(n, m, bias=bias is not None, alpha=config.alpha,
+                               top_k=config.top_k, source=source, dtype=weight.dtype)  # fmt: skip
+        with torch.no_grad():
+            layer.inflated.weight.copy_(step.inflated)
+            layer.compensation.weight.copy_(step.compensation)
+            if bias is not None:
+                layer.compensation.bias.copy_(bias)
+            gap = probing.relative_gap(layer(inputs[name]), module(inputs[name]))
+        out["layers"][name] = (step.report.reconstruction_error, gap, layer.state_dict())
+    for name, (_, _, state) in out["layers"].items():
+        weight, bias, source = linear_form(model.get_submodule(name))
+        layer = DefendedLinear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                               alpha=config.alpha, top_k=config.top_k, source=source,
+                               dtype=weight.dtype)  # fmt: skip
+        layer.load_state_dict(state)
+        set_submodule(model, name, layer)
+    out["model_gap"] = probing.relative_gap(probing.model_output(model, probe), reference)
+    out["model_tolerance"] = config.tolerance_for(reference.dtype)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("arch", "dtype", "alpha"),
+    [("llama", torch.float32, 1e4), ("gpt2", torch.float32, 1e4), ("bert", torch.float32, 1e6),
+     ("qwen2", torch.bfloat16, 30.0), ("llama", torch.bfloat16, 1e4),
+     ("llama", torch.float32, 1e9)],
+)  # fmt: skip
+def test_one_probe_forward_decides_as_the_previous_guard(
+    arch: str, dtype: torch.dtype, alpha: float
+) -> None:
+    """Issue 18 collapsed the guard's forwards (one undefended forward whose outputs are reused);
+    the defended tensors, every per-layer and model figure and the verdict must be those of the
+    previous guard (``_guard_as_before``), bit for bit — passing, and refused."""
+    batch = token_batch()
+    config = SpecDefConfig(alpha=alpha, top_k=4, targets="all-linear")
+    oracle = _guard_as_before(TINY[arch]().to(dtype), config, batch)
+    tol = config.tolerance_for(dtype)
+    over = [n for n, (err, gap, _) in oracle["layers"].items() if max(err, gap) > tol]
+    refused = bool(over) or oracle["model_gap"] > oracle["model_tolerance"]
+    model = TINY[arch]().to(dtype)
+    if refused:
+        with pytest.raises(SpecdefError, match="Precision guard"):
+            apply_specdef_(model, config, probe=batch)
+        assert not defended_layers(model)
+    forced = TINY[arch]().to(dtype)
+    report = apply_specdef_(
+        forced, SpecDefConfig(alpha=alpha, top_k=4, targets="all-linear", force=True), probe=batch
+    )
+    assert report.forced == refused and list(report.over_tolerance) == over
+    assert report.model_output_gap == oracle["model_gap"]
+    layers = defended_layers(forced)
+    assert [rep.name for rep in report.layers] == list(oracle["layers"])
+    for rep in report.layers:
+        err, gap, state = oracle["layers"][rep.name]
+        assert (rep.reconstruction_error, rep.output_gap) == (err, gap)
+        for key, value in layers[rep.name].state_dict().items():
+            assert torch.equal(value, state[key]), (rep.name, key)

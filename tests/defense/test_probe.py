@@ -1,5 +1,6 @@
-"""specdef.defense.probe: the output tensor of any model output, the inputs chosen layers see
-(against a hook-free computation by hand), eval mode restored, and the gaps against numpy."""
+"""specdef.defense.probe: the output tensor of any model output, the inputs chosen layers see and the
+outputs they return in one forward (against a hook-free computation by hand, kept as copies), eval
+mode restored, and the gaps against numpy."""
 
 from __future__ import annotations
 
@@ -38,27 +39,53 @@ class _Twice(nn.Module):
         return self.drop(self.b(h))
 
 
-def test_capture_inputs_matches_a_hook_free_computation() -> None:
+def test_capture_matches_a_hook_free_computation() -> None:
     torch.manual_seed(0)
     model = _Twice().train()
     x = torch.randn(4, 6)
-    seen = probe.capture_inputs(model, ["a", "b"], x)
-    torch.testing.assert_close(seen["a"], x, rtol=0, atol=0)
+    seen = probe.capture(model, ["a", "b"], x)
+    torch.testing.assert_close(seen.inputs["a"], x, rtol=0, atol=0)
     w, bias = model.a.weight.detach(), model.a.bias.detach()
     first = torch.tanh(x @ w.T + bias)  # b's first call, by hand
-    torch.testing.assert_close(seen["b"], first, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(seen.inputs["b"], first, rtol=1e-6, atol=1e-7)
+    # each module's output on its first call, and the model's output, from the same forward
+    torch.testing.assert_close(seen.outputs["a"], x @ w.T + bias, rtol=1e-6, atol=1e-7)
+    second = first @ model.b.weight.detach().T + model.b.bias.detach()
+    torch.testing.assert_close(seen.outputs["b"], second, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(seen.output, probe.model_output(model, x), rtol=0, atol=0)
     assert model.training  # the caller's mode is restored
-    assert not model.a._forward_pre_hooks and not model.b._forward_pre_hooks
+    assert not model.a._forward_hooks and not model.b._forward_hooks
     # a mapping probe is passed as keyword arguments
-    seen = probe.capture_inputs(model, ["b"], {"x": x, "shift": 1.0})
-    torch.testing.assert_close(seen["b"], first + 1.0, rtol=1e-6, atol=1e-6)
+    seen = probe.capture(model, ["b"], {"x": x, "shift": 1.0})
+    torch.testing.assert_close(seen.inputs["b"], first + 1.0, rtol=1e-6, atol=1e-6)
+
+
+class _InPlace(nn.Module):
+    """Overwrites its layer's output in place after the call (as some modelling code does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return h.mul_(0.0)
+
+
+def test_capture_keeps_copies() -> None:
+    model = _InPlace()
+    x = torch.randn(2, 3)
+    seen = probe.capture(model, ["a"], x)
+    expected = x @ model.a.weight.detach().T + model.a.bias.detach()
+    torch.testing.assert_close(seen.outputs["a"], expected, rtol=1e-6, atol=1e-7)
+    assert bool((seen.output == 0).all())
 
 
 def test_hooks_are_removed_when_the_model_fails() -> None:
     model = _Twice()
     with pytest.raises(RuntimeError):
-        probe.capture_inputs(model, ["a"], torch.randn(2, 7))  # wrong width
-    assert not model.a._forward_pre_hooks
+        probe.capture(model, ["a"], torch.randn(2, 7))  # wrong width
+    assert not model.a._forward_hooks
 
 
 def test_model_output_runs_in_eval_mode_without_grad() -> None:

@@ -18,13 +18,15 @@ from specdef.defense.apply import apply_specdef_
 from specdef.defense.config import SpecDefConfig
 from specdef.defense.guard import DEFAULT_TOLERANCE
 from specdef.errors import SpecdefError
-from specdef.io.checkpoint import INDEX, MANIFEST, load_defended
+from specdef.io.checkpoint import INDEX, MANIFEST, bind_manifest, load_defended
 from specdef.native.apply import apply_native_
+from specdef.streaming import overlap
 from specdef.streaming import shards as _stream_io
 from specdef.streaming.defend import defend_streaming
 from specdef.zoo import load_model
 
 ALPHA = 1e4
+READS_ALIVE = 2 * overlap.DEPTH + 2
 IDS = torch.randint(5, 500, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
@@ -73,7 +75,9 @@ def test_algorithm1_matches_in_memory_and_loads(
         tmp_path / "out",
         SpecDefConfig(alpha=ALPHA, top_k=4, targets="all-linear", method="exact"),
     )
-    assert peak_live_reads["reads"] > 0 and peak_live_reads["peak"] == 1  # one tensor at a time
+    # a bounded number of tensors at once: the one transformed, DEPTH read ahead, and (a tensor
+    # copied unchanged) DEPTH waiting for the writer plus the one being written
+    assert peak_live_reads["reads"] > 0 and peak_live_reads["peak"] <= READS_ALIVE
     reference = load_model(name)
     before = _logits(reference)
     report = apply_specdef_(reference, SpecDefConfig(alpha=ALPHA, top_k=4, method="exact"))
@@ -83,6 +87,9 @@ def test_algorithm1_matches_in_memory_and_loads(
     assert sum(p.numel() for p in defended.parameters()) == report.params_after
     manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
     assert [e["name"] for e in manifest["structure"]] == [r.name for r in report.layers]
+    # the shard digests taken from the records (hashed as written) are those of the files on disk
+    unbound = {k: v for k, v in manifest.items() if k != "integrity"}
+    assert bind_manifest(unbound, tmp_path / "out") == manifest
     index = json.loads((tmp_path / "out" / INDEX).read_text())["weight_map"]
     assert len(index) == result.tensors_out
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
@@ -96,9 +103,8 @@ def test_native_matches_in_memory_and_loads_stock(
     defend_streaming(
         source, tmp_path / "out", SpecDefConfig(alpha=ALPHA, top_k=4, method="exact"), mode="native"
     )
-    assert (
-        peak_live_reads["reads"] > 0 and peak_live_reads["peak"] <= 3
-    )  # planning holds one pair (V, its bias, O) at most
+    # planning holds one pair (V, its bias, O) at most; rewriting as Algorithm 1 does
+    assert peak_live_reads["reads"] > 0 and peak_live_reads["peak"] <= max(3, READS_ALIVE)
     reference = load_model(name)
     before = _logits(reference)
     apply_native_(reference, SpecDefConfig(alpha=ALPHA, top_k=4, method="exact"))

@@ -137,7 +137,10 @@ def apply_specdef_(
 
     Every selected layer is deformed in float64 and cast back to its dtype. The precision guard
     measures, in that dtype, each layer's reconstruction error and — when a ``probe`` batch is
-    given — each layer's output gap and the model's output gap; above the tolerance it raises
+    given — each layer's output gap and the model's output gap. The undefended model runs once
+    (:func:`specdef.defense.probe.capture`: its output, each layer's input and original output), the
+    defended model once, and each defended layer once on its captured input; above the tolerance
+    it raises
     :class:`SpecdefError` (naming the layer, the error, the tolerance and the largest alpha that
     fits) and leaves ``model`` unchanged, unless ``config.force``.
     """
@@ -149,25 +152,20 @@ def apply_specdef_(
     for name in names:
         weight, bias, _ = linear_form(model.get_submodule(name))
         guard.check_layer(name, weight, bias, top_k=config.top_k)
-    inputs = probing.capture_inputs(model, names, probe) if probe is not None else {}
-    reference = probing.model_output(model, probe) if probe is not None else None
+    # one undefended forward: the reference output, and each layer's input and original output
+    seen = probing.capture(model, names, probe) if probe is not None else None
     params_before = count_parameters(model)
     built: list[tuple[str, DefendedLinear, LayerStep]] = []
     for name in track(names, "defending", total=len(names)):
-        module = model.get_submodule(name)
-        weight, bias, source = linear_form(module)
+        weight, bias, source = linear_form(model.get_submodule(name))
         m, n = weight.shape
         step = defend_layer(name, weight, config, bias=bias is not None, source=source)
-        layer = DefendedLinear(
-            n, m, bias=bias is not None, alpha=config.alpha, top_k=config.top_k, source=source,
-            dtype=weight.dtype, device=weight.device,
+        layer = DefendedLinear.from_weights(
+            step.inflated, step.compensation, bias, alpha=config.alpha, top_k=config.top_k,
+            source=source,
         )  # fmt: skip
-        layer.inflated.weight.copy_(step.inflated)
-        layer.compensation.weight.copy_(step.compensation)
-        if bias is not None:
-            layer.compensation.bias.copy_(bias)
-        if name in inputs:
-            gap = probing.relative_gap(layer(inputs[name]), module(inputs[name]))
+        if seen is not None and name in seen.inputs:
+            gap = probing.relative_gap(layer(seen.inputs[name]), seen.outputs[name])
             step = dataclasses.replace(
                 step, report=dataclasses.replace(step.report, output_gap=gap)
             )
@@ -199,7 +197,8 @@ def apply_specdef_(
         set_submodule(model, name, layer)
     model_gap = None
     model_tol = None
-    if probe is not None and reference is not None:
+    if probe is not None and seen is not None:
+        reference = seen.output
         model_gap = probing.relative_gap(probing.model_output(model, probe), reference)
         model_tol = config.tolerance_for(reference.dtype)
         if model_gap > model_tol and not config.force:

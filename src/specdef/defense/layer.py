@@ -56,6 +56,29 @@ class DefendedLinear(nn.Module):
         self.source = source
 
     @classmethod
+    def from_weights(
+        cls,
+        inflated: torch.Tensor,
+        compensation: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        alpha: float,
+        top_k: int,
+        source: str = "linear",
+    ) -> DefendedLinear:
+        """A layer holding ``inflated`` (W̃, m×n) and ``compensation`` (C, m×m) as its parameters
+        (the tensors themselves, not copies: the caller hands them over) and a copy of ``bias``.
+        Built on the meta device first, so nothing is allocated, zeroed or copied twice."""
+        m, n = inflated.shape
+        out = cls(n, m, bias=bias is not None, alpha=alpha, top_k=top_k, source=source,
+                  dtype=inflated.dtype, device="meta")  # fmt: skip
+        out.inflated.weight = nn.Parameter(inflated.detach())
+        out.compensation.weight = nn.Parameter(compensation.detach())
+        if bias is not None:
+            out.compensation.bias = nn.Parameter(bias.detach().to(inflated.dtype, copy=True))
+        return out
+
+    @classmethod
     def identity_slot(cls, layer: nn.Linear, *, top_k: int) -> DefendedLinear:
         """Algorithm 1's slot before any inflation (α = 1): W̃ = W and C = I, the layer's bias on
         C — the same function and structure as a defended layer, the undefended curvature."""

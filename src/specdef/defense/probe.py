@@ -1,5 +1,6 @@
-"""Running a model on a probe batch: its output tensor, the inputs seen by chosen layers, and
-relative gaps. Used by the precision guard (:mod:`specdef.defense.apply`) and ``specdef verify``.
+"""Running a model on a probe batch: its output tensor, the inputs and outputs of chosen layers (one
+forward: :func:`capture`), and relative gaps. Used by the precision guard
+(:mod:`specdef.defense.apply`) and ``specdef verify``.
 
 A probe batch is a tensor (passed positionally) or a mapping (passed as keyword arguments, e.g.
 ``{"input_ids": ..., "attention_mask": ...}``).
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -51,27 +53,45 @@ def model_output(model: nn.Module, probe: Probe) -> torch.Tensor:
         return output_tensor(model(probe))
 
 
+@dataclass(frozen=True)
+class Capture:
+    """What one forward of a model on a probe batch showed: ``output`` (the main output tensor) and,
+    for each named module, the ``inputs`` it received and the ``outputs`` it returned on its first
+    call (copies, so a later in-place operation of the model cannot change them)."""
+
+    output: torch.Tensor
+    inputs: dict[str, torch.Tensor]
+    outputs: dict[str, torch.Tensor]
+
+
 @torch.no_grad()
-def capture_inputs(model: nn.Module, names: Sequence[str], probe: Probe) -> dict[str, torch.Tensor]:
-    """The input each named module receives (first call) when ``model`` runs on ``probe``."""
-    seen: dict[str, torch.Tensor] = {}
+def capture(model: nn.Module, names: Sequence[str], probe: Probe) -> Capture:
+    """Run ``model`` on ``probe`` once (as :func:`model_output` does) and record what the named
+    modules saw and returned on their first call. A module called with no positional tensor (only
+    keyword arguments) is not recorded. The precision guard reads the undefended model's output, each
+    layer's input and its original output from this one forward."""
+    inputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
     handles = []
 
     def hook(name: str) -> Any:
-        def fn(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            if name not in seen and args and isinstance(args[0], torch.Tensor):
-                seen[name] = args[0].detach()
+        def fn(_module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            if name in inputs or not args or not isinstance(args[0], torch.Tensor):
+                return
+            if isinstance(out, torch.Tensor):
+                inputs[name] = args[0].detach().clone()
+                outputs[name] = out.detach().clone()
 
         return fn
 
     for name in names:
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
+        handles.append(model.get_submodule(name).register_forward_hook(hook(name)))
     try:
-        model_output(model, probe)
+        output = model_output(model, probe)
     finally:
         for handle in handles:
             handle.remove()
-    return seen
+    return Capture(output, inputs, outputs)
 
 
 def relative_gap(output: torch.Tensor, reference: torch.Tensor) -> float:

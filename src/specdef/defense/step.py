@@ -49,7 +49,7 @@ class LayerReport:
     sigma_before: tuple[float, ...]  # top min(k + 5, rank) singular values of W
     sigma_after: tuple[float, ...]  # same count, of W̃ (spectral.deformed_spectrum)
     fro_before: float
-    fro_after: float
+    fro_after: float  # of the stored W̃, accumulated in float32 (_stored_norm)
     reconstruction_error: float  # ‖C·W̃ − W‖/‖W‖ in ``dtype`` (probe estimate, see spectral)
     output_gap: float | None  # relative layer-output gap on the probe batch, in ``dtype``
     tolerance: float
@@ -88,6 +88,15 @@ class LayerStep:
     report: LayerReport
 
 
+def _stored_norm(tensor: torch.Tensor) -> float:
+    """‖tensor‖_F of a stored (rounded) tensor, accumulated in float32 — or float64 for a float64
+    one. A report figure, not a guard input: relative accuracy ≈1e-7 (torch's cascaded sum), and
+    ≈8× faster than a float64 accumulation of a float32 tensor, which converts every entry
+    (≈5 % of defending SmolLM2 before)."""
+    wide = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    return float(torch.linalg.vector_norm(tensor, dtype=wide))
+
+
 @torch.no_grad()
 def defend_layer(
     name: str,
@@ -117,9 +126,8 @@ def defend_layer(
     basis, sigma = spectral.top_subspace_and_values(
         weight64, config.top_k, method=config.method, generator=generator
     )
-    inflated64, compensation64 = spectral.deform_with_basis(weight64, config.alpha, basis)
-    inflated, compensation = inflated64.to(dtype), compensation64.to(dtype)
-    del inflated64, compensation64
+    # float64 products rounded to W's dtype block by block (no float64 m×m temporary)
+    inflated, compensation = spectral.deform_with_basis(weight64, config.alpha, basis, dtype=dtype)
     # the stored pair's error on a fixed Gaussian probe: O((mn + m²)p), not the 2m²n product
     error = spectral.probe_reconstruction_error(weight64, inflated, compensation, dtype=dtype)
     count = min(config.top_k + EXTRA_SIGMAS, len(sigma))
@@ -131,7 +139,7 @@ def defend_layer(
         bias=bias, sigma_before=tuple(sigma[:count].tolist()),
         sigma_after=tuple(sigma_after.tolist()),
         fro_before=float(torch.linalg.matrix_norm(weight64)),
-        fro_after=float(torch.linalg.vector_norm(inflated, dtype=torch.float64)),
+        fro_after=_stored_norm(inflated),
         reconstruction_error=error, output_gap=None, tolerance=config.tolerance_for(dtype),
         params_before=m * n + bias_params, params_after=m * n + m * m + bias_params,
     )  # fmt: skip

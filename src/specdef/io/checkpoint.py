@@ -281,12 +281,19 @@ def _canonical_sha256(manifest: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def bind_manifest(manifest: dict[str, Any], directory: Path) -> dict[str, Any]:
+def bind_manifest(
+    manifest: dict[str, Any], directory: Path, *, known: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """``manifest`` with an ``integrity`` block: the sha256 of every weight file it lists and of
     ``config.json`` (when present) in ``directory``, and of the manifest's own other fields — so a
-    changed byte of a weight file or config, or any edited manifest field, is found on load."""
+    changed byte of a weight file or config, or any edited manifest field, is found on load.
+    ``known``: digests of weight files already hashed as their bytes were written (streaming's
+    shard records), used instead of reading those files again."""
     files = list(manifest.get("weights", {}).get("files") or [WEIGHTS])
-    digests = {f: file_sha256(confined(directory, f, what="weights file")) for f in files}
+    known = known or {}
+    digests = {
+        f: known.get(f) or file_sha256(confined(directory, f, what="weights file")) for f in files
+    }
     if (directory / "config.json").is_file():
         digests["config.json"] = file_sha256(directory / "config.json")
     return {**manifest, "integrity": {"files": digests, "manifest": _canonical_sha256(manifest)}}

@@ -7,7 +7,8 @@ in-memory paths (:func:`specdef.defense.targets.select_targets`, :func:`specdef.
 Every tensor is then read alone through a fresh ``safetensors.safe_open`` memory map (closed right
 after, so resident pages do not accumulate), transformed in float64, cast back, and streamed into
 an output shard whose header was written first (:class:`ShardWriter`), so neither a whole shard nor
-the model is ever in memory. Each layer goes through the same step as in-memory defense
+the model is ever in memory; the next tensor is read while one is transformed and the writes run on
+a background thread (:mod:`specdef.streaming.overlap`), so a bounded few tensors are held at once. Each layer goes through the same step as in-memory defense
 (:func:`specdef.defense.step.defend_layer`, seeded per layer), and the manifest through the same
 builder (:func:`specdef.io.checkpoint.build_manifest`), so a streamed release equals an in-memory
 one tensor for tensor.
@@ -59,7 +60,6 @@ from specdef.io.checkpoint import (
 )
 from specdef.native.apply import PairRecord, check_native_config
 from specdef.native.pairs import select_pairs
-from specdef.streaming import shards as sio
 from specdef.streaming.native import run_native
 from specdef.streaming.resume import Staging, staged_directory
 from specdef.streaming.shards import (
@@ -190,7 +190,9 @@ def defend_streaming(
             )  # fmt: skip
         write_text_atomic(tmp / card.CARD, card.model_card(facts))
         if mode == "algorithm1":  # last: bound to the final config.json and shards
-            write_json_atomic(tmp / MANIFEST, bind_manifest(manifest, tmp))
+            # the shards' digests from their records: hashed on the way out, not read again
+            bound = bind_manifest(manifest, tmp, known=staging.digests())
+            write_json_atomic(tmp / MANIFEST, bound)
         bytes_out = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
         resumed = tuple(staging.resumed)
     return StreamingResult(
@@ -254,17 +256,15 @@ class _Layer:
     bias: bool
 
 
-def _renamed(source: Checkpoint, layer: str, key: str, new: str) -> dict[str, torch.Tensor]:
-    tensor = sio.read_tensor(source, key)
+def _renamed(layer: str, new: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
     guard.check_finite(layer, "bias", tensor)
     return {new: tensor}
 
 
 def _defend_layer(
-    source: Checkpoint, layer: _Layer, config: SpecDefConfig, reports: list[dict[str, Any]]
+    layer: _Layer, config: SpecDefConfig, reports: list[dict[str, Any]], raw: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """Algorithm 1 on one weight read from disk: ``{inflated, compensation}`` in its dtype."""
-    raw = sio.read_tensor(source, layer.key)
+    """Algorithm 1 on one weight as read from disk: ``{inflated, compensation}`` in its dtype."""
     weight = raw.T if layer.conv else raw
     step = defend_layer(
         layer.name, weight, config, bias=layer.bias, source="conv1d" if layer.conv else "linear"
@@ -316,14 +316,14 @@ def _run_algorithm1(
                 (f"{name}.inflated.weight", code, (m, n)),
                 (f"{name}.compensation.weight", code, (m, m)),
             ],
-            functools.partial(_defend_layer, source, layer, config, reports),
+            functools.partial(_defend_layer, layer, config, reports),
         )
         if has_bias:
             new = f"{name}.compensation.bias"
             items[bias_key] = Item(
                 bias_key,
                 [(new, *source.specs[bias_key])],
-                functools.partial(_renamed, source, name, bias_key, new),
+                functools.partial(_renamed, name, new),
             )
         added += m * m
     described = [{"alpha": config.alpha, "top_k": config.top_k}] * len(names)

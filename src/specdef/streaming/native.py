@@ -108,12 +108,16 @@ def run_native(
             roles.setdefault(key, []).append((i, role))
     transforms: list[Any] = []
 
-    def current(key: str, upto: int) -> torch.Tensor:
-        x = sio.read_tensor(source, key).to(torch.float64)
+    def transformed(key: str, x: torch.Tensor, upto: int) -> torch.Tensor:
+        """Tensor ``key`` (as read) after the transforms of the pairs before ``upto``, float64."""
+        x = x.to(torch.float64)
         for i, role in roles[key]:
             if i < upto:
                 x = _transform(pairs[i], role, x, transforms[i], config.alpha)
         return x
+
+    def current(key: str, upto: int) -> torch.Tensor:
+        return transformed(key, sio.read_tensor(source, key), upto)
 
     saved = staging.load_plan()
     if saved is not None and saved[0]["pairs"] == [p.name for p in pairs]:
@@ -126,8 +130,8 @@ def run_native(
         key: Item(
             key,
             [(key, *source.specs[key])],
-            lambda key=key: {
-                key: current(key, len(pairs)).to(SAFETENSORS_DTYPES[source.specs[key][0]])
+            lambda x, key=key: {
+                key: transformed(key, x, len(pairs)).to(SAFETENSORS_DTYPES[source.specs[key][0]])
             },
         )
         for key in roles

@@ -99,6 +99,15 @@ class Staging:
         )
         log.info("shard %s: finished (%d bytes)", fname, size)
 
+    def digests(self) -> dict[str, str]:
+        """The sha256 of every shard recorded finished (hashed as it was written, or verified on
+        resuming), by file name."""
+        out = {}
+        for path in sorted((self.root / "done").glob("*.json")):
+            record = json.loads(path.read_text())
+            out[str(record["file"])] = str(record["sha256"])
+        return out
+
     def load_plan(self) -> tuple[dict[str, Any], Path] | None:
         """A verified native plan: ``(record, safetensors path)``, or None."""
         record_path, tensors = self.root / f"{PLAN}.json", self.root / f"{PLAN}.safetensors"

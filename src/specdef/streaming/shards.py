@@ -5,11 +5,13 @@ a JSON header of names, dtypes, shapes and byte offsets, then the raw little-end
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -19,6 +21,7 @@ from torch import nn
 
 from specdef.errors import SpecdefError
 from specdef.io.checkpoint import INDEX, WEIGHTS
+from specdef.streaming import overlap
 from specdef.utils.files import confined, write_json_atomic
 from specdef.utils.progress import track
 
@@ -196,11 +199,12 @@ Output = tuple[str, str, tuple[int, ...]]  # (name, dtype code, shape)
 
 @dataclass
 class Item:
-    """Output tensors produced from one input tensor (``produce`` None: copied unchanged)."""
+    """Output tensors produced from one input tensor: ``produce(tensor)`` is given the input as read
+    (None: copied unchanged)."""
 
     origin: str
     outputs: list[Output]
-    produce: Any = None  # Callable[[], dict[str, torch.Tensor]]
+    produce: Any = None  # Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 
 def write_shards(
@@ -215,40 +219,79 @@ def write_shards(
     when the input had one. ``items`` maps input names to replacements; the ``produce`` callables
     append what they learn to ``reports``. Shards finished by an earlier run (verified) are skipped
     and their reports read back from their records. Returns the number of output tensors and the
-    reports in shard order. ``metadata``: every shard's safetensors header metadata."""
+    reports in shard order. ``metadata``: every shard's safetensors header metadata.
+
+    Three stages overlap (:mod:`specdef.streaming.overlap`): the next input tensor is read — across
+    shard boundaries — while the current one is transformed, and the outputs are written, hashed,
+    fsynced and recorded as finished on a background thread, in order. A shard counts as finished
+    only once its file is fsynced and its record written, so a run killed at any point resumes."""
     weight_map: dict[str, str] = {}
     total = 0
     ordered: list[dict[str, Any]] = []
-    for fname in track(source.files, "defending shards", total=len(source.files)):
-        record = staging.finished(fname)
-        if record is None:
-            names = [n for n, f in source.weight_map.items() if f == fname]
-            plan = [items.get(n) or Item(n, [(n, *source.specs[n])]) for n in names]
-            writer = ShardWriter(
-                staging.out / fname, [o for item in plan for o in item.outputs], metadata
-            )
-            first = len(reports)
-            for item in plan:
-                produced = (
-                    item.produce()
-                    if item.produce
-                    else {item.origin: read_tensor(source, item.origin)}
-                )
-                for out_name, _, _ in item.outputs:
-                    writer.write(out_name, produced.pop(out_name))
-                del produced
-            writer.close()
-            record = {
-                "tensors": [o[0] for item in plan for o in item.outputs],
-                "data_bytes": writer.data_bytes,
-                "reports": reports[first:],
-            }
-            staging.finish(fname, sha256=writer.sha256, size=writer.size, **record)
-        weight_map.update(dict.fromkeys(record["tensors"], fname))
-        total += int(record["data_bytes"])
-        ordered += record["reports"]
+    done = {f: staging.finished(f) for f in source.files}  # verified records of an earlier run
+    members = {
+        f: [n for n, g in source.weight_map.items() if g == f] for f in source.files if not done[f]
+    }
+    todo = list(members)
+    with (
+        overlap.Prefetch(
+            [n for f in todo for n in members[f]], functools.partial(read_tensor, source)
+        ) as tensors,
+        overlap.Background() as background,
+    ):
+        for fname in track(source.files, "defending shards", total=len(source.files)):
+            record = done[fname]
+            if record is None:
+                record = _write_shard(
+                    source, staging, fname, members[fname], items, tensors, background,
+                    reports=reports, metadata=metadata,
+                )  # fmt: skip
+            weight_map.update(dict.fromkeys(record["tensors"], fname))
+            total += int(record["data_bytes"])
+            ordered += record["reports"]
+        background.drain()
     if len(source.files) > 1 or (source.root / INDEX).exists():
         write_json_atomic(
             staging.out / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map}
         )
     return len(weight_map), ordered
+
+
+def _write_shard(
+    source: Checkpoint,
+    staging: Staging,
+    fname: str,
+    names: list[str],
+    items: dict[str, Item],
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    background: overlap.Background,
+    *,
+    reports: list[dict[str, Any]],
+    metadata: dict[str, str] | None,
+) -> dict[str, Any]:
+    """One output shard: transform each input as it arrives from ``tensors``, hand the outputs, the
+    fsync and the resume record to ``background``; returns the record."""
+    plan = [items.get(n) or Item(n, [(n, *source.specs[n])]) for n in names]
+    writer = ShardWriter(staging.out / fname, [o for item in plan for o in item.outputs], metadata)
+    first = len(reports)
+    for item in plan:
+        name, tensor = next(tensors)
+        if name != item.origin:  # pragma: no cover - the prefetch order is the plan's
+            raise RuntimeError(f"prefetch order: expected {item.origin}, got {name}")
+        produced = item.produce(tensor) if item.produce else {item.origin: tensor}
+        del tensor
+        for out_name, _, _ in item.outputs:
+            background.submit(writer.write, out_name, produced.pop(out_name))
+        del produced
+    record = {
+        "tensors": [o[0] for item in plan for o in item.outputs],
+        "data_bytes": writer.data_bytes,
+        "reports": reports[first:],
+    }
+
+    def finish() -> None:
+        writer.close()
+        staging.finish(fname, sha256=writer.sha256, size=writer.size, **record)
+
+    background.submit(finish)
+    return record
