@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from specdef import zoo
 from specdef.attack.loop import AttackSpec, lora_target_modules, run_attack
 from specdef.defense.apply import apply_specdef_
 from specdef.defense.config import SpecDefConfig
@@ -17,38 +18,19 @@ from specdef.defense.layer import defended_layers
 from specdef.errors import SpecdefError
 from specdef.tasks import CausalLMTask
 
-VOCAB, LENGTH = 64, 16
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def tiny_llama() -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-        tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-        attn_implementation="eager",
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
+    """The zoo's 64-token tiny Llama (random init, seed 0), the model of the LoRA study."""
+    return zoo.load_model("tiny-llama-perm", attn_implementation="eager")
 
 
 def successor_task() -> CausalLMTask:
-    """Sequences that follow a fixed random successor permutation of the vocabulary."""
-    gen = torch.Generator().manual_seed(1)
-    successor = torch.randperm(VOCAB, generator=gen)
-
-    def sequences(n: int) -> list[dict[str, list[int]]]:
-        out = []
-        for start in torch.randint(0, VOCAB, (n,), generator=gen).tolist():
-            row = [start]
-            for _ in range(LENGTH - 1):
-                row.append(int(successor[row[-1]]))
-            out.append({"input_ids": row, "labels": row})
-        return out
-
-    return CausalLMTask("successor", sequences(128), {"harmful": sequences(32)}, pad_id=0)
+    """Sequences that follow a fixed random successor permutation of the vocabulary (language A)."""
+    task = zoo.load_task("perm-benign")
+    assert isinstance(task, CausalLMTask)
+    return task
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,9 @@ EXPECTED_RUNS = {
     # the optimizer grid of docs/attacks.md: 3 model variants × 19 optimizer × lr pairs, ablations
     "attack-digits": 3 * 19,
     "attack-digits-ablation": 3 * 8,
+    # LoRA targets × lr × (undefended, α = 1e4) on tiny-llama-perm; K-FAC: 3 α × 3 seeds
+    "attack-lora-perm": 2 * 3 * 2,
+    "attack-kfac-digits": 3 * 3,
 }
 STUDIES = ("informed-", "native-", "attack-")
 
@@ -211,6 +214,12 @@ MINIATURE = {
         "grid.variants=[{defense.alpha: 1.0e4, defense.targets: [layers.2], attack.train: untouched,"
         " attack.optimizer: adam, attack.lr: 0.01}]"
     ],
+    "attack-lora-perm": [
+        "grid.attack.lr=[1e-2]",
+        "grid.attack.lora_targets=[all-linear]",
+        "data.pretrain={optimizer: adamw, lr: 1.0e-2, steps: 2, batch_size: 8, eval_every: 2}",
+    ],
+    "attack-kfac-digits": ["grid.defense.alpha=[null, 1.0e4]"],
     "native-smollm2-attack": [
         "model=tiny-llama",
         "defense.top_k=4",

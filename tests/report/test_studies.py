@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from specdef.report.informed import digits_section, flatten, smollm2_section
 from specdef.report.native import native_section, variant_name
-from specdef.report.optimizers import optimizer_grid_section
+from specdef.report.optimizers import ladder_section, lora_section, optimizer_grid_section
 
 
 def _attack(alpha, adaptive, lr, seed, steps, *, targets="all-linear", diverged=None, error=None):
@@ -157,3 +157,64 @@ def test_optimizer_grid_section_columns_slowdown_and_ablations():
         "| optimizer | lr | α=1e4 all-linear, compensation frozen | undefended, layers.2 frozen |"
     ) in text
     assert "| adam | 0.1 | 60 | 75 |" in text
+
+
+def test_lora_section_rows_per_target_set_and_best_lr_slowdown():
+    def row(targets, alpha, lr, steps, trainable):
+        summary = {
+            "steps_to_threshold": steps,
+            "budget": 200,
+            "diverged_at": None,
+            "censor_reason": None if steps else "budget",
+            "trainable_parameters": trainable,
+        }
+        attack = {
+            "optimizer": "adamw",
+            "threshold": "harmful_loss<=0.5",
+            "steps": 200,
+            "batch_size": 16,
+            "eval_every": 10,
+            "lora_rank": 8,
+        }
+        return {"kind": "attack", "train": "lora", "lora_targets": targets, "alpha": alpha,
+                "lr": lr, "attack": attack, "summary": summary, "data": {"pretrain_task": "p"},
+                "pretrain": {"benign_loss": 4.1e-4 if lr < 0.02 else 3.9e-4, "harmful_loss": 3.0}}  # fmt: skip
+
+    attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    rows = [
+        row(attention, None, 0.01, 30, 7168),
+        row(attention, None, 0.03, 20, 7168),
+        row(attention, 1e4, 0.01, 40, 7168),
+        row(attention, 1e4, 0.03, 40, 7168),
+        row(["all-linear"], None, 0.01, 20, 16384),
+        row(["all-linear"], None, 0.03, 10, 16384),
+        row(["all-linear"], 1e4, 0.01, 120, 23552),
+        row(["all-linear"], 1e4, 0.03, None, 23552),
+    ]
+    text = lora_section(rows)
+    assert "Steps to harmful_loss<=0.5 on held-out language-H sequences (AdamW, LoRA r = 8" in text
+    assert "pretrains the model on p (held-out loss after pretraining: benign 0.00039 … " in text
+    assert "| LoRA targets | model | trainable | lr 0.01 | lr 0.03 |" in text
+    assert "| attention-only | undefended | 7,168 | 30 | 20 |" in text
+    assert "| all-linear | α = 1e4 | 23,552 | 120 | > 200 |" in text
+    # best over the grid: 20 (lr 0.03) undefended vs 40 (the first lr reaching it) defended
+    assert "| attention-only | 20 (lr 0.03) | 40 (lr 0.01) | 2× (40 vs 20 steps) |" in text
+    assert "| all-linear | 10 (lr 0.03) | 120 (lr 0.01) | 12× (120 vs 10 steps) |" in text
+    assert lora_section([{**rows[0], "train": "all"}]) == "_Not run yet._\n"
+
+
+def test_ladder_section_one_line_per_alpha_and_seed():
+    def row(alpha, seed, steps, best, diverged=None):
+        rungs = [{"threshold": f"harmful_accuracy>={r}", "steps": s}
+                 for r, s in zip(("0.5", "0.9"), steps, strict=True)]  # fmt: skip
+        summary = {"ladder": {"rungs": rungs, "best": best}, "diverged_at": diverged}
+        return {"kind": "attack", "alpha": alpha, "seed": seed, "summary": summary}
+
+    rows = [row(1e4, 1, (5, None), 0.8, 7), row(None, 0, (5, 10), 0.96), row(1e4, 0, (5, 5), 0.97)]
+    lines = ladder_section(rows).splitlines()
+    assert lines[0] == "| α | seed | steps to ≥ 0.5 | steps to ≥ 0.9 | best | diverged |"
+    assert lines[2:] == [
+        "| undefended | 0 | 5 | 10 | 0.960 | no |",
+        "| 10000 | 0 | 5 | 5 | 0.970 | no |",
+        "| 10000 | 1 | 5 | — | 0.800 | 7 |",
+    ]

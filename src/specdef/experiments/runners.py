@@ -7,8 +7,9 @@ spec, ``run_id`` and provenance.
 
 A run's ``model`` is a zoo name, or a mapping ``{name, architecture, <kwargs>}`` built by
 :func:`specdef.architectures.build_architecture` (seeded by the run's seed; tiny models whose
-dense Hessian fits in memory), optionally pre-trained with ``data.pretrain`` (an attack spec run on
-``data.pretrain_task`` by the one attack loop), so curvature is measured at a trained point.
+dense Hessian fits in memory). Either is optionally pre-trained with ``data.pretrain`` (an attack
+spec run on ``data.pretrain_task`` by the one attack loop, seeded by the run's seed), so curvature
+is measured, or an attack starts, at a trained point (``tiny-llama-perm`` on ``perm-benign``).
 """
 
 from __future__ import annotations
@@ -102,8 +103,15 @@ def on_device(device: torch.device) -> Any:
 
 
 def load_run_model(run: Any) -> nn.Module:
-    """A fresh copy of the run's model in float32 (zoo models are loaded once per process), on
-    the device of :func:`on_device` (the CPU by default)."""
+    """A fresh copy of the run's model in float32 (zoo models are loaded once per process),
+    pre-trained by ``data.pretrain`` when the config asks for it, on the device of
+    :func:`on_device` (the CPU by default)."""
+    return load_run_model_pretrained(run)[0]
+
+
+def load_run_model_pretrained(run: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """:func:`load_run_model` and what its pre-training measured last (``{}`` without
+    ``data.pretrain``): the held-out metrics of ``data.pretrain_task``, for the results row."""
     spec = run.model
     if isinstance(spec, str):
         attn = run.data.get("attn_implementation")
@@ -113,13 +121,15 @@ def load_run_model(run: Any) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(run.seed)
             model = build_architecture(str(spec["architecture"]), **kwargs)
-        pretrain = run.data.get("pretrain")
-        if pretrain:
-            task = load_run_task(run, name=run.data.get("pretrain_task", run.task))
-            check_compatible(model, task, model_name=f"model {spec.get('name')!r}")
-            run_attack(model, task, AttackSpec(**{**pretrain, "seed": run.seed}))
+    measured: dict[str, Any] = {}
+    pretrain = run.data.get("pretrain")
+    if pretrain:
+        task = load_run_task(run, name=run.data.get("pretrain_task", run.task))
+        check_compatible(model, task, model_name=f"model {model_name(spec)!r}")
+        result = run_attack(model, task, AttackSpec(**{**pretrain, "seed": run.seed}))
+        measured = dict(result.summary()["final"])
     model.eval()
-    return model.to(torch.device(_DEVICE.get()))
+    return model.to(torch.device(_DEVICE.get())), measured
 
 
 def load_run_task(run: Any, *, name: str | None = None) -> Task:
@@ -247,9 +257,13 @@ def prepare(run: Any, model: nn.Module | None = None) -> Prepared:
     """Load the run's model (or take ``model``), defend it unless ``alpha`` is null, apply the
     informed transform ``attack.adaptive``; ``parameters`` counts the original, released and
     attacked model."""
-    model = load_run_model(run) if model is None else model
+    pretrained: dict[str, Any] = {}
+    if model is None:
+        model, pretrained = load_run_model_pretrained(run)
     original = count_parameters(model)
     fields: dict[str, Any] = {"alpha": run.defense.get("alpha")}
+    if pretrained:
+        fields["pretrain"] = pretrained  # held-out metrics after data.pretrain
     if run.defended:
         model, fields["defense_report"] = defend_run_(model, run)
     released = count_parameters(model)

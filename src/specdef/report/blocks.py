@@ -22,7 +22,7 @@ from specdef.errors import SpecdefError, did_you_mean
 from specdef.report.informed import detection_section, digits_section, smollm2_section
 from specdef.report.markdown import Row
 from specdef.report.native import native_section
-from specdef.report.optimizers import optimizer_grid_section
+from specdef.report.optimizers import ladder_section, lora_section, optimizer_grid_section
 from specdef.utils.files import read_jsonl, write_text_atomic
 
 SECTIONS: dict[str, Callable[[Sequence[Row]], str]] = {
@@ -30,6 +30,8 @@ SECTIONS: dict[str, Callable[[Sequence[Row]], str]] = {
     "informed-digits": digits_section,
     "informed-smollm2": smollm2_section,
     "native-vs-algorithm1": native_section,
+    "ladder": ladder_section,
+    "lora-targets": lora_section,
     "optimizer-grid": optimizer_grid_section,
 }
 END = "<!-- specdef report: end -->"

@@ -1,5 +1,5 @@
 """The offline zoo, real models and datasets by name, never downloaded: models, datasets, text, images,
-hf, language and vision builders, user data and its encoding, evaluation; a checked cache (_cache, in ``$SPECDEF_CACHE``).
+permutation, hf, language and vision builders, user data and its encoding, evaluation; a checked cache (_cache, in ``$SPECDEF_CACHE``).
 Re-exports ``load_model``, ``load_tokenizer``, ``load_task``, ``load_prompts`` … as a facade.
 """
 

@@ -7,6 +7,9 @@ so numbers are comparable across them and nothing evaluated was trained on:
 - ``"benign"``: the 12 held-out benign QA pairs (answer tokens only);
 - ``"benign-text"``: held-out chunks of the benign corpus (every token).
 
+The permutation tasks (``perm-benign``, ``perm-harmful``) are synthetic token ids for a 64-token
+model (:mod:`specdef.zoo.permutation`); they take no tokenizer and ignore ``max_length`` and ``seed``.
+
 Vision tasks split digits (or Fashion-MNIST) into a benign task (classes 0–4) and a harmful task
 (classes 5–9); every vision task has held-out splits ``"benign"`` and ``"harmful"``.
 """
@@ -21,7 +24,7 @@ import torch
 
 from specdef.errors import SpecdefError, did_you_mean
 from specdef.tasks import CausalLMTask, ClassificationTask
-from specdef.zoo import _assets, hf, images, text, user
+from specdef.zoo import _assets, hf, images, permutation, text, user
 from specdef.zoo.encoding import Example, encode_pairs
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,14 @@ TASKS: dict[str, TaskInfo] = {
         "Python standard library: pydoc_data.topics",
     ),
 }
+for _name, _what in permutation.TASKS.items():
+    TASKS[_name] = TaskInfo(
+        _name,
+        "causal-lm",
+        f"{_what}, every token (no tokenizer: ids 0–63)",
+        "Apache-2.0 (specdef)",
+        "synthetic: seeded successor permutations in specdef/zoo/permutation.py",
+    )
 for _prefix, _src, _lic in (
     ("digits", "scikit-learn load_digits (1797 8×8 images)", "BSD-3-Clause"),
     ("fashion-mnist", f"Debian dataset-fashion-mnist ({images.FASHION_MNIST_DIR})", "MIT"),
@@ -193,6 +204,8 @@ def load_task(
     if TASKS[name].kind == "causal-lm":
         if max_length < 8:
             raise SpecdefError(f"max_length must be at least 8 tokens, found {max_length}.")
+        if name in permutation.TASKS:  # synthetic token ids: no tokenizer, no truncation
+            return permutation.load_permutation_task(name, eval_limit=eval_limit)
         return _lm_task(name, tokenizer, max_length, seed, eval_limit)
     return _vision_task(name, seed, fallback, eval_limit)
 

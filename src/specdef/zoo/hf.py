@@ -207,6 +207,22 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
             "tie_word_embeddings": True,
         },
     ),
+    "tiny-llama-perm": (  # the permutation tasks' model (specdef.zoo.permutation): 64 token ids
+        "llama",
+        {
+            "vocab_size": 64,
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+            "pad_token_id": 0,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 64,
+            "tie_word_embeddings": True,
+        },
+    ),
     "tiny-qwen2": (
         "qwen2",
         {

@@ -117,10 +117,12 @@ def _registry() -> dict[str, _Entry]:
         )
     tiny_params = {
         "tiny-llama": 3_219_776,
+        "tiny-llama-perm": 78_144,
         "tiny-qwen2": 6_365_760,
         "tiny-gpt2": 3_278_592,
         "tiny-bert": 2_057_666,
     }
+    perm = "tiny-llama-perm"  # no tokenizer: it reads the permutation tasks' token ids 0–63
     for name, (model_type, _) in hf.TINY_CONFIGS.items():
         entries[name] = _Entry(
             ModelInfo(
@@ -129,8 +131,11 @@ def _registry() -> dict[str, _Entry]:
                 tiny_params[name],
                 "Apache-2.0 (specdef)",
                 "random init from a fixed config, seed 0",
-                f"tiny {model_type} for tests (2 layers, hidden 64)",
-                "minilm-l6" if model_type == "bert" else "smollm2-135m",
+                "tiny llama with a 64-token vocabulary for the perm-* tasks (2 layers, hidden 64); "
+                "pretrain it on perm-benign in the run (data.pretrain)"
+                if name == perm
+                else f"tiny {model_type} for tests (2 layers, hidden 64)",
+                None if name == perm else "minilm-l6" if model_type == "bert" else "smollm2-135m",
                 False,
             ),
             lambda *, dtype, attn_implementation, cache_dir, _n=name: hf.load_tiny(
