@@ -1,4 +1,5 @@
-"""``specdef defend SRC -o OUT``: apply SpecDef to a model and save the defended checkpoint."""
+"""``specdef defend SRC -o OUT``: apply SpecDef (or, with ``--defense NAME``, any registered defense)
+to a model and save the defended checkpoint."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ from typing import Any
 from specdef.commands.common import add_threads_option, print_json, print_table
 from specdef.defense.apply import DefenseReport
 from specdef.defense.config import SpecDefConfig
+from specdef.defenses.catalog import defense_names, get_defense_entry
+from specdef.defenses.registry import parse_assignments
+from specdef.defenses.run import SPECDEF_MODES, DefenseRequest, defend_with
+from specdef.errors import SpecdefError
 from specdef.release.defend import DefendRequest, defend
 
 
@@ -20,12 +25,31 @@ def register(sub: Any) -> None:
         "precision guard) and save OUT atomically (safetensors + config.json + manifest).",
     )
     parser.add_argument(
-        "src", metavar="SRC", help="Hugging Face model directory, specdef checkpoint or zoo name"
+        "src",
+        metavar="SRC",
+        nargs="?",
+        help="Hugging Face model directory, specdef checkpoint or zoo name",
     )
-    parser.add_argument("-o", "--out", required=True, metavar="OUT", help="output directory")
-    parser.add_argument("--alpha", type=float, required=True, help="inflation factor (> 1)")
+    parser.add_argument("-o", "--out", metavar="OUT", help="output directory (required)")
     parser.add_argument(
-        "--top-k", type=int, required=True, help="singular values inflated per layer"
+        "--defense",
+        metavar="NAME",
+        help="a registered defense (specdef defend --list-defenses): specdef, native, npo, rmu, "
+        "repnoise, tar, … (default: SpecDef with the options below)",
+    )
+    parser.add_argument(
+        "--defense-config",
+        nargs="+",
+        default=[],
+        metavar="K=V",
+        help="the defense's config: KEY=VALUE pairs (e.g. steps=40 lr=1e-3) or a YAML file",
+    )
+    parser.add_argument(
+        "--list-defenses", action="store_true", help="list the registered defenses and exit"
+    )
+    parser.add_argument("--alpha", type=float, help="inflation factor (> 1); SpecDef only")
+    parser.add_argument(
+        "--top-k", type=int, help="singular values inflated per layer; SpecDef only"
     )
     parser.add_argument(
         "--targets",
@@ -93,6 +117,23 @@ def _selection(values: list[str]) -> str | tuple[str, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.list_defenses:
+        return _list_defenses()
+    if not args.src or not args.out:
+        raise SpecdefError(
+            "specdef defend needs SRC and -o OUT; e.g. specdef defend mlp-digits -o out/ …"
+        )
+    if args.defense is not None:
+        return _run_registered(args)
+    if args.defense_config:
+        raise SpecdefError(
+            "--defense-config needs --defense NAME; e.g. --defense npo --defense-config steps=40."
+        )
+    if args.alpha is None or args.top_k is None:
+        raise SpecdefError(
+            "SpecDef needs --alpha and --top-k (e.g. --alpha 1e4 --top-k 8), or pick another "
+            "defense with --defense NAME."
+        )
     config = SpecDefConfig(
         alpha=args.alpha,
         top_k=args.top_k,
@@ -178,3 +219,55 @@ def _print_algorithm1(report: DefenseReport, config: SpecDefConfig, where: str) 
             f"inference cost: ×{cost.parameter_ratio:.2f} parameters, ×{cost.latency_ratio:.2f} "
             f"forward latency on the probe batch (median of {cost.repeats}, {cost.threads} thread(s))"
         )
+
+
+def _list_defenses() -> int:
+    rows = []
+    for name in defense_names():
+        entry = get_defense_entry(name)
+        flags = [
+            f for f in ("needs_data", "training_free", "changes_architecture") if getattr(entry, f)
+        ]
+        rows.append((name, ", ".join(flags) or "—", ", ".join(entry.kinds), entry.summary))
+    print_table("registered defenses", ["name", "flags", "kinds", "what it changes"], rows)
+    return 0
+
+
+_SPECDEF_FLAGS = ("alpha", "top_k", "method", "seed", "tolerance", "n_random")
+
+
+def _run_registered(args: argparse.Namespace) -> int:
+    values = parse_assignments(args.defense_config)
+    if args.defense in SPECDEF_MODES:  # the SpecDef flags still apply
+        for name in _SPECDEF_FLAGS:
+            if getattr(args, name, None) is not None and name not in values:
+                values[name] = getattr(args, name)
+        if args.force:
+            values.setdefault("force", True)
+        if args.targets != ["all-linear"]:
+            values.setdefault("targets", _selection(args.targets))
+    elif args.alpha is not None or args.top_k is not None:
+        raise SpecdefError(
+            f"--alpha/--top-k set SpecDef; for {args.defense!r} pass --defense-config KEY=VALUE "
+            "(unlearned-specdef takes alpha=… top_k=…)."
+        )
+    outcome = defend_with(
+        DefenseRequest(
+            source=args.src, output=args.out, defense=args.defense, values=values,
+            overwrite=args.overwrite, dtype=args.dtype,
+        )
+    )  # fmt: skip
+    if args.json:
+        print_json(outcome.record)
+        return 0
+    record = outcome.record
+    measured = record.get("unlearning") or record
+    before, after = measured.get("before") or {}, measured.get("after") or {}
+    if before:
+        print_table(
+            f"{args.defense} on {args.src} ({outcome.seconds:.1f} s)",
+            ["held-out metric", "before", "after"],
+            [(key, before[key], after.get(key, float("nan"))) for key in before],
+        )
+    print(f"saved: {args.out} (model card: {args.out}/README.md)")
+    return 0

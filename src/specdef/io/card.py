@@ -237,3 +237,79 @@ def transform_card(
             "",
         ]
     )
+
+
+def _metric_rows(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
+    keys = [k for k in before if k in after]
+    return [
+        f"| {key} | {_num(_float_or_none(before[key]))} | {_num(_float_or_none(after[key]))} |"
+        for key in keys
+    ]
+
+
+def defense_card(
+    record: Mapping[str, Any],
+    *,
+    source: str,
+    dtype: str,
+    params_before: int,
+    params_after: int,
+    specdef_facts: CardFacts | None = None,
+) -> str:
+    """The card of a model defended by a registry defense other than SpecDef alone (``specdef
+    defend --defense NAME``): what the defense is and cites, the deviations scale forced, what it
+    measured before and after on held-out data, and first among its limits that it is a small
+    baseline whose resistance to a searched attacker is measured, not promised. A defense that
+    ends with SpecDef (``unlearned-specdef``) appends SpecDef's own card."""
+    name = str(record.get("name", "?"))
+    inner = record.get("unlearning") if isinstance(record.get("unlearning"), Mapping) else None
+    measured = inner if inner is not None else record
+    before = measured.get("before") or {}
+    after = measured.get("after") or {}
+    training = measured.get("training") or {}
+    config = record.get("config") or {}
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags:",
+        f"- {PROJECT}",
+        "- tamper-resistance",
+        f"- defense-{name}",
+        "---",
+        "",
+        f"# `{source}` defended with `{name}` ({PROJECT} baseline defense)",
+        "",
+        f"Written from: {record.get('cites', '—')}.",
+        "",
+        "## Limits — read these first",
+        "",
+        "- This is a small baseline written from its paper's loss at CPU scale, not the paper's "
+        f"model or data. Deviations: {record.get('deviations', '—')}.",
+        "- A defense that changes the weights is not known to stop a worst-case attacker: how many "
+        f"steps a searched attacker needs to relearn is measured on {PROJECT}'s `{RESULTS_PAGE}`.",
+        "",
+        "## The defense",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| defense | `{name}` |",
+        *(f"| {key} | `{value}` |" for key, value in config.items()),
+        f"| dtype | {dtype} |",
+        f"| parameters | {params_before:,} → {params_after:,} |",
+        f"| training steps | {training.get('steps_run', '—')} |",
+        "",
+    ]
+    rows = _metric_rows(before, after)
+    if rows:
+        lines += [
+            "## Measured on held-out data" + (f" (by `{inner.get('name')}`)" if inner else ""),
+            "",
+            "| metric | before | after |",
+            "|---|---|---|",
+            *rows,
+            "",
+        ]
+    lines += ["Load it with `specdef` (`specdef inspect DIR`, `specdef attack DIR …`).", ""]
+    if specdef_facts is not None:
+        lines += ["", "## Then SpecDef", "", model_card(specdef_facts).split("---\n", 2)[-1]]
+    return "\n".join(lines)
