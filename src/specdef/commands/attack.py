@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from specdef import zoo
-from specdef.attack.edge import StabilityEdge, stability_edge
+from specdef.attack.edge import StabilityEdge, edge_row, stability_edge
 from specdef.attack.loop import AttackSpec
 from specdef.attack.metrics import StepsToThreshold, Threshold, best_over_grid
 from specdef.attack.search import (
@@ -34,7 +34,7 @@ from specdef.experiments.config import parse_value
 from specdef.informed.transforms import apply_adaptive, parse_adaptive
 from specdef.release.sources import load_source
 from specdef.utils.files import append_jsonl
-from specdef.utils.provenance import provenance, weights_digest
+from specdef.utils.provenance import weights_digest
 
 
 def _floats(text: str) -> list[float]:
@@ -458,10 +458,7 @@ def _record_edge(
     rid = "edge-" + hashlib.sha256(text.encode()).hexdigest()[:16]
     if any(r.get("run_id") == rid for r in read_rows(path)):
         return
-    row = {"run_id": rid, "experiment": "attack", "kind": "stability-edge",
-           "model": variant.name, "task": task, **dict(variant.info),
-           "optimizer": edge.optimizer, "spec": spec.to_dict(),
-           "stability_edge": edge.to_dict(), "provenance": provenance()}  # fmt: skip
+    row = edge_row(rid, edge, model=variant.name, task=task, info=variant.info, spec=spec)
     append_jsonl(path, row)
 
 

@@ -123,6 +123,9 @@ def _work(
         ]
         waiting = [t for t in trials if t.state == TrialState.WAITING]
         if not waiting and len(trials) >= config.trials:
+            if slots.ownerless(study):  # wait until it is owned, or lost and put back to WAITING
+                time.sleep(1.0)
+                continue
             return ran
         study.sampler = optuna.samplers.TPESampler(seed=config.seed + len(trials))
         trial = study.ask()
