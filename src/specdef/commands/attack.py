@@ -34,7 +34,7 @@ from specdef.experiments.config import parse_value
 from specdef.informed.transforms import apply_adaptive, parse_adaptive
 from specdef.release.sources import load_source
 from specdef.utils.files import append_jsonl
-from specdef.utils.provenance import weights_digest
+from specdef.utils.provenance import provenance, weights_digest
 
 
 def _floats(text: str) -> list[float]:
