@@ -21,7 +21,7 @@ from typing import Any
 from specdef.errors import SpecdefError, did_you_mean
 from specdef.utils.safe_yaml import load_yaml
 
-KINDS = ("attack", "curvature", "utility", "detection", "landscape")
+KINDS = ("attack", "curvature", "utility", "detection", "landscape", "relearn")
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "experiments"
 VARIANTS = "variants"  # grid key: a list of {dotted key: value} mappings, one axis
 
@@ -127,7 +127,7 @@ class RunSpec:
 
     @property
     def defended(self) -> bool:
-        return self.defense.get("alpha") is not None
+        return self.defense.get("alpha") is not None or self.defense.get("name") is not None
 
 
 _FIELDS = {f.name for f in dataclasses.fields(ExperimentConfig)}
@@ -315,7 +315,7 @@ def expand(config: ExperimentConfig) -> list[RunSpec]:
                     _set_path(data, str(inner), copy.deepcopy(item))
             else:
                 _set_path(data, key, copy.deepcopy(value))
-        if data["defense"].get("alpha") is None:
+        if data["defense"].get("alpha") is None and data["defense"].get("name") is None:
             data["defense"] = {"alpha": None}  # undefended: the other defense fields are moot
         for seed in config.seeds:
             runs.append(

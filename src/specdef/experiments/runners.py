@@ -33,6 +33,9 @@ from specdef.defense import probe as probing
 from specdef.defense.apply import apply_specdef_
 from specdef.defense.config import SpecDefConfig
 from specdef.defense.layer import count_parameters, defended_layers, linear_form
+from specdef.defenses.catalog import get_defense_entry, make_defense
+from specdef.defenses.data import load_defense_data, model_kind
+from specdef.defenses.registry import make_config
 from specdef.errors import SpecdefError, did_you_mean
 from specdef.informed.transforms import apply_adaptive
 from specdef.linalg import spectral
@@ -151,6 +154,37 @@ def defend_summary(model: nn.Module, defense: Mapping[str, Any]) -> dict[str, An
     }
 
 
+def defend_named(model: nn.Module, run: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """Apply the registry defense ``defense.name`` (its other ``defense`` keys are its config)
+    with its stock forget / retain data when it needs data (tokenized like the run's task, drawn
+    with the run's seed); returns the defended model and the defense's record."""
+    name = str(run.defense["name"])
+    values = {k: v for k, v in run.defense.items() if k != "name"}
+    fields = {f.name for f in dataclasses.fields(get_defense_entry(name).config)}
+    if "seed" in fields:
+        values.setdefault("seed", run.seed)  # each run seed trains its own defended model
+    if "unlearning_config" in fields:  # a composed defense: its inner training defense too
+        values["unlearning_config"] = {"seed": run.seed, **(values.get("unlearning_config") or {})}
+    defense = make_defense(name, values)
+    data = None
+    if defense.entry.needs_data:
+        kind = model_kind(model)
+        tokenizer = load_tokenizer(model_name(run.model)) if kind == "causal-lm" else None
+        data = load_defense_data(
+            kind,
+            forget=getattr(defense.config, "forget", None),
+            retain=getattr(defense.config, "retain", None),
+            tokenizer=tokenizer,
+            max_length=int(getattr(defense.config, "max_length", run.data.get("max_length", 64))),
+            seed=run.seed,
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(run.seed)
+        defended = defense.apply(model, data)
+    defended.model.eval()
+    return defended.model, defended.record
+
+
 @dataclass(frozen=True)
 class Prepared:
     """The model an attacker faces (loaded, defended, transformed) and what that cost."""
@@ -168,7 +202,11 @@ def prepare(run: Any, model: nn.Module | None = None) -> Prepared:
     model = load_run_model(run) if model is None else model
     original = count_parameters(model)
     fields: dict[str, Any] = {"alpha": run.defense.get("alpha")}
-    if run.defended:
+    if run.defense.get("name") is not None:
+        model, fields["defense_report"] = defend_named(model, run)
+        fields["alpha"] = run.defense.get("alpha")
+        fields["defense_name"] = str(run.defense["name"])
+    elif run.defended:
         fields["defense_report"] = defend_summary(model, run.defense)
     released = count_parameters(model)
     adaptive = run.attack.get("adaptive")
@@ -241,11 +279,14 @@ def run_curvature_kind(run: Any) -> dict[str, Any]:
     """σ₁(H) of the training loss (float64): exact from the dense Hessian when it fits, Lanczos
     estimate, and the certified lower bounds of :mod:`specdef.defense.certify`."""
 
-    model = load_run_model(run).double()
+    model = load_run_model(run)
+    out: dict[str, Any] = {"alpha": run.defense.get("alpha")}
+    if run.defense.get("name") is not None:  # a registry defense (trained in the model's dtype)
+        model, out["defense_report"] = defend_named(model, run)
+    model = model.double()
     task = load_run_task(run)
     batches = _to_dtype(_batches(task, run), torch.float64)
-    out: dict[str, Any] = {"alpha": run.defense.get("alpha")}
-    if run.defended:
+    if run.defended and run.defense.get("name") is None:
         out["defense_report"] = _defense_summary(defend(model, run.defense))
     n_params = sum(p.numel() for p in model.parameters())
     out["parameters"] = n_params
@@ -262,7 +303,7 @@ def run_curvature_kind(run: Any) -> dict[str, Any]:
     )
     out["sigma1"] = float(abs(est.eigenvalues[0]))
     bounds: dict[str, float] = {}
-    if run.defended:
+    if run.defended and (run.defense.get("name") is None or defended_layers(model)):
         bounds.update(_certified_bounds(model, task, batches, run))
     reference = exact if exact is not None else out["sigma1"]
     out["bounds"] = bounds
@@ -382,7 +423,13 @@ def validate_runs(runs: Sequence[Any]) -> None:
     for number, run in enumerate(runs, start=1):
         where = f"run {number} ({run.run_id})"
         defense = dict(run.defense)
-        if defense.get("alpha") is not None:
+        if defense.get("name") is not None:  # a registry defense: its config validates itself
+            try:
+                get_defense_entry(str(defense["name"]))
+                make_config(str(defense["name"]), {k: v for k, v in defense.items() if k != "name"})
+            except SpecdefError as err:
+                raise SpecdefError(f"{where}: {err}") from None
+        elif defense.get("alpha") is not None:
             for key in defense:
                 if key not in _DEFENSE_KEYS:
                     raise SpecdefError(

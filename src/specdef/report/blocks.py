@@ -23,6 +23,7 @@ from specdef.report.informed import detection_section, digits_section, smollm2_s
 from specdef.report.markdown import Row
 from specdef.report.native import native_section
 from specdef.report.optimizers import optimizer_grid_section
+from specdef.report.table1 import curvature_section, table1_section
 from specdef.utils.files import read_jsonl, write_text_atomic
 
 SECTIONS: dict[str, Callable[[Sequence[Row]], str]] = {
@@ -31,6 +32,8 @@ SECTIONS: dict[str, Callable[[Sequence[Row]], str]] = {
     "informed-smollm2": smollm2_section,
     "native-vs-algorithm1": native_section,
     "optimizer-grid": optimizer_grid_section,
+    "table1": table1_section,
+    "defense-curvature": curvature_section,
 }
 END = "<!-- specdef report: end -->"
 _BLOCK = re.compile(

@@ -27,6 +27,8 @@ from specdef.report.attack import (
 )
 from specdef.report.markdown import Report, Row
 from specdef.report.measure import curvature_section, utility_section
+from specdef.report.table1 import curvature_section as defense_curvature_section
+from specdef.report.table1 import table1_section
 from specdef.utils.files import read_jsonl, write_text_atomic
 
 
@@ -52,7 +54,12 @@ def build_report(rows: list[Row], out_dir: str | Path, *, title: str = "specdef 
         sections.append(utility_section(by_kind["utility"], out, report))
     if by_kind.get("attack"):
         sections.extend(attack_sections(by_kind["attack"], out, report))
-    unknown = sorted(set(by_kind) - {"attack", "curvature", "utility"})
+    if by_kind.get("relearn"):
+        sections.append("## Table 1: every defense under one attacker\n\n"
+                        + table1_section(by_kind["relearn"]))  # fmt: skip
+        sections.append("## Curvature of every defense\n\n"
+                        + defense_curvature_section(by_kind["relearn"]))  # fmt: skip
+    unknown = sorted(set(by_kind) - {"attack", "curvature", "utility", "relearn"})
     if unknown:
         sections.append(f"Rows of unknown kind(s) not reported: {', '.join(unknown)}.\n")
     gits = sorted({str((r.get("provenance") or {}).get("git", "unknown")) for r in rows})
