@@ -17,6 +17,7 @@ from torch import nn
 
 from specdef import zoo
 from specdef.attack.loop import AttackResult, AttackSpec, run_attack
+from specdef.defenses.registry import Defended
 from specdef.errors import SpecdefError
 from specdef.tasks import Batch, Task
 
@@ -178,6 +179,19 @@ def train_objective(
             f"(found {config.lr:g}) or steps (found {config.steps})."
         )
     return result
+
+
+def train_defense(
+    model: nn.Module,
+    data: DefenseData,
+    objective: Objective,
+    config: TrainedConfig,
+    *,
+    frozen: tuple[str, ...] = (),
+) -> Defended:
+    """:func:`train_objective`, then the model with its :func:`training_record`."""
+    result = train_objective(model, data, objective, config, frozen=frozen)
+    return Defended(model, training_record(result))
 
 
 def frozen_except(model: nn.Module, update: tuple[str, ...]) -> tuple[str, ...]:

@@ -54,6 +54,13 @@ def loss_from_logits(out: torch.Tensor, batch: Batch) -> torch.Tensor:
     )
 
 
+def retain_loss(model: nn.Module, retain: Batch, weight: float) -> torch.Tensor:
+    """``weight`` × the task loss on the retain batch (a zero without a forward pass at 0)."""
+    if not weight:
+        return torch.zeros(())
+    return weight * loss_from_logits(logits(model, retain), retain)
+
+
 def log_likelihood(out: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Per-example log π(y | x), shape (B,): the label's log-probability (classifier) or the sum
     of the answer tokens' log-probabilities (LM, positions whose label is not ``-100``)."""

@@ -12,7 +12,7 @@ keeping the pre-training (retain) loss:
 - ``R_ill(S) = 1 / (‖S‖²_F/(2k) − σ_min(S)²/2)``, the paper's dual: smallest when σ_min → 0.
 
 Both are applied to S/‖S‖_F, so neither can be met by scaling the features (the paper instead
-preconditions the update by K⁻¹). The feature extractor is everything below the model's last
+preconditions the update by K⁻¹), and both are multiplied by 2k so that they share one scale. The feature extractor is everything below the model's last
 ``nn.Linear`` — the paper's linear-probe setting for a linear extractor, and the MLP.
 """
 
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from specdef.defenses import features
-from specdef.defenses.data import DefenseData, TrainedConfig, train_objective, training_record
+from specdef.defenses.data import DefenseData, TrainedConfig, train_defense
 from specdef.defenses.registry import Defended, DefenseEntry
 from specdef.tasks import Batch
 
@@ -44,9 +44,12 @@ class ImmunizationConfig(TrainedConfig):
 
 
 def _spread(features_: torch.Tensor) -> torch.Tensor:
-    """‖S‖²_F/(2k) − σ_min²/2 of S/‖S‖_F (k = the number of singular values)."""
-    s = torch.linalg.svdvals(features_.float() / torch.linalg.matrix_norm(features_.float()))
-    return (s.pow(2).sum() / (2 * s.numel())) - s[-1].pow(2) / 2
+    """2k·(‖S‖²_F/(2k) − σ_min²/2) of S/‖S‖_F = 1 − k·σ_min²/‖S‖²_F, in [0, 1): 0 iff the k
+    singular values are equal. The factor 2k puts both regularizers on one scale (their weights
+    absorb it), so one weight does not drown the other's gradient."""
+    s = torch.linalg.svdvals(features_.float())
+    s = s / torch.linalg.vector_norm(s)
+    return 1.0 - s.numel() * s[-1].pow(2)
 
 
 def r_well(features_: torch.Tensor) -> torch.Tensor:
@@ -55,7 +58,7 @@ def r_well(features_: torch.Tensor) -> torch.Tensor:
 
 
 def r_ill(features_: torch.Tensor) -> torch.Tensor:
-    """Zheng et al.'s ill-conditioning regularizer on normalised features (falls as κ → ∞)."""
+    """Zheng et al.'s ill-conditioning regularizer on normalised features (falls to 1 as κ → ∞)."""
     return 1.0 / _spread(features_).clamp(min=1e-12)
 
 
@@ -65,9 +68,14 @@ def probe_features(model: nn.Module, batch: Batch, probe: str) -> torch.Tensor:
 
 
 def condition_number(rows: torch.Tensor) -> float:
-    """κ(SᵀS) = (σ_max/σ_min)² of the feature rows, in float64 (∞ when σ_min is 0)."""
-    s = torch.linalg.svdvals(rows.double())
-    return float((s[0] / s[-1]) ** 2) if float(s[-1]) > 0 else float("inf")
+    """κ(SᵀS) = (σ_max/σ_min)² of the feature rows in float64, over the singular values above the
+    numerical-rank tolerance (σ_max · max(n, d) · eps, as ``torch.linalg.matrix_rank``): gradient
+    descent on a least-squares probe never moves along a zero direction (a dead ReLU unit's), so
+    the rate is set by the nonzero spectrum."""
+    s = torch.linalg.svdvals(rows.detach().double())
+    tol = float(s[0]) * max(rows.shape) * torch.finfo(torch.float64).eps
+    live = s[s > tol]
+    return float((live[0] / live[-1]) ** 2) if live.numel() else float("nan")
 
 
 def immunization(model: nn.Module, config: ImmunizationConfig, data: DefenseData) -> Defended:
@@ -76,11 +84,7 @@ def immunization(model: nn.Module, config: ImmunizationConfig, data: DefenseData
     def objective(m: nn.Module, forget: Batch, retain: Batch) -> torch.Tensor:
         loss = config.ill_weight * r_ill(probe_features(m, forget, probe))
         loss = loss + config.well_weight * r_well(probe_features(m, retain, probe))
-        if config.retain_weight:
-            loss = loss + config.retain_weight * features.loss_from_logits(
-                features.logits(m, retain), retain
-            )
-        return loss
+        return loss + features.retain_loss(m, retain, config.retain_weight)
 
     def kappas() -> dict[str, float]:
         with torch.no_grad():
@@ -90,10 +94,9 @@ def immunization(model: nn.Module, config: ImmunizationConfig, data: DefenseData
             }
 
     before = kappas()
-    result = train_objective(model, data, objective, config)
-    record = training_record(result)
-    record["immunization"] = {"probe": probe, "before": before, "after": kappas()}
-    return Defended(model, record)
+    defended = train_defense(model, data, objective, config)
+    defended.record["immunization"] = {"probe": probe, "before": before, "after": kappas()}
+    return defended
 
 
 def _all_features(model: nn.Module, task: Any, probe: str) -> torch.Tensor:
@@ -102,15 +105,11 @@ def _all_features(model: nn.Module, task: Any, probe: str) -> torch.Tensor:
     return probe_features(model, batch, probe)
 
 
-def _immunization(model: nn.Module, config: Any, data: Any) -> Defended:
-    return immunization(model, config, data)
-
-
 ENTRIES = (
     DefenseEntry(
         name="condition-number",
         config=ImmunizationConfig,
-        apply=_immunization,
+        apply=immunization,
         summary="raise the condition number of the harmful task's linear-probe Hessian, keep the "
         "benign one's low and the retain loss",
         cites="Zheng, Bai, Bullins, Yeh 2025, Model Immunization from a Condition Number "

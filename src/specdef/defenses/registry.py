@@ -55,7 +55,7 @@ class Defense(Protocol):
         ...
 
 
-ApplyFn = Callable[[nn.Module, Any, Any], Defended]  # (model, config, data or None)
+ApplyFn = Callable[..., Defended]  # (model, config, data or None) -> Defended
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -26,8 +25,7 @@ from specdef.defenses.data import (
     DefenseData,
     TrainedConfig,
     frozen_except,
-    train_objective,
-    training_record,
+    train_defense,
 )
 from specdef.defenses.registry import Defended, DefenseEntry
 from specdef.errors import SpecdefError
@@ -36,16 +34,19 @@ from specdef.tasks import Batch
 
 @dataclass(frozen=True)
 class RMUConfig(TrainedConfig):
-    """layer: the module whose output is misdirected (None: the middle hidden layer).
+    """layer: the module whose output is misdirected (None: the middle hidden layer, the later one
+        of two).
     update: parameter prefixes trained (None: the layer itself and the parametrised modules of
         the one or two layers below it, as the paper updates layers ℓ−2…ℓ).
     steering: c, in units of the layer's mean retain activation norm (the paper's c is absolute).
     alpha: weight of the retain term.
     """
 
+    steps: int = 100
+    lr: float = 3e-3
     layer: str | None = None
     update: tuple[str, ...] | None = None
-    steering: float = 4.0
+    steering: float = 2.0
     alpha: float = 10.0
 
 
@@ -57,7 +58,7 @@ def rmu_direction(dim: int, *, seed: int) -> torch.Tensor:
 
 def _rmu_plan(model: nn.Module, config: RMUConfig) -> tuple[str, tuple[str, ...]]:
     layers = features.default_layers(model)
-    layer = config.layer or layers[(len(layers) - 1) // 2]
+    layer = config.layer or layers[len(layers) // 2]
     features.check_layers(model, [layer])
     if config.update is not None:
         return layer, tuple(config.update)
@@ -92,15 +93,14 @@ def rmu(model: nn.Module, config: RMUConfig, data: DefenseData) -> Defended:
         retain_loss = (h_retain - h_ref).pow(2).mean()
         return forget_loss + config.alpha * retain_loss
 
-    result = train_objective(model, data, objective, config, frozen=frozen_except(model, update))
-    record = training_record(result)
-    record["rmu"] = {
+    defended = train_defense(model, data, objective, config, frozen=frozen_except(model, update))
+    defended.record["rmu"] = {
         "layer": layer,
         "update": list(update),
         "target_norm": float(target.norm()),
         "seed": config.seed,
     }
-    return Defended(model, record)
+    return defended
 
 
 @dataclass(frozen=True)
@@ -156,27 +156,22 @@ def repnoise(model: nn.Module, config: RepNoiseConfig, data: DefenseData) -> Def
     probe = next(data.forget.train_batches(batch_size=config.batch_size, seed=config.seed + 7))
     with torch.no_grad():
         before = float(noise_distance(model, probe, layers, bandwidth=config.bandwidth, seed=1))
-    result = train_objective(model, data, objective, config)
+    defended = train_defense(model, data, objective, config)
     with torch.no_grad():
         after = float(noise_distance(model, probe, layers, bandwidth=config.bandwidth, seed=1))
-    record = training_record(result)
-    record["repnoise"] = {"layers": layers, "noise_mmd_before": before, "noise_mmd_after": after}
-    return Defended(model, record)
-
-
-def _rmu(model: nn.Module, config: Any, data: Any) -> Defended:
-    return rmu(model, config, data)
-
-
-def _repnoise(model: nn.Module, config: Any, data: Any) -> Defended:
-    return repnoise(model, config, data)
+    defended.record["repnoise"] = {
+        "layers": layers,
+        "noise_mmd_before": before,
+        "noise_mmd_after": after,
+    }
+    return defended
 
 
 ENTRIES = (
     DefenseEntry(
         name="rmu",
         config=RMUConfig,
-        apply=_rmu,
+        apply=rmu,
         summary="misdirect the forget data's activations at one layer toward a random direction",
         cites="Li et al. 2024, The WMDP Benchmark: Measuring and Reducing Malicious Use With "
         "Unlearning (ICML), RMU",
@@ -188,7 +183,7 @@ ENTRIES = (
     DefenseEntry(
         name="repnoise",
         config=RepNoiseConfig,
-        apply=_repnoise,
+        apply=repnoise,
         summary="turn harmful representations into Gaussian noise, ascend the harmful loss, "
         "keep the retain loss",
         cites="Rosati et al. 2024, Representation Noising: A Defence Mechanism Against Harmful "

@@ -124,3 +124,36 @@ def _data_record(data: DefenseData | None) -> dict[str, Any] | None:
     if data is None:
         return None
     return {"forget": data.forget.name, "retain": data.retain.name}
+
+
+def is_registry_defense(defense: Mapping[str, Any]) -> bool:
+    """Whether an experiment's ``defense:`` block names a registry defense other than SpecDef's
+    own (``specdef`` / ``native`` keep the Algorithm 1 / native path with its ``alpha`` …)."""
+    name = defense.get("name")
+    return isinstance(name, str) and name not in SPECDEF_MODES
+
+
+def apply_named(
+    model: Any, defense: Mapping[str, Any], *, tokenizer: Any = None, seed: int | None = None
+) -> Any:
+    """Apply the defense an experiment's ``defense: {name: NAME, <config keys>}`` block names to a
+    live model (in place, or a new model when it changes the architecture), building its data when
+    it ``needs_data``; ``seed`` (the run's) is the config's unless the block sets one. Returns the
+    :class:`specdef.defenses.registry.Defended`."""
+    name = str(defense.get("name"))
+    entry = get_defense_entry(name)
+    values = {k: v for k, v in defense.items() if k != "name"}
+    if seed is not None and "seed" not in values and "seed" in _field_names(entry.config):
+        values["seed"] = seed
+    bound = make_defense(name, values)
+    data = None
+    if entry.needs_data:
+        data = _data(bound.config, model_kind(model), tokenizer)
+    defended = bound.apply(model, data)
+    check_finite(defended.model)
+    defended.record["data"] = _data_record(data)
+    return defended
+
+
+def _field_names(config: type) -> set[str]:
+    return set(getattr(config, "__dataclass_fields__", {}))

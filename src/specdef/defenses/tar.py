@@ -13,13 +13,12 @@ implementation; the adversary's learning rate is drawn per outer step from ``inn
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from specdef.defenses import features
-from specdef.defenses.data import DefenseData, TrainedConfig, train_objective, training_record
+from specdef.defenses.data import DefenseData, TrainedConfig, train_defense
 from specdef.defenses.registry import Defended, DefenseEntry
 from specdef.errors import SpecdefError
 from specdef.tasks import Batch
@@ -30,6 +29,7 @@ class TARConfig(TrainedConfig):
     """inner_steps: SGD steps of the simulated attack; inner_lrs: its learning rates (one drawn
     per outer step); tamper_weight / retain_weight: the outer loss's two terms."""
 
+    steps: int = 100
     inner_steps: int = 4
     inner_lrs: tuple[float, ...] = (0.05, 0.1, 0.2)
     tamper_weight: float = 1.0
@@ -70,22 +70,16 @@ def tar(model: nn.Module, config: TARConfig, data: DefenseData) -> Defended:
         lr = config.inner_lrs[int(torch.randint(len(config.inner_lrs), (1,), generator=gen))]
         attacked = simulated_attack(m, attack, steps=config.inner_steps, lr=lr)
         tamper = -features.prediction_entropy(features.logits(m, heldout, attacked), heldout)
-        retain_loss = features.loss_from_logits(features.logits(m, retain), retain)
-        return config.tamper_weight * tamper + config.retain_weight * retain_loss
+        return config.tamper_weight * tamper + features.retain_loss(m, retain, config.retain_weight)
 
-    result = train_objective(model, data, objective, config)
-    return Defended(model, training_record(result))
-
-
-def _tar(model: nn.Module, config: Any, data: Any) -> Defended:
-    return tar(model, config, data)
+    return train_defense(model, data, objective, config)
 
 
 ENTRIES = (
     DefenseEntry(
         name="tar",
         config=TARConfig,
-        apply=_tar,
+        apply=tar,
         summary="adversarial meta-learning: keep predictions on harmful data uncertain after a "
         "simulated fine-tuning attack, keep the retain loss",
         cites="Tamirisa et al. 2024, Tamper-Resistant Safeguards for Open-Weight LLMs (ICLR 2025)",

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from specdef.defenses import features
-from specdef.defenses.data import DefenseData, TrainedConfig, train_objective, training_record
+from specdef.defenses.data import DefenseData, TrainedConfig, train_defense
 from specdef.defenses.registry import Defended, DefenseEntry
 from specdef.errors import SpecdefError
 from specdef.tasks import Batch
@@ -35,15 +34,10 @@ class GradientAscentConfig(TrainedConfig):
 
 def gradient_ascent(model: nn.Module, config: GradientAscentConfig, data: DefenseData) -> Defended:
     def objective(m: nn.Module, forget: Batch, retain: Batch) -> torch.Tensor:
-        loss = -features.loss_from_logits(features.logits(m, forget), forget)
-        if config.retain_weight:
-            loss = loss + config.retain_weight * features.loss_from_logits(
-                features.logits(m, retain), retain
-            )
-        return loss
+        forget_loss = features.loss_from_logits(features.logits(m, forget), forget)
+        return -forget_loss + features.retain_loss(m, retain, config.retain_weight)
 
-    result = train_objective(model, data, objective, config)
-    return Defended(model, training_record(result))
+    return train_defense(model, data, objective, config)
 
 
 @dataclass(frozen=True)
@@ -71,32 +65,18 @@ def npo(model: nn.Module, config: NPOConfig, data: DefenseData) -> Defended:
     def objective(m: nn.Module, forget: Batch, retain: Batch) -> torch.Tensor:
         with torch.no_grad():
             ref = features.log_likelihood(features.logits(reference, forget), forget)
-        loss = npo_loss(
-            features.log_likelihood(features.logits(m, forget), forget), ref, beta=config.beta
-        )
-        if config.retain_weight:
-            loss = loss + config.retain_weight * features.loss_from_logits(
-                features.logits(m, retain), retain
-            )
-        return loss
+        likelihood = features.log_likelihood(features.logits(m, forget), forget)
+        loss = npo_loss(likelihood, ref, beta=config.beta)
+        return loss + features.retain_loss(m, retain, config.retain_weight)
 
-    result = train_objective(model, data, objective, config)
-    return Defended(model, training_record(result))
-
-
-def _gradient_ascent(model: nn.Module, config: Any, data: Any) -> Defended:
-    return gradient_ascent(model, config, data)
-
-
-def _npo(model: nn.Module, config: Any, data: Any) -> Defended:
-    return npo(model, config, data)
+    return train_defense(model, data, objective, config)
 
 
 ENTRIES = (
     DefenseEntry(
         name="gradient-ascent",
         config=GradientAscentConfig,
-        apply=_gradient_ascent,
+        apply=gradient_ascent,
         summary="raise the loss on the forget data, keep the retain loss (GradDiff)",
         cites="Jang et al. 2023, Knowledge Unlearning for Mitigating Privacy Risks in Language "
         "Models (ACL); retain term as GradDiff (Maini et al. 2024, TOFU)",
@@ -107,7 +87,7 @@ ENTRIES = (
     DefenseEntry(
         name="npo",
         config=NPOConfig,
-        apply=_npo,
+        apply=npo,
         summary="lower the forget data's likelihood relative to the model before unlearning",
         cites="Zhang, Lin, Bai, Mei 2024, Negative Preference Optimization: From Catastrophic "
         "Collapse to Effective Unlearning (COLM), NPO+RT",

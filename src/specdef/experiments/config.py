@@ -49,9 +49,9 @@ class ExperimentConfig:
     task: str = ""  # a zoo task name: what is attacked / measured on ("" only for detection)
     description: str = ""
     claim: str = ""  # which of the paper's claims this experiment tests
-    defense: Mapping[str, Any] = field(
-        default_factory=dict
-    )  # SpecDefConfig fields; alpha null = none
+    # SpecDefConfig fields (alpha null = none), or {name: NAME, <its config keys>} for a defense
+    # of specdef.defenses (npo, rmu, tar, …; name specdef / native keep the SpecDef fields)
+    defense: Mapping[str, Any] = field(default_factory=dict)
     attack: Mapping[str, Any] = field(default_factory=dict)  # AttackSpec fields
     measure: Mapping[str, Any] = field(default_factory=dict)  # kind-specific measurement options
     data: Mapping[str, Any] = field(default_factory=dict)  # task / model loading options
@@ -127,7 +127,11 @@ class RunSpec:
 
     @property
     def defended(self) -> bool:
-        return self.defense.get("alpha") is not None or self.defense.get("name") is not None
+        """SpecDef with an ``alpha``, or a registry defense named by ``defense.name``."""
+        name = self.defense.get("name")
+        return self.defense.get("alpha") is not None or (
+            isinstance(name, str) and name not in ("specdef", "native")
+        )
 
 
 _FIELDS = {f.name for f in dataclasses.fields(ExperimentConfig)}
@@ -315,7 +319,9 @@ def expand(config: ExperimentConfig) -> list[RunSpec]:
                     _set_path(data, str(inner), copy.deepcopy(item))
             else:
                 _set_path(data, key, copy.deepcopy(value))
-        if data["defense"].get("alpha") is None and data["defense"].get("name") is None:
+        name = data["defense"].get("name")
+        named = isinstance(name, str) and name not in ("specdef", "native")
+        if data["defense"].get("alpha") is None and not named:
             data["defense"] = {"alpha": None}  # undefended: the other defense fields are moot
         for seed in config.seeds:
             runs.append(

@@ -33,9 +33,9 @@ from specdef.defense import probe as probing
 from specdef.defense.apply import apply_specdef_
 from specdef.defense.config import SpecDefConfig
 from specdef.defense.layer import count_parameters, defended_layers, linear_form
-from specdef.defenses.catalog import get_defense_entry, make_defense
-from specdef.defenses.data import load_defense_data, model_kind
+from specdef.defenses.data import model_kind
 from specdef.defenses.registry import make_config
+from specdef.defenses.run import apply_named, is_registry_defense
 from specdef.errors import SpecdefError, did_you_mean
 from specdef.informed.transforms import apply_adaptive
 from specdef.linalg import spectral
@@ -137,7 +137,7 @@ def defend_summary(model: nn.Module, defense: Mapping[str, Any]) -> dict[str, An
     """Defend in place by ``defense.mode`` (``algorithm1``: :func:`apply_specdef_`; ``native``:
     :func:`specdef.native.apply.apply_native_` along the architecture's symmetries, all pairs unless
     ``defense.targets`` names some) and return the summary a results row carries."""
-    mode = str(defense.get("mode", "algorithm1"))
+    mode = str(defense.get("mode", "native" if defense.get("name") == "native" else "algorithm1"))
     if mode not in MODES:
         raise SpecdefError(did_you_mean(mode, MODES, what="defense mode"))
     config = SpecDefConfig.from_dict(defense)  # α, top-k, method validated once, for both modes
@@ -154,35 +154,26 @@ def defend_summary(model: nn.Module, defense: Mapping[str, Any]) -> dict[str, An
     }
 
 
-def defend_named(model: nn.Module, run: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """Apply the registry defense ``defense.name`` (its other ``defense`` keys are its config)
-    with its stock forget / retain data when it needs data (tokenized like the run's task, drawn
-    with the run's seed); returns the defended model and the defense's record."""
-    name = str(run.defense["name"])
-    values = {k: v for k, v in run.defense.items() if k != "name"}
-    fields = {f.name for f in dataclasses.fields(get_defense_entry(name).config)}
-    if "seed" in fields:
-        values.setdefault("seed", run.seed)  # each run seed trains its own defended model
-    if "unlearning_config" in fields:  # a composed defense: its inner training defense too
-        values["unlearning_config"] = {"seed": run.seed, **(values.get("unlearning_config") or {})}
-    defense = make_defense(name, values)
-    data = None
-    if defense.entry.needs_data:
-        kind = model_kind(model)
-        tokenizer = load_tokenizer(model_name(run.model)) if kind == "causal-lm" else None
-        data = load_defense_data(
-            kind,
-            forget=getattr(defense.config, "forget", None),
-            retain=getattr(defense.config, "retain", None),
-            tokenizer=tokenizer,
-            max_length=int(getattr(defense.config, "max_length", run.data.get("max_length", 64))),
-            seed=run.seed,
-        )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(run.seed)
-        defended = defense.apply(model, data)
-    defended.model.eval()
-    return defended.model, defended.record
+def defend_run_(model: nn.Module, run: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """Apply the run's defense: a registry defense named by ``defense.name`` (through
+    :func:`specdef.defenses.run.apply_named`, on the run's data and seed), else SpecDef's own
+    fields (:func:`defend_summary`). Returns the defended model and the row's ``defense_report``."""
+    if not is_registry_defense(run.defense):
+        return model, defend_summary(model, run.defense)
+    before = count_parameters(model)
+    tokenizer = load_tokenizer(model_name(run.model)) if model_kind(model) == "causal-lm" else None
+    defended = apply_named(model, run.defense, tokenizer=tokenizer, seed=run.seed)
+    record = defended.record
+    measured = record.get("unlearning") or record
+    return defended.model, {
+        "name": record["name"],
+        "params_before": before,
+        "params_after": count_parameters(defended.model),
+        "layers": len(defended_layers(defended.model)),
+        "before": measured.get("before"),
+        "after": measured.get("after"),
+        "training": measured.get("training"),
+    }
 
 
 @dataclass(frozen=True)
@@ -202,12 +193,8 @@ def prepare(run: Any, model: nn.Module | None = None) -> Prepared:
     model = load_run_model(run) if model is None else model
     original = count_parameters(model)
     fields: dict[str, Any] = {"alpha": run.defense.get("alpha")}
-    if run.defense.get("name") is not None:
-        model, fields["defense_report"] = defend_named(model, run)
-        fields["alpha"] = run.defense.get("alpha")
-        fields["defense_name"] = str(run.defense["name"])
-    elif run.defended:
-        fields["defense_report"] = defend_summary(model, run.defense)
+    if run.defended:
+        model, fields["defense_report"] = defend_run_(model, run)
     released = count_parameters(model)
     adaptive = run.attack.get("adaptive")
     fields["adaptive"] = adaptive
@@ -281,12 +268,12 @@ def run_curvature_kind(run: Any) -> dict[str, Any]:
 
     model = load_run_model(run)
     out: dict[str, Any] = {"alpha": run.defense.get("alpha")}
-    if run.defense.get("name") is not None:  # a registry defense (trained in the model's dtype)
-        model, out["defense_report"] = defend_named(model, run)
+    if run.defended and is_registry_defense(run.defense):  # trains in the data's float32 first
+        model, out["defense_report"] = defend_run_(model, run)
     model = model.double()
     task = load_run_task(run)
     batches = _to_dtype(_batches(task, run), torch.float64)
-    if run.defended and run.defense.get("name") is None:
+    if run.defended and not is_registry_defense(run.defense):
         out["defense_report"] = _defense_summary(defend(model, run.defense))
     n_params = sum(p.numel() for p in model.parameters())
     out["parameters"] = n_params
@@ -303,7 +290,7 @@ def run_curvature_kind(run: Any) -> dict[str, Any]:
     )
     out["sigma1"] = float(abs(est.eigenvalues[0]))
     bounds: dict[str, float] = {}
-    if run.defended and (run.defense.get("name") is None or defended_layers(model)):
+    if defended_layers(model):  # the SpecDef-aware bounds need compensation layers
         bounds.update(_certified_bounds(model, task, batches, run))
     reference = exact if exact is not None else out["sigma1"]
     out["bounds"] = bounds
@@ -412,7 +399,7 @@ def run_utility_kind(run: Any) -> dict[str, Any]:
     return out
 
 
-_DEFENSE_KEYS = {f.name for f in dataclasses.fields(SpecDefConfig)} | {"mode"}
+_DEFENSE_KEYS = {f.name for f in dataclasses.fields(SpecDefConfig)} | {"mode", "name"}
 _ATTACK_KEYS = {f.name for f in dataclasses.fields(AttackSpec)} | {"adaptive"}
 
 
@@ -423,9 +410,8 @@ def validate_runs(runs: Sequence[Any]) -> None:
     for number, run in enumerate(runs, start=1):
         where = f"run {number} ({run.run_id})"
         defense = dict(run.defense)
-        if defense.get("name") is not None:  # a registry defense: its config validates itself
+        if is_registry_defense(defense):
             try:
-                get_defense_entry(str(defense["name"]))
                 make_config(str(defense["name"]), {k: v for k, v in defense.items() if k != "name"})
             except SpecdefError as err:
                 raise SpecdefError(f"{where}: {err}") from None
