@@ -103,7 +103,7 @@ def table1_section(rows: Sequence[Row]) -> str:
     lines = [
         f"{first['model']} attacked on {first['task']} with {first['attack']['optimizer']}, "
         f"{budget} steps, threshold {first['threshold']}; seeds {', '.join(map(str, seeds))} in "
-        f"every cell (`s0 · s1`); steps to the threshold (`>N`: not reached in N steps, `div.`: "
+        f"every cell (`{' · '.join(f's{s}' for s in seeds)}`); steps to the threshold (`>N`: not reached in N steps, `div.`: "
         f"diverged first) / best {metric} reached; the searched attacker's best of {trials} "
         "trials.",
         "",
@@ -173,13 +173,15 @@ def curvature_section(rows: Sequence[Row]) -> str:
         return "Not run yet.\n"
     first = next(iter(next(iter(groups.values())).values()))
     curv = first.get("curvature") or {}
+    budget = ((first.get("measure") or {}).get("curvature") or {}).get("max_hvps", "?")
     lrs = sorted({float(g["lr"]) for r in _relearn(rows) for g in r.get("grid") or ()})
     lines = [
         f"Hessian of the training loss of {first['task']} (a batch of "
         f"{(first.get('measure') or {}).get('curvature', {}).get('batch_size', '?')}, every "
         f"parameter, {curv.get('dtype', '?')}), top eigenvalues by Lanczos "
-        f"({curv.get('hvps', '?')} HVPs or fewer); 2/λ_max is the largest stable rate of plain "
-        "gradient descent on the local quadratic. Seeds in every cell (`s0 · s1`).",
+        f"(at most {budget} Hessian-vector products); 2/λ_max is the largest stable rate of plain "
+        "gradient descent on the local quadratic. Seeds in every cell "
+        f"(`{' · '.join(f's{s}' for s in sorted({int(r['seed']) for r in _relearn(rows)}))}`).",
         "",
     ]
     table = []
