@@ -52,6 +52,7 @@ def test_specdef_by_name_takes_the_existing_pipeline(tmp_path: Path) -> None:
         (["--defense", "npo", "--defense-config", "stepz=3"], "Did you mean: steps"),
         (["--defense", "npo", "--alpha", "10"], "--defense-config"),
         ([], "--alpha and --top-k"),
+        (["--defense", "specdef", "--mode", "native"], "--defense native"),
     ],
 )
 def test_misuse_is_one_line_exit_2(

@@ -95,7 +95,9 @@ def _post_attack_harmful_loss(model: nn.Module, data: DefenseData) -> float:
     """A fixed short attack: 5 SGD steps at lr 0.1 on digits 5–9, then the held-out harmful loss."""
     attacked = copy.deepcopy(model)
     spec = AttackSpec(optimizer="sgd", lr=0.1, steps=5, batch_size=32, eval_every=5)
-    return run_attack(attacked, data.forget, spec).evals[-1]["harmful_loss"]
+    result = run_attack(attacked, data.forget, spec)
+    assert result.diverged_at is None  # a diverged attack would leave the start loss standing
+    return result.evals[-1]["harmful_loss"]
 
 
 def test_tar_raises_the_post_attack_harmful_loss(mlp: nn.Module, digits_data: DefenseData) -> None:

@@ -17,6 +17,7 @@ from specdef.defenses.registry import (
     Defended,
     Defense,
     DefenseEntry,
+    config_dict,
     make_config,
     parse_assignments,
     register_defense,
@@ -106,3 +107,9 @@ def test_a_yaml_file_is_a_config(tmp_path: Path) -> None:
     path.write_text("[1, 2]\n")
     with pytest.raises(SpecdefError, match="mapping"):
         parse_assignments([str(path)])
+
+
+@pytest.mark.parametrize("name", [*BASELINES, "unlearned-specdef"])
+def test_every_builtin_config_builds_from_its_defaults_and_round_trips(name: str) -> None:
+    config = make_config(name)
+    assert make_config(name, config_dict(config)) == config  # the record's config rebuilds it

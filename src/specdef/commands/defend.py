@@ -237,6 +237,11 @@ _SPECDEF_FLAGS = ("alpha", "top_k", "method", "seed", "tolerance", "n_random")
 
 
 def _run_registered(args: argparse.Namespace) -> int:
+    if args.streaming or args.mode != "algorithm1":
+        raise SpecdefError(
+            "--streaming and --mode belong to SpecDef without --defense; use --defense native for "
+            "the native deformation, or drop --defense to stream."
+        )
     values = parse_assignments(args.defense_config)
     if args.defense in SPECDEF_MODES:  # the SpecDef flags still apply
         for name in _SPECDEF_FLAGS:

@@ -58,10 +58,14 @@ def load_defense_data(
     retain: str | None = None,
     tokenizer: Any = None,
     max_length: int = 128,
-    eval_limit: int | None = 32,
+    eval_limit: int | None = None,
     seed: int = 0,
 ) -> DefenseData:
-    """The stock forget and retain tasks for ``kind`` (or the named ones) from :mod:`specdef.zoo`."""
+    """The stock forget and retain tasks for ``kind`` (or the named ones) from :mod:`specdef.zoo`;
+    ``eval_limit`` keeps that many examples per held-out split (None: every one for a classifier,
+    32 for an LM, whose evaluation costs a forward pass per sequence)."""
+    if eval_limit is None and kind == "causal-lm":
+        eval_limit = 32
     if kind not in DEFAULT_TASKS:
         raise SpecdefError(
             f"No default defense data for kind {kind!r}; expected {list(DEFAULT_TASKS)}."

@@ -34,7 +34,9 @@ from specdef.tasks import Batch
 class ImmunizationConfig(TrainedConfig):
     """ill_weight / well_weight: the two regularizers; retain_weight: the retain loss; probe: the
     linear layer whose inputs are the features (None: the model's last ``nn.Linear``). The batch
-    must hold at least as many examples as the features have dimensions (σ_min > 0)."""
+    must hold at least as many rows as the features have dimensions (σ_min > 0): examples for a
+    classifier, tokens for an LM (the default 256 is for a classifier; an LM needs a few
+    sequences, e.g. batch_size=4, since each carries vocabulary-wide logits)."""
 
     ill_weight: float = 1.0
     well_weight: float = 1.0
@@ -100,9 +102,10 @@ def immunization(model: nn.Module, config: ImmunizationConfig, data: DefenseData
 
 
 def _all_features(model: nn.Module, task: Any, probe: str) -> torch.Tensor:
-    """Features of (up to 1024 of) the task's training examples."""
-    batch = next(task.train_batches(batch_size=1024, seed=0))
-    return probe_features(model, batch, probe)
+    """Features of up to 1024 training examples (a classifier) or of 16 sequences' tokens (an LM:
+    hundreds of rows, while the vocabulary-wide logits of 1024 sequences would not fit)."""
+    size = 16 if task.kind == "causal-lm" else 1024
+    return probe_features(model, next(task.train_batches(batch_size=size, seed=0)), probe)
 
 
 ENTRIES = (

@@ -64,9 +64,9 @@ def tar(model: nn.Module, config: TARConfig, data: DefenseData) -> Defended:
     gen = torch.Generator().manual_seed(config.seed)
 
     def objective(m: nn.Module, forget: Batch, retain: Batch) -> torch.Tensor:
-        half = max(1, next(iter(forget.values())).shape[0] // 2)
-        attack = {k: v[:half] for k, v in forget.items()}
-        heldout = {k: v[half:] for k, v in forget.items()} if half * 2 > 1 else attack
+        half = next(iter(forget.values())).shape[0] // 2
+        attack = {k: v[:half] for k, v in forget.items()} if half else forget
+        heldout = {k: v[half:] for k, v in forget.items()} if half else forget  # one example
         lr = config.inner_lrs[int(torch.randint(len(config.inner_lrs), (1,), generator=gen))]
         attacked = simulated_attack(m, attack, steps=config.inner_steps, lr=lr)
         tamper = -features.prediction_entropy(features.logits(m, heldout, attacked), heldout)
