@@ -50,5 +50,5 @@ def test_slowdown_ladder_states_bounds() -> None:
     groups = {"none": {0: ROWS[0], 1: ROWS[1]}, "specdef": {0: ROWS[2], 1: ROWS[3]}}
     text = slowdown_ladder(groups)
     # seed 0: never reached in 200 vs 20 → > 10×; seed 1: 170 vs 30 → 5.67×
-    assert "| specdef | >10× · 5.67× | 4× · 3× |" in text
+    assert "| specdef | >200 (>10×) · 170 (5.67×) | 40 (4×) · 30 (3×) |" in text
     assert "| none | 20 · 30 | 10 · 10 |" in text

@@ -78,14 +78,19 @@ def _rung(row: Row, threshold: str) -> StepsToThreshold | None:
 
 
 def _slowdown_cell(defended: Row, base: Row | None, threshold: str) -> str:
+    """The defended searched steps to ``threshold``, then the slowdown against ``base``."""
     d = _rung(defended, threshold)
     b = _rung(base, threshold) if base is not None else None
-    if d is None or b is None:
+    if d is None:
         return "—"
+    steps = _steps(_rung_dict(defended, threshold))
+    if b is None:
+        return steps
     slow = slowdown(d, b)
     if slow.factor is None:
-        return "undef."
-    return {"=": "", ">": ">", "<": "<"}[slow.relation] + f"{slow.factor:.3g}×"
+        return f"{steps} (undef.)"
+    bound = {"=": "", ">": ">", "<": "<"}[slow.relation]
+    return f"{steps} ({bound}{slow.factor:.3g}×)"
 
 
 def table1_section(rows: Sequence[Row]) -> str:
@@ -150,10 +155,10 @@ def slowdown_ladder(groups: Mapping[str, Mapping[int, Row]]) -> str:
             cells.append(_seeds(per_seed, cell))
         table.append(cells)
     head = (
-        "\nSlowdown against the threshold: each defense's searched best steps ÷ the undefended "
-        "model's searched best steps (same seed), per rung; the `none` line gives the undefended "
-        "steps themselves. `>x×`: the defended search never reached the rung in its budget, so x "
-        "is a lower bound; `undef.`: neither reached it.\n"
+        "\nSlowdown against the threshold, per rung: the fewest steps any searched trial needed, "
+        "and in brackets that ÷ the undefended model's (same seed; the `none` line gives those). "
+        "`>x×`: the defended search never reached the rung in its budget, so x is a lower bound; "
+        "`undef.`: not defined (neither reached it, or the undefended model starts above it).\n"
     )
     return head + "\n" + md_table(["defense", *rung_names], table)
 
