@@ -49,6 +49,7 @@ EXPECTED_RUNS = {
     "attack-digits-ablation": 3 * 8,
     # docs/results/table1.md: 9 registry defenses (undefended included) × 3 seeds
     "table1": 9 * 3,
+    "table1-relearn": 9 * 3,  # the same on an MLP that learned all ten digits first
 }
 STUDIES = ("informed-", "native-", "attack-", "table1")
 
@@ -221,6 +222,13 @@ MINIATURE = {
     ],
     "table1": [
         "grid.variants=[{defense.name: null}, {defense.name: gradient-ascent, defense.steps: 2}]",
+        "measure.lrs=[1e-3]",
+        "measure.search.trials=1",
+        "measure.curvature.max_hvps=3",
+    ],
+    "table1-relearn": [
+        "grid.variants=[{defense.name: null}, {defense.name: npo, defense.steps: 2}]",
+        "data.pretrain.steps=5",
         "measure.lrs=[1e-3]",
         "measure.search.trials=1",
         "measure.curvature.max_hvps=3",
