@@ -184,3 +184,34 @@ def test_kill_between_row_and_tell_reuses_the_row(
     assert summary.ran == 2  # trials 1 and 2; trial 0 was told from its row, not trained again
     storage = journal(tmp_path / "study.journal")
     check_exact(read_rows(tmp_path / "results.jsonl"), finished(storage, "tell-sgd"), 3)
+
+
+def test_a_trial_killed_before_it_had_an_owner_is_rerun(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGKILL between Optuna's ask and the owner attribute leaves a running trial nobody owns;
+    the next run waits out the grace, re-runs that slot and ends with exactly N trials."""
+    source = load_source("mlp-digits")
+    task = zoo.load_task("digits-harmful")
+    variant = ModelVariant("mlp-digits", lambda: copy.deepcopy(source.model), {})
+    base = AttackSpec(steps=20, batch_size=32, eval_every=10, threshold="harmful_accuracy>=0.75")
+    config = SearchConfig(trials=2, study="orphan", pruner="none")
+    storage = journal(tmp_path / "study.journal")
+    optuna.create_study(study_name="orphan-sgd", storage=storage, direction="minimize").ask()
+    monkeypatch.setattr(slots, "OWNERLESS_GRACE_S", 0.5)
+    summary = run_search(task, variant, base, ["sgd"], config, out=tmp_path)
+    assert summary.ran == 2
+    check_exact(read_rows(tmp_path / "results.jsonl"), finished(storage, "orphan-sgd"), 2)
+
+
+def test_a_journal_under_a_relative_out_is_opened_by_its_absolute_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Optuna frees a journal lock left by a killed process by stat()-ing through its symlink to
+    the journal; with a relative journal path the link resolves against the lock's own directory,
+    the stat fails, and every other process waits forever. So the journal is opened absolute."""
+    monkeypatch.chdir(tmp_path)
+    storage, where = slots.open_storage(None, "runs/x")
+    assert where == "journal:runs/x/study.journal"
+    path = Path(storage._backend._file_path)
+    assert path.is_absolute() and path == tmp_path / "runs" / "x" / "study.journal"

@@ -50,8 +50,11 @@ EXPECTED_RUNS = {
     # LoRA targets × lr × (undefended, α = 1e4) on tiny-llama-perm; K-FAC: 3 α × 3 seeds
     "attack-lora-perm": 2 * 3 * 2,
     "attack-kfac-digits": 3 * 3,
+    # docs/results/table1.md: 9 registry defenses (undefended included) × 3 seeds
+    "table1": 9 * 3,
+    "table1-relearn": 9 * 3,  # the same on an MLP that learned all ten digits first
 }
-STUDIES = ("informed-", "native-", "attack-")
+STUDIES = ("informed-", "native-", "attack-", "table1")
 
 
 def test_every_experiment_has_one_config() -> None:
@@ -70,7 +73,7 @@ def test_shipped_config_loads_and_expands(path: Path) -> None:
     assert len(runs) == EXPECTED_RUNS[config.name]
     assert len({r.run_id for r in runs}) == len(runs)
     for run in runs:
-        if run.defense.get("alpha") is None:
+        if run.defense.get("alpha") is None and run.defense.get("name") is None:
             assert run.defense == {"alpha": None}
 
 
@@ -226,6 +229,19 @@ MINIATURE = {
         "data.eval_limit=2",
         "grid.attack.lr=[1e-3]",
     ],
+    "table1": [
+        "grid.variants=[{defense.name: null}, {defense.name: gradient-ascent, defense.steps: 2}]",
+        "measure.lrs=[1e-3]",
+        "measure.search.trials=1",
+        "measure.curvature.max_hvps=3",
+    ],
+    "table1-relearn": [
+        "grid.variants=[{defense.name: null}, {defense.name: npo, defense.steps: 2}]",
+        "data.pretrain.steps=5",
+        "measure.lrs=[1e-3]",
+        "measure.search.trials=1",
+        "measure.curvature.max_hvps=3",
+    ],
 }
 COMMON = ["seeds=[0]", "attack.steps=2", "attack.eval_every=1"]
 
@@ -257,6 +273,8 @@ def test_every_experiment_runs_end_to_end_in_miniature(
             assert row["true_positives"] == row["truth"]
         elif kind == "landscape":
             assert row["function_gap"] < 1e-2 and row["sigma1"] > 0
+        elif kind == "relearn":
+            assert row["grid"] and row["search"]["trained"] == 1 and row["curvature"]["hvps"] <= 3
         elif kind == "curvature":
             exact, estimate = row["sigma1_exact"], row["sigma1"]
             assert exact is not None and estimate <= exact * (1 + 1e-6)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ from specdef.curvature.hvp import HessianOperator
 from specdef.curvature.lr import lr_ceiling
 from specdef.errors import SpecdefError
 from specdef.tasks import Task
+from specdef.utils.provenance import provenance
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +105,45 @@ class StabilityEdge:
             "hvps": self.ceiling.hvps,
             "lanczos_converged": self.ceiling.converged,
             "hessian_examples": self.ceiling.batches * self.ceiling.batch_size,
+            "hessian_batches": self.ceiling.batches,
+            "hessian_batch_size": self.ceiling.batch_size,
             "horizon": self.horizon,
             "lr_min": self.lr_min,
             "lr_max": self.lr_max,
             "probes": [dataclasses.asdict(p) for p in self.probes],
             "text": str(self),
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StabilityEdge:
+        """Inverse of :meth:`to_dict` (a recorded ``stability-edge`` row's ``stability_edge``)."""
+        batches = int(data.get("hessian_batches") or 1)
+        size = int(data.get("hessian_batch_size") or data["hessian_examples"] // batches)
+        ceiling = Ceiling(
+            float(data["lambda_max"]), float(data["ceiling"]), int(data["hvps"]),
+            bool(data["lanczos_converged"]), batches, size,
+        )  # fmt: skip
+        probes = tuple(EdgeProbe(float(p["lr"]), p["diverged_at"]) for p in data["probes"])
+        return cls(
+            str(data["optimizer"]), data["edge"], data["diverging"], ceiling, int(data["horizon"]),
+            float(data["lr_min"]), float(data["lr_max"]), probes,
+        )  # fmt: skip
+
+
+def edge_row(
+    rid: str,
+    edge: StabilityEdge,
+    *,
+    model: str,
+    task: str,
+    info: Mapping[str, Any],
+    spec: AttackSpec,
+    experiment: str = "attack",
+) -> dict[str, Any]:
+    """A results row of ``kind: "stability-edge"`` (attack reports skip it; searches reuse it)."""
+    return {"run_id": rid, "experiment": experiment, "kind": "stability-edge", "model": model,
+            "task": task, **dict(info), "optimizer": edge.optimizer, "spec": spec.to_dict(),
+            "stability_edge": edge.to_dict(), "provenance": provenance()}  # fmt: skip
 
 
 def curvature_ceiling(

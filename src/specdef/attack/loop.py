@@ -230,6 +230,22 @@ def _evaluate(
     return row
 
 
+@torch.no_grad()
+def evaluate_heldout(model: nn.Module, task: Task) -> dict[str, float]:
+    """Every held-out metric of ``task`` on ``model`` (``<split>_<metric>``), exactly as a run's
+    step-0 evaluation records it — e.g. a model's utility before a defense changed it."""
+    device = next(model.parameters()).device
+    splits = {k: [to_device(b, device) for b in v] for k, v in task.eval_splits().items()}
+    training = model.training
+    model.eval()
+    try:
+        row = _evaluate(task, model, splits, 0)
+    finally:
+        model.train(training)
+    row.pop("step")
+    return row
+
+
 def run_attack(
     model: nn.Module,
     task: Task,

@@ -6,6 +6,7 @@ largest learning rate that does not diverge, against the curvature ceiling 2/λ_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -15,10 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from specdef import zoo
-from specdef.attack.edge import StabilityEdge, stability_edge
+from specdef.attack.edge import StabilityEdge, edge_row, stability_edge
 from specdef.attack.loop import AttackSpec
-from specdef.attack.metrics import StepsToThreshold, best_over_grid
-from specdef.attack.search import PRUNERS, SearchConfig, SearchSummary, read_rows, run_search
+from specdef.attack.metrics import StepsToThreshold, Threshold, best_over_grid
+from specdef.attack.search import (
+    PRUNERS,
+    SearchConfig,
+    SearchSummary,
+    compare,
+    read_rows,
+    run_search,
+)
 from specdef.attack.sweep import ModelVariant, attack_grid, run_sweep
 from specdef.commands.common import add_device_option, add_threads_option, print_json, print_table
 from specdef.errors import SpecdefError
@@ -196,6 +204,13 @@ def register(sub: Any) -> None:
     edge.add_argument(
         "--edge-batches", type=int, default=1, help="training batches (of --batch-size) for λ_max"
     )
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        metavar="BASE",
+        help="with --search: run the same search on BASE (zoo name, specdef checkpoint or HF "
+        "dir) and print, per rung of the threshold ladder, both best steps and the slowdown",
+    )
     add_threads_option(parser)
     add_device_option(parser)
     parser.set_defaults(func=run)  # fmt: skip
@@ -263,45 +278,28 @@ def run(args: argparse.Namespace) -> int:
             "inside it) — choose a directory path."
         )
     zoo.check_pairing(args.model, args.data)  # before loading either
-    source = load_source(args.model, attn_implementation="eager", device=args.device)
-    kwargs: dict[str, Any] = {}
-    if source.tokenizer is not None:
-        kwargs = {"tokenizer": source.tokenizer, "max_length": args.max_length}
-        kwargs["eval_limit"] = args.eval_limit
-    task = zoo.load_task(args.data, **kwargs)
-    check_compatible(source.model, task, model_name=f"model {args.model!r}")
-    pristine = source.model
-    manifest = getattr(pristine, "specdef_manifest", None) or {}
-    defense = manifest.get("defense") if isinstance(manifest, dict) else None
-    config = (defense or {}).get("config") or {}
-    # the weights and the exact data (tokenized with --max-length, cut by --eval-limit) are part of
-    # every run id, so a rerun with other options or other weights never resumes stale rows
-    info = {
-        "alpha": config.get("alpha"),
-        "defense": config or None,
-        "weights_sha256": weights_digest(pristine),
-        "data_sha256": zoo.task_digest(task),
-    }
-    name = source.name
-    if args.adaptive:
-        specs, info = _adaptive(pristine, specs, info, args.adaptive)
-        name = f"{source.name}+{args.adaptive}"
-    variant = ModelVariant(name, lambda: copy.deepcopy(pristine), info)
+    if args.baseline:
+        zoo.check_pairing(args.baseline, args.data)
+    if args.baseline and search is None:
+        raise SpecdefError(
+            "--baseline compares the searched attacker on both models; add --search N "
+            "(and --threshold)."
+        )
+    variant, specs, task = _load(args.model, args, specs, adaptive=args.adaptive)
     edges: dict[str, StabilityEdge] = {}
     if args.stability_edge:
         edges = _edges(args, task, variant, specs[0])
     if search is not None:
-        if args.out:
-            found = run_search(task, variant, specs[0], args.optimizer, search, out=args.out,
+        with contextlib.ExitStack() as stack:
+            out = args.out or stack.enter_context(tempfile.TemporaryDirectory())
+            found = run_search(task, variant, specs[0], args.optimizer, search, out=out,
                                edges=edges)  # fmt: skip
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                found = run_search(task, variant, specs[0], args.optimizer, search, out=tmp,
-                                   edges=edges)  # fmt: skip
+            if args.baseline:
+                return _against_baseline(args, found, variant.name, specs, search, out=out)
         _print_search(found, edges, as_json=args.json)
         return 0
     if args.stability_edge:
-        _print_edges(edges, as_json=args.json, model=name, task=task.name)
+        _print_edges(edges, as_json=args.json, model=variant.name, task=task.name)
         return 0
     if args.out:
         summary = run_sweep(task, [variant], specs, results=Path(args.out) / "results.jsonl")
@@ -316,6 +314,137 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         print(f"{summary.ran} runs now, {summary.skipped} resumed; rows in {summary.results}")
     return 0
+
+
+def _load(
+    ref: str, args: argparse.Namespace, specs: list[Any], *, adaptive: str | None
+) -> tuple[ModelVariant, list[Any], Any]:
+    """The model ``ref`` as the attacker's variant (after the informed transform ``adaptive``),
+    the specs it runs under, and the task tokenized with its own tokenizer."""
+    source = load_source(ref, attn_implementation="eager", device=args.device)
+    kwargs: dict[str, Any] = {}
+    if source.tokenizer is not None:
+        kwargs = {"tokenizer": source.tokenizer, "max_length": args.max_length}
+        kwargs["eval_limit"] = args.eval_limit
+    task = zoo.load_task(args.data, **kwargs)
+    check_compatible(source.model, task, model_name=f"model {ref!r}")
+    pristine = source.model
+    manifest = getattr(pristine, "specdef_manifest", None) or {}
+    defense = manifest.get("defense") if isinstance(manifest, dict) else None
+    config = (defense or {}).get("config") or {}
+    # the weights and the exact data (tokenized with --max-length, cut by --eval-limit) are part of
+    # every run id, so a rerun with other options or other weights never resumes stale rows
+    info = {
+        "alpha": config.get("alpha"),
+        "defense": config or None,
+        "weights_sha256": weights_digest(pristine),
+        "data_sha256": zoo.task_digest(task),
+    }
+    name = source.name
+    if adaptive:
+        specs, info = _adaptive(pristine, specs, info, adaptive)
+        name = f"{source.name}+{adaptive}"
+    return ModelVariant(name, lambda: copy.deepcopy(pristine), info), specs, task
+
+
+def _against_baseline(
+    args: argparse.Namespace,
+    found: SearchSummary,
+    defended_name: str,
+    specs: list[Any],
+    search: SearchConfig,
+    *,
+    out: str,
+) -> int:
+    """The same search on ``--baseline``; per rung, each model's best trial and the slowdown."""
+    base_specs = build_specs(args)
+    base, base_specs, base_task = _load(args.baseline, args, base_specs, adaptive=None)
+    if base.name == defended_name:
+        base = dataclasses.replace(base, name=f"baseline-{base.name}")
+    if search.study:
+        search = dataclasses.replace(search, study=f"{search.study}-baseline")
+    reference = run_search(base_task, base, base_specs[0], args.optimizer, search, out=out)
+    threshold = Threshold.parse(specs[0].threshold, task_kind=base_task.kind)
+    rows = []
+    for optimizer in args.optimizer:
+        d_rows = [r for r in found.rows if r.get("optimizer") == optimizer]
+        b_rows = [r for r in reference.rows if r.get("optimizer") == optimizer]
+        row = _comparison_row(args, optimizer, threshold, d_rows, b_rows, found, reference)
+        row.update(model=defended_name, baseline=base.name, task=base_task.name)
+        rows.append(row)
+        results = Path(out) / "results.jsonl"
+        if args.out and row["run_id"] not in {r.get("run_id") for r in read_rows(results)}:
+            append_jsonl(results, row)
+    if args.json:
+        print_json({"comparison": rows, "trials_run_now": found.ran + reference.ran,
+                    "storage": found.storage})  # fmt: skip
+        return 0
+    for row in rows:
+        _print_comparison(row)
+    print(f"{found.ran + reference.ran} trials run now; study storage {found.storage}")
+    return 0
+
+
+def _comparison_row(
+    args: argparse.Namespace,
+    optimizer: str,
+    threshold: Threshold,
+    d_rows: list[dict[str, Any]],
+    b_rows: list[dict[str, Any]],
+    found: SearchSummary,
+    reference: SearchSummary,
+) -> dict[str, Any]:
+    """One ``baseline-comparison`` row: identity (both studies and their trial rows), the rungs."""
+    identity = {
+        "studies": [found.studies[optimizer], reference.studies[optimizer]],
+        "trials": sorted(str(r["run_id"]) for r in (*d_rows, *b_rows)),
+    }
+    text = json.dumps(identity, sort_keys=True)
+    rid = "cmp-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+    metric = threshold.metric
+    higher = threshold.higher_is_better
+    side = {
+        name: {"study": study, "trials": len(compare.trained(rs)),
+               "start": compare.start_value(rs, metric),
+               "best": compare.best_value(rs, metric, higher_is_better=higher)}
+        for name, study, rs in (("defended", identity["studies"][0], d_rows),
+                                ("base", identity["studies"][1], b_rows))
+    }  # fmt: skip
+    return {
+        "run_id": rid,
+        "experiment": "attack",
+        "kind": "baseline-comparison",
+        "optimizer": optimizer,
+        "threshold": str(threshold),
+        "search_trials": args.search,
+        "steps": args.steps,
+        **side,
+        "rungs": [c.to_dict() for c in compare.compare_searches(d_rows, b_rows, threshold)],
+        "provenance": provenance(),
+    }
+
+
+def _print_comparison(row: dict[str, Any]) -> None:
+    d, b = row["defended"], row["base"]
+    table = []
+    for rung in row["rungs"]:
+        cells = []
+        for part in (rung["defended"], rung["base"]):
+            outcome = StepsToThreshold.from_dict(part) if "budget" in part else None
+            trial = f" (trial {part['trial']})" if part.get("trial") is not None else ""
+            cells.append(f"{outcome}{trial}" if outcome is not None else "no trained trial")
+        table.append((rung["threshold"], *cells, rung["slowdown_text"]))
+    print_table(
+        f"{row['model']} vs baseline {row['baseline']} on {row['task']}: {row['optimizer']}, "
+        f"best of {d['trials']} / {b['trials']} trained trials of {row['steps']} steps",
+        ["rung", "defended best steps", "base best steps", "slowdown"],
+        table,
+    )
+    metric = row["threshold"].split(">=")[0].split("<=")[0]
+    print(
+        f"{metric}: defended starts at {d['start']:.4g} (best {d['best']:.4g}), "
+        f"base starts at {b['start']:.4g} (best {b['best']:.4g})"
+    )
 
 
 def _edges(
@@ -350,10 +479,7 @@ def _record_edge(
     rid = "edge-" + hashlib.sha256(text.encode()).hexdigest()[:16]
     if any(r.get("run_id") == rid for r in read_rows(path)):
         return
-    row = {"run_id": rid, "experiment": "attack", "kind": "stability-edge",
-           "model": variant.name, "task": task, **dict(variant.info),
-           "optimizer": edge.optimizer, "spec": spec.to_dict(),
-           "stability_edge": edge.to_dict(), "provenance": provenance()}  # fmt: skip
+    row = edge_row(rid, edge, model=variant.name, task=task, info=variant.info, spec=spec)
     append_jsonl(path, row)
 
 

@@ -7,8 +7,7 @@ from typing import Any
 
 from specdef.commands.common import add_device_option, add_threads_option, print_json
 from specdef.experiments.config import expand, load_config
-from specdef.experiments.run import run_experiment
-from specdef.experiments.runners import validate_runs
+from specdef.experiments.run import run_experiment, validate
 from specdef.report.page import write_report
 
 
@@ -49,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     if args.dry_run:
         runs = expand(config)
-        validate_runs(runs)
+        validate(runs)
         if args.json:
             print_json([{"run_id": r.run_id, **r.to_dict()} for r in runs])
         else:
@@ -69,13 +68,16 @@ def run(args: argparse.Namespace) -> int:
         "seconds": round(summary.seconds, 1),
         "results": str(summary.results),
     }
+    if summary.trials is not None:
+        out["trials_run"] = summary.trials
     if args.report:
         out["report"] = str(write_report(summary.run_dir))
     if args.json:
         print_json(out)
     else:
+        what = "" if summary.trials is None else f" ({summary.trials} trials)"
         print(
-            f"{config.name}: ran {summary.ran}, skipped {summary.skipped} finished, "
+            f"{config.name}: ran {summary.ran}{what}, skipped {summary.skipped} finished, "
             f"{summary.total} in all, {summary.seconds:.1f} s → {summary.results}"
         )
         if "report" in out:

@@ -21,7 +21,7 @@ from typing import Any
 from specdef.errors import SpecdefError, did_you_mean
 from specdef.utils.safe_yaml import load_yaml
 
-KINDS = ("attack", "curvature", "utility", "detection", "landscape")
+KINDS = ("attack", "curvature", "utility", "detection", "landscape", "relearn")
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "experiments"
 VARIANTS = "variants"  # grid key: a list of {dotted key: value} mappings, one axis
 
@@ -57,6 +57,9 @@ class ExperimentConfig:
     data: Mapping[str, Any] = field(default_factory=dict)  # task / model loading options
     grid: Mapping[str, Any] = field(default_factory=dict)  # nested like the config; lists are axes
     seeds: tuple[int, ...] = (0,)
+    # attack kind only: the worst-case attacker, an Optuna study per grid cell instead of one run
+    # (trials, optimizers, stability_edge and the SearchConfig fields; specdef.experiments.search)
+    search: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -67,6 +70,16 @@ class ExperimentConfig:
             )
         if not self.seeds:
             raise SpecdefError(f"Experiment {self.name!r} has no seeds; give e.g. seeds: [0].")
+        if self.search and self.kind != "attack":
+            raise SpecdefError(
+                f"Experiment {self.name!r} ({self.kind}) has a search block; only attack "
+                "experiments search (remove search:)."
+            )
+        if self.search and "optimizers" in self.search and _has_axis(self.grid, "attack.optimizer"):
+            raise SpecdefError(
+                f"Experiment {self.name!r} gives the optimizers twice (search.optimizers and "
+                "grid.attack.optimizer); keep one."
+            )
         for axis, values in grid_axes(self.grid):
             if not values:
                 raise SpecdefError(
@@ -76,6 +89,8 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["seeds"] = list(self.seeds)
+        if not out["search"]:  # unsearched configs resolve exactly as before the search block
+            del out["search"]
         return plain_data(out)
 
 
@@ -92,12 +107,18 @@ class RunSpec:
     measure: Mapping[str, Any]
     data: Mapping[str, Any]
     seed: int
+    search: Mapping[str, Any] = field(default_factory=dict)  # a searched cell: its search block
 
     @property
     def run_id(self) -> str:
         """A stable hash of everything that determines the run's outcome (not the experiment name,
-        so the same run in two experiments is the same run)."""
+        so the same run in two experiments is the same run). A searched cell's id hashes its search
+        block except what does not change the study (trial count, storage, staleness, the
+        optimizer list: the cell's optimizer is ``attack.optimizer``)."""
         spec = {k: v for k, v in self.to_dict().items() if k != "experiment"}
+        search = {k: v for k, v in spec.pop("search").items() if k not in SEARCH_VOLATILE}
+        if search:
+            spec["search"] = search
         blob = json.dumps(spec, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -114,7 +135,15 @@ class RunSpec:
 
 
 _FIELDS = {f.name for f in dataclasses.fields(ExperimentConfig)}
-_SECTIONS = ("defense", "attack", "measure", "data", "grid")
+_SECTIONS = ("defense", "attack", "measure", "data", "grid", "search")
+# search-block keys that leave a cell's study the same (see RunSpec.run_id)
+SEARCH_VOLATILE = ("trials", "storage", "stale_after", "optimizers")
+
+
+def _has_axis(grid: Mapping[str, Any], dotted: str) -> bool:
+    return any(key == dotted for key, _ in grid_axes(grid)) or any(
+        dotted in item for item in grid.get(VARIANTS) or () if isinstance(item, Mapping)
+    )
 
 
 def plain_data(obj: Any) -> Any:
@@ -282,6 +311,10 @@ def expand(config: ExperimentConfig) -> list[RunSpec]:
     """The grid × seeds as resolved run specs, in a stable order (grid axes in config order, the
     last axis fastest; seeds innermost)."""
     axes = grid_axes(config.grid)
+    optimizers = config.search.get("optimizers") if config.search else None
+    if optimizers:  # a searched experiment: one study per optimizer, an axis before the seeds
+        names = optimizers if isinstance(optimizers, list | tuple) else [optimizers]
+        axes.append(("attack.optimizer", list(names)))
     base = config.to_dict()
     runs: list[RunSpec] = []
     for combo in itertools.product(*(values for _, values in axes)):
@@ -309,6 +342,7 @@ def expand(config: ExperimentConfig) -> list[RunSpec]:
                     measure=data["measure"],
                     data=data["data"],
                     seed=seed,
+                    search=data.get("search") or {},
                 )
             )
     seen: set[str] = set()

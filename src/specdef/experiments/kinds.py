@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from specdef.experiments.relearn import run_relearn_kind
 from specdef.experiments.runners import run_attack_kind, run_curvature_kind, run_utility_kind
 from specdef.experiments.studies import run_detection_kind, run_landscape_kind
 
@@ -15,6 +16,7 @@ RUNNERS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "utility": run_utility_kind,
     "detection": run_detection_kind,
     "landscape": run_landscape_kind,
+    "relearn": run_relearn_kind,
 }
 
 

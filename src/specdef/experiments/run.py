@@ -41,6 +41,7 @@ from specdef.experiments.config import (
 )
 from specdef.experiments.kinds import execute
 from specdef.experiments.runners import on_device, validate_runs
+from specdef.experiments.search import run_search_cell, validate_search
 from specdef.utils.devices import resolve_device
 from specdef.utils.files import append_jsonl, read_jsonl, write_text_atomic
 from specdef.utils.progress import track
@@ -85,6 +86,7 @@ class RunSummary:
     skipped: int  # already in results.jsonl (resumed)
     ran: int  # executed now
     seconds: float
+    trials: int | None = None  # a searched experiment: trials trained now (``ran`` counts cells)
 
     @property
     def results(self) -> Path:
@@ -136,10 +138,12 @@ def run_experiment(
     import time
 
     runs = expand(config)
-    validate_runs(runs)  # the whole grid, before the run directory is written
+    validate(runs)  # the whole grid, before the run directory is written
     path = prepare_run_dir(config, run_dir or default_run_dir(config, overrides))
     start = time.perf_counter()
     with on_device(resolve_device(device) if device is not None else torch.device("cpu")):
+        if config.search:
+            return _run_searches(config, runs, path, limit=limit, start=start)
         done = _run_resumable(
             runs,
             path / RESULTS_NAME,
@@ -149,6 +153,31 @@ def run_experiment(
             progress=lambda items, total: track(items, config.name, total=total),
         )
     return RunSummary(path, len(runs), done.skipped, done.ran, time.perf_counter() - start)
+
+
+def validate(runs: Sequence[RunSpec]) -> None:
+    """Every check a grid gets before anything is written: the runs' defense and attack fields
+    (:func:`~specdef.experiments.runners.validate_runs`) and searched cells' search blocks."""
+    validate_runs(runs)
+    validate_search(runs)
+
+
+def _run_searches(
+    config: ExperimentConfig, runs: Sequence[RunSpec], path: Path, *, limit: int | None,
+    start: float,
+) -> RunSummary:  # fmt: skip
+    """A searched experiment: one study per cell (:func:`run_search_cell`), each resumed from its
+    storage; ``ran`` counts the cells that trained a trial now, ``skipped`` the complete ones."""
+    import time
+
+    drop_partial_line(path / RESULTS_NAME)
+    todo = list(runs) if limit is None else list(runs)[: max(limit, 0)]
+    trials = ran = 0
+    for run in track(todo, config.name, total=len(todo)):
+        now = run_search_cell(run, path)
+        trials += now
+        ran += now > 0
+    return RunSummary(path, len(runs), len(todo) - ran, ran, time.perf_counter() - start, trials)
 
 
 def _execute_row(run: RunSpec) -> dict[str, Any]:

@@ -286,6 +286,21 @@ def prepare(run: Any, model: nn.Module | None = None) -> Prepared:
 # ---- attack ------------------------------------------------------------------------------------
 
 
+def attack_spec(run: Any, prepared: Prepared | None = None) -> AttackSpec:
+    """The run's :class:`AttackSpec` (seeded by the run's seed), with what the informed transform
+    of ``prepared`` froze kept frozen and its training mode."""
+    attack = {k: v for k, v in run.attack.items() if k != "adaptive"}
+    if prepared is not None:
+        attack["frozen"] = [*attack.get("frozen", ()), *prepared.frozen]
+        if prepared.train != "all":
+            attack["train"] = prepared.train
+    for key in ("frozen", "lora_targets"):
+        if isinstance(attack.get(key), list | str):
+            value = attack[key]
+            attack[key] = (value,) if isinstance(value, str) else tuple(value)
+    return AttackSpec(**{**attack, "seed": run.seed})
+
+
 def run_attack_kind(run: Any) -> dict[str, Any]:
     """Load, defend (unless ``alpha`` is null), apply the informed transform (``attack.adaptive``),
     fine-tune with the one attack loop; the row carries the full :class:`AttackResult`. A
@@ -296,15 +311,7 @@ def run_attack_kind(run: Any) -> dict[str, Any]:
     task = load_run_task(run)
     check_compatible(prepared.model, task, model_name=f"model {model_name(run.model)!r}")
     out: dict[str, Any] = {**prepared.fields, "task_kind": task.kind}
-    attack = {k: v for k, v in run.attack.items() if k != "adaptive"}
-    attack["frozen"] = [*attack.get("frozen", ()), *prepared.frozen]
-    if prepared.train != "all":
-        attack["train"] = prepared.train
-    for key in ("frozen", "lora_targets"):
-        if isinstance(attack.get(key), list | str):
-            value = attack[key]
-            attack[key] = (value,) if isinstance(value, str) else tuple(value)
-    spec = AttackSpec(**{**attack, "seed": run.seed})
+    spec = attack_spec(run, prepared)
     if spec.train != "lora":  # LoRA adds its trainable adapters inside the loop
         select_trainable_(prepared.model, spec)
         if not any(p.requires_grad for p in prepared.model.parameters()):
@@ -510,18 +517,13 @@ def validate_runs(runs: Sequence[Any]) -> None:
                 ) from None
         if getattr(run, "kind", None) != "attack":
             continue
-        attack = {k: v for k, v in run.attack.items() if k != "adaptive"}
         for key in run.attack:
             if key not in _ATTACK_KEYS:
                 raise SpecdefError(
                     f"{where}: " + did_you_mean(key, sorted(_ATTACK_KEYS), what="attack key")
                 )
-        for key in ("frozen", "lora_targets"):
-            if isinstance(attack.get(key), list | str):
-                value = attack[key]
-                attack[key] = (value,) if isinstance(value, str) else tuple(value)
         try:
-            AttackSpec(**{**attack, "seed": run.seed})
+            attack_spec(run)
         except SpecdefError as err:
             raise SpecdefError(f"{where}: {err}") from None
         except (TypeError, ValueError) as err:

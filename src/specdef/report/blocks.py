@@ -23,6 +23,7 @@ from specdef.report.informed import detection_section, digits_section, smollm2_s
 from specdef.report.markdown import Row
 from specdef.report.native import native_section
 from specdef.report.optimizers import ladder_section, lora_section, optimizer_grid_section
+from specdef.report.table1 import curvature_section, table1_section
 from specdef.utils.files import read_jsonl, write_text_atomic
 
 SECTIONS: dict[str, Callable[[Sequence[Row]], str]] = {
@@ -33,6 +34,8 @@ SECTIONS: dict[str, Callable[[Sequence[Row]], str]] = {
     "ladder": ladder_section,
     "lora-targets": lora_section,
     "optimizer-grid": optimizer_grid_section,
+    "table1": table1_section,
+    "defense-curvature": curvature_section,
 }
 END = "<!-- specdef report: end -->"
 _BLOCK = re.compile(

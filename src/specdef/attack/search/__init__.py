@@ -18,6 +18,9 @@ for ``stale_after`` seconds) is put back to ``WAITING`` and re-run with its own 
 is appended to ``results.jsonl`` before the trial is told; a rerun that finds the row of a trial
 the storage still has running tells the storage from the row instead of training again. So a
 study ends with exactly N finished trials (complete + pruned + failed) and one row each.
+
+Modules: ``space`` (what a trial samples), ``storage`` (slots), ``rows`` (the shared results file),
+``run`` (the search), ``compare`` (a searched model against its base's search, rung by rung).
 """
 
 from specdef.attack.search.rows import append_row, best_trials, read_rows

@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 
 OWNER = "specdef_owner"
 SURPLUS = "specdef_surplus"
+# a running trial with no owner was created by a process that died before it could say so (a
+# SIGKILL between Optuna's ask and the owner attribute, two journal writes); a live process sets
+# it within milliseconds, so after this long such a trial is lost and is re-run
+OWNERLESS_GRACE_S = 20.0
 
 
 def open_storage(storage: str | None, out: str | os.PathLike[str]) -> tuple[Any, str]:
@@ -38,7 +42,10 @@ def open_storage(storage: str | None, out: str | os.PathLike[str]) -> tuple[Any,
         return _rdb_storage(storage, kwargs), storage
     path = Path(storage) if storage is not None else Path(out) / "study.journal"
     path.parent.mkdir(parents=True, exist_ok=True)
-    backend = JournalFileBackend(str(path))
+    # an absolute path: Optuna's lock is a symlink to the journal, and it frees a lock left by a
+    # killed process by stat()-ing through that link — a relative link resolves against the lock's
+    # directory, the stat fails and every other process waits forever (seen on runs/E2-vision)
+    backend = JournalFileBackend(str(path.resolve()))
     return optuna.storages.JournalStorage(backend), f"journal:{path}"
 
 
@@ -93,7 +100,7 @@ def requeue_stale(study: Any, config: SearchConfig) -> None:
         owner = trial.user_attrs.get(OWNER)
         if owner is None:
             started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
-            stale = time.time() - started > config.stale_after
+            stale = time.time() - started > min(config.stale_after, OWNERLESS_GRACE_S)
         else:
             stale = not _alive(owner, config.stale_after)
         if not stale:
@@ -103,6 +110,15 @@ def requeue_stale(study: Any, config: SearchConfig) -> None:
             log.warning("study %s: trial %d lost its process; re-running it", study.study_name,
                         trial.number)  # fmt: skip
             study._storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
+
+
+def ownerless(study: Any) -> int:
+    """Running trials that have no owner yet (just created, or their process died before it said
+    so; :func:`requeue_stale` re-runs the latter after :data:`OWNERLESS_GRACE_S`)."""
+    from optuna.trial import TrialState  # see open_storage
+
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    return sum(1 for t in running if t.user_attrs.get(OWNER) is None)
 
 
 def slot(study: Any, number: int) -> int:
