@@ -141,7 +141,7 @@ def load_run_task(run: Any, *, name: str | None = None) -> Task:
         (k, run.data[k]) for k in ("max_length", "eval_limit", "fallback") if k in run.data
     )  # data.eval_splits: keep only these held-out splits
     tokenizer = None
-    if task_name in TASKS and TASKS[task_name].kind == "causal-lm":
+    if task_name in TASKS and TASKS[task_name].kind == "causal-lm" and TASKS[task_name].tokenized:
         tokenizer = model_name(run.model)
     task = _cached_task(task_name, tokenizer, kwargs)
     train = getattr(task, "train", None)
@@ -187,7 +187,7 @@ MODES = ("algorithm1", "native")  # defense.mode: Algorithm 1 (default) or nativ
 def defend(model: nn.Module, defense: Mapping[str, Any], *, probe: Any = None) -> Any:
     """Apply SpecDef (Algorithm 1) with the run's defense fields; returns the defense report."""
 
-    return apply_specdef_(model, SpecDefConfig.from_dict(defense, also=("mode",)), probe=probe)
+    return apply_specdef_(model, SpecDefConfig.from_dict(defense, also=("mode", "name")), probe=probe)
 
 
 def _defense_summary(report: Any) -> dict[str, Any]:
@@ -207,7 +207,7 @@ def defend_summary(model: nn.Module, defense: Mapping[str, Any]) -> dict[str, An
     if mode not in MODES:
         raise SpecdefError(did_you_mean(mode, MODES, what="defense mode"))
     # α, top-k, method validated once, for both modes
-    config = SpecDefConfig.from_dict(defense, also=("mode",))
+    config = SpecDefConfig.from_dict(defense, also=("mode", "name"))
     if mode == "algorithm1":
         return {"mode": mode, **_defense_summary(apply_specdef_(model, config))}
     before = count_parameters(model)
@@ -508,7 +508,7 @@ def validate_runs(runs: Sequence[Any]) -> None:
             if mode not in MODES:
                 raise SpecdefError(f"{where}: " + did_you_mean(mode, MODES, what="defense mode"))
             try:
-                SpecDefConfig.from_dict(defense, also=("mode",))
+                SpecDefConfig.from_dict(defense, also=("mode", "name"))
             except SpecdefError as err:
                 raise SpecdefError(f"{where}: {err}") from None
             except TypeError as err:

@@ -41,6 +41,7 @@ class TaskInfo:
     description: str
     licence: str
     source: str
+    tokenized: bool = True  # False: the task ships token ids and takes no tokenizer
 
 
 TASKS: dict[str, TaskInfo] = {
@@ -73,6 +74,7 @@ for _name, _what in permutation.TASKS.items():
         f"{_what}, every token (no tokenizer: ids 0–63)",
         "Apache-2.0 (specdef)",
         "synthetic: seeded successor permutations in specdef/zoo/permutation.py",
+        tokenized=False,
     )
 for _prefix, _src, _lic in (
     ("digits", "scikit-learn load_digits (1797 8×8 images)", "BSD-3-Clause"),
