@@ -202,3 +202,16 @@ def test_a_trial_killed_before_it_had_an_owner_is_rerun(
     summary = run_search(task, variant, base, ["sgd"], config, out=tmp_path)
     assert summary.ran == 2
     check_exact(read_rows(tmp_path / "results.jsonl"), finished(storage, "orphan-sgd"), 2)
+
+
+def test_a_journal_under_a_relative_out_is_opened_by_its_absolute_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Optuna frees a journal lock left by a killed process by stat()-ing through its symlink to
+    the journal; with a relative journal path the link resolves against the lock's own directory,
+    the stat fails, and every other process waits forever. So the journal is opened absolute."""
+    monkeypatch.chdir(tmp_path)
+    storage, where = slots.open_storage(None, "runs/x")
+    assert where == "journal:runs/x/study.journal"
+    path = Path(storage._backend._file_path)
+    assert path.is_absolute() and path == tmp_path / "runs" / "x" / "study.journal"

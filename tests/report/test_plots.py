@@ -72,13 +72,20 @@ def test_loss_curves(tmp_path: Path, figures: list[Figure]) -> None:
     image = _png(path)
     assert image.shape[1] > image.shape[0]  # 2 optimizers × 3 learning rates: wider than tall
     (fig,) = figures
-    assert fig._suptitle is not None and fig._suptitle.get_text() == "E0: attack"
-    assert _legend(fig) == ["undefended", "α=1e+04"]
+    # the title says what is plotted; the legend names every colour and every marker
+    assert fig._suptitle is not None
+    assert fig._suptitle.get_text().startswith("E0: attack: held-out harmful_loss vs step")
+    assert _legend(fig) == ["undefended", "α=1e+04",
+                            "diverged at that step (dotted line, × at the last finite value)",
+                            "threshold 1.5", "min–max over seeds"]  # fmt: skip
     panels = {ax.get_title(): ax for ax in fig.axes}
     assert set(panels) == {f"{o}, lr={lr:g}" for o in OPTIMIZERS for lr in LRS}
     ax = panels["adamw, lr=0.001"]
     assert panels["adamw, lr=0.0001"].get_ylabel() == "harmful_loss"  # first column only
-    assert ax.get_yscale() == "log"
+    values = np.concatenate([np.asarray(ln.get_ydata(), dtype=float) for ln in ax.get_lines()])
+    values = values[np.isfinite(values) & (values > 0)]
+    wide = values.max() / values.min() > plots.LOG_RANGE
+    assert ax.get_yscale() == ("log" if wide else "linear")
     for alpha, label in NAMES.items():
         (line,) = [ln for ln in ax.get_lines() if ln.get_label() == label]
         median = np.median([_curve("adamw", 1e-3, alpha, s) for s in SEEDS], axis=0)
@@ -89,6 +96,16 @@ def test_loss_curves(tmp_path: Path, figures: list[Figure]) -> None:
     diverged = panels["sgd, lr=0.01"]
     assert any(list(ln.get_xdata()) == [3.0, 3.0] for ln in diverged.get_lines())
     assert not any(list(ln.get_xdata()) == [3.0, 3.0] for ln in ax.get_lines())
+
+
+def test_a_narrow_loss_range_gets_a_linear_axis(tmp_path: Path, figures: list[Figure]) -> None:
+    def row(values: list[float]) -> dict[str, Any]:
+        return {"optimizer": "sgd", "lr": 0.1, "alpha": None, "metric": "harmful_loss",
+                "evals": [{"step": s, "harmful_loss": v} for s, v in enumerate(values)]}  # fmt: skip
+
+    plots.loss_curves([row([2.0, 1.9, 1.7])], tmp_path / "narrow.png")
+    plots.loss_curves([row([2.0, 0.5, 0.01])], tmp_path / "wide.png")
+    assert [f.axes[0].get_yscale() for f in figures] == ["linear", "log"]
 
 
 def test_loss_curves_fall_back_to_training_loss_or_draw_nothing(

@@ -34,6 +34,7 @@ from specdef.attack.sweep import ModelVariant
 from specdef.errors import SpecdefError, did_you_mean
 from specdef.experiments.config import plain_data
 from specdef.experiments.runners import attack_spec, load_run_task, model_name, prepare
+from specdef.utils.files import locked
 
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(SearchConfig))
 SEARCH_KEYS = (*_CONFIG_FIELDS, "optimizers", "stability_edge")
@@ -135,11 +136,25 @@ def _edge(
     spec: Any,
     options: Mapping[str, Any],
 ) -> StabilityEdge:
-    """The cell's stability edge: its recorded row if there is one, else bisected and recorded."""
+    """The cell's stability edge: its recorded row if there is one, else bisected and recorded
+    (under a lock, so processes sharing the run directory bisect each cell's edge once)."""
     rid = f"edge-{run.run_id}"
-    for row in read_rows(results):
-        if row.get("run_id") == rid:
-            return StabilityEdge.from_dict(row["stability_edge"])
+    with locked(results.parent / ".locks" / f"{rid}.lock"):
+        for row in read_rows(results):
+            if row.get("run_id") == rid:
+                return StabilityEdge.from_dict(row["stability_edge"])
+        return _record_edge(rid, run, results, variant, task, spec, options)
+
+
+def _record_edge(
+    rid: str,
+    run: Any,
+    results: Path,
+    variant: ModelVariant,
+    task: Any,
+    spec: Any,
+    options: Mapping[str, Any],
+) -> StabilityEdge:
     edge = stability_edge(
         variant.build, task, spec, horizon=int(options["steps"]),
         tol_decades=float(options["tol"]), hessian_batches=int(options["batches"]),

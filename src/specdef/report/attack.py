@@ -29,7 +29,7 @@ CONDITION_KEYS = ("model", "task", "lora_targets")
 # Fields that, with alpha, make the *columns* of a table: the model variants the attacker faces.
 VARIANT_KEYS = ("adaptive", "train")
 # Defense fields shown in a column's label when they vary among the defended runs.
-DEFENSE_EXTRAS = ("targets", "top_k", "preset")
+DEFENSE_EXTRAS = ("mode", "targets", "top_k", "preset")
 
 
 def _hashable(value: Any) -> Any:

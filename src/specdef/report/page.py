@@ -8,7 +8,10 @@ from the results file alone. The row fields it reads are listed in ``docs/ARCHIT
   threshold (median over seeds, censoring and divergence stated), the attacker's best learning rate
   and the slowdown factor, benign utility before / after, and informed attacks' parameter cost;
 - ``curvature``: σ₁(H) (exact and estimated) and the certified lower bounds vs. α;
-- ``utility``: function gap, metric deltas and the precision guard's verdict vs. α × dtype.
+- ``utility``: function gap, metric deltas and the precision guard's verdict vs. α × dtype;
+- search trials (attack rows with a ``study``), ``stability-edge`` and ``search-failure`` rows:
+  the worst-case attacker's slowdown vs threshold, trials needed, edges and figures
+  (:mod:`specdef.report.search`).
 
 The page is assembled here; the sections come from :mod:`specdef.report.attack` and
 :mod:`specdef.report.measure`, the markdown helpers from :mod:`specdef.report.markdown` (their
@@ -27,6 +30,7 @@ from specdef.report.attack import (
 )
 from specdef.report.markdown import Report, Row
 from specdef.report.measure import curvature_section, utility_section
+from specdef.report.search import is_search_row, search_section
 from specdef.utils.files import read_jsonl, write_text_atomic
 
 
@@ -43,9 +47,19 @@ def build_report(rows: list[Row], out_dir: str | Path, *, title: str = "specdef 
         f"{wall / 60:.1f} min (per-run `wall_s`, excluding process start-up).\n",
     ]
     by_kind: dict[str, list[Row]] = defaultdict(list)
+    searched: list[Row] = []
     for r in rows:
         kind = str(r.get("kind", "attack"))
+        if is_search_row(r):
+            searched.append(r)
+            continue
         by_kind[kind].append(normalize(r) if kind == "attack" else r)
+    edges = by_kind.pop("stability-edge", [])
+    failures = len(by_kind.pop("search-failure", []))
+    if searched:
+        sections.append(search_section(searched, out, report, edges=edges, failures=failures))
+    elif edges:
+        sections.append(f"{len(edges)} stability-edge row(s) without search trials.\n")
     if by_kind.get("curvature"):
         sections.append(curvature_section(by_kind["curvature"], out, report))
     if by_kind.get("utility"):

@@ -16,7 +16,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 Row = dict[str, Any]
-_COLORS = ["#444444", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+# ten distinct colours (grey first: the undefended model in most figures, then tab10)
+COLORS = ["#444444", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
+          "#17becf", "#bcbd22"]  # fmt: skip
+LOG_RANGE = 20.0  # a loss axis is logarithmic only when its values span more than this factor
 
 
 def _alpha(row: Row) -> float | None:
@@ -50,7 +53,7 @@ def history_series(row: Row, metric: str) -> tuple[np.ndarray, np.ndarray] | Non
     return steps, values
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -98,7 +101,7 @@ def loss_curves(
                 n = min(len(s[0]) for s in series)
                 steps = series[0][0][:n]
                 stack = np.stack([s[1][:n] for s in series])
-                color = _COLORS[k % len(_COLORS)]
+                color = COLORS[k % len(COLORS)]
                 label = names[v] if names else str(v)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)
@@ -114,7 +117,7 @@ def loss_curves(
                             ax.plot(float(r["diverged_at"]), finite[-1], "x", color=color, ms=7)
             if threshold is not None and metric != "train_loss":
                 ax.axhline(float(threshold), color="k", ls="--", lw=0.7)
-            if metric.endswith("loss") and ax.has_data():
+            if metric.endswith("loss") and ax.has_data() and _wide(ax):
                 ax.set_yscale("log")
             ax.set_title(f"{opt}, lr={lr:g}", fontsize=8)
             ax.tick_params(labelsize=7)
@@ -128,13 +131,34 @@ def loss_curves(
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    fig.suptitle(title, fontsize=9)
+    # name every marker, not only the colours
+    handles.append(plt.Line2D([], [], color="k", ls=":", marker="x", label="diverged at that step"))
+    labels.append("diverged at that step (dotted line, × at the last finite value)")
+    if threshold is not None and metric != "train_loss":
+        handles.append(plt.Line2D([], [], color="k", ls="--", lw=0.7))
+        labels.append(f"threshold {float(threshold):g}")
+    if len({r.get("seed") for r in rows}) > 1:
+        handles.append(plt.Rectangle((0, 0), 1, 1, color="k", alpha=0.15))
+        labels.append("min–max over seeds")
+    what = f"held-out {metric} vs step" if metric != "train_loss" else "training loss vs step"
+    fig.suptitle(f"{title + ': ' if title else ''}{what}, one panel per optimizer × learning rate, "
+                 "median over seeds", fontsize=9)  # fmt: skip
     legend_rows = math.ceil(len(labels) / 4)
     fig.tight_layout(rect=(0, 0.05 * legend_rows / len(optimizers), 1, 1))
     fig.legend(
         handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False
     )
-    return _save(fig, path)
+    return save_figure(fig, path)
+
+
+def _wide(ax: Any) -> bool:
+    """Whether the data on ``ax`` span more than :data:`LOG_RANGE` (a log axis helps), else a
+    linear axis shows a narrow range better."""
+    values = np.concatenate(
+        [np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()] or [np.array([])]
+    )
+    values = values[np.isfinite(values) & (values > 0)]
+    return bool(len(values)) and float(values.max() / values.min()) > LOG_RANGE
 
 
 def sigma_vs_alpha(rows: Sequence[Row], path: Path) -> Path | None:
@@ -164,7 +188,7 @@ def sigma_vs_alpha(rows: Sequence[Row], path: Path) -> Path | None:
             ok = np.isfinite(y) & (y > 0)
             if not ok.any():
                 continue
-            color, marker, ls = styles.get(name, (_COLORS[(k + 1) % len(_COLORS)], "s", ":"))
+            color, marker, ls = styles.get(name, (COLORS[(k + 1) % len(COLORS)], "s", ":"))
             ax.plot(x[ok], y[ok], color=color, marker=marker, ls=ls, lw=1.2, ms=4, label=name)
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -174,7 +198,7 @@ def sigma_vs_alpha(rows: Sequence[Row], path: Path) -> Path | None:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def gap_vs_alpha(rows: Sequence[Row], path: Path) -> Path | None:
@@ -194,7 +218,7 @@ def gap_vs_alpha(rows: Sequence[Row], path: Path) -> Path | None:
             y = np.array([max(_num(r.get("function_gap")), 1e-18) for r in mine])
             if not len(x):
                 continue
-            color = _COLORS[(k + 1) % len(_COLORS)]
+            color = COLORS[(k + 1) % len(COLORS)]
             ax.plot(x, y, color=color, marker="o", lw=1.2, ms=4, label=dtype)
             refused = np.array([not r.get("guard_accepted", True) for r in mine])
             if refused.any():
@@ -207,7 +231,7 @@ def gap_vs_alpha(rows: Sequence[Row], path: Path) -> Path | None:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _num(value: Any) -> float:

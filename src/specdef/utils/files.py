@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -22,6 +23,20 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         while chunk := handle.read(16 * 1024**2):
             hasher.update(chunk)
     return hasher.hexdigest()
+
+
+@contextlib.contextmanager
+def locked(lock_path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path`` (created if missing) for the ``with`` block;
+    the kernel releases it if the process dies."""
+    path = Path(lock_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:

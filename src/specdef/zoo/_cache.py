@@ -16,20 +16,18 @@ pytest-xdist workers) preparing the same entry build it once; the second waits a
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from specdef.errors import SpecdefError
-from specdef.utils.files import write_json_atomic
+from specdef.utils.files import locked, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -98,17 +96,6 @@ def read_manifest(path: Path, *, verify: bool = False) -> dict[str, Any] | None:
     return manifest
 
 
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 def _remove(path: Path) -> None:
     """Move a damaged entry aside (an atomic rename), then delete it."""
     if not path.exists():
@@ -144,7 +131,7 @@ def ensure_entry(
             f"Cannot create the specdef cache {str(root)!r}: {err.strerror}; set SPECDEF_CACHE to a "
             "writable folder."
         ) from None
-    with _locked(root / ".locks" / f"{kind}-{key}.lock"):
+    with locked(root / ".locks" / f"{kind}-{key}.lock"):
         manifest = read_manifest(
             path, verify=verify
         )  # another process may have built it while we waited

@@ -134,7 +134,10 @@ def _work(
             slots.discard(study, trial)
             continue
         rid = _trial_run_id(study.study_name, trial.number)
-        done = {r.get("run_id"): r for r in read_rows(results)}
+        # only a slot put back to WAITING can have a row already (a fresh trial number has none),
+        # so the results file — large, every row holds its history — is read only for those
+        rerun = any(t.number == trial.number for t in waiting)
+        done = {r.get("run_id"): r for r in read_rows(results)} if rerun else {}
         if rid in done:  # trained and recorded, killed before the storage heard of it
             slots.tell_from_row(study, trial, done[rid])
             continue

@@ -42,7 +42,10 @@ def open_storage(storage: str | None, out: str | os.PathLike[str]) -> tuple[Any,
         return _rdb_storage(storage, kwargs), storage
     path = Path(storage) if storage is not None else Path(out) / "study.journal"
     path.parent.mkdir(parents=True, exist_ok=True)
-    backend = JournalFileBackend(str(path))
+    # an absolute path: Optuna's lock is a symlink to the journal, and it frees a lock left by a
+    # killed process by stat()-ing through that link — a relative link resolves against the lock's
+    # directory, the stat fails and every other process waits forever (seen on runs/E2-vision)
+    backend = JournalFileBackend(str(path.resolve()))
     return optuna.storages.JournalStorage(backend), f"journal:{path}"
 
 
