@@ -28,7 +28,7 @@ NAMES = [p.stem for p in CONFIGS]
 # Documented grid sizes (undefended runs are not repeated across defense-only axes).
 EXPECTED_RUNS = {
     "E1-bound": 2 * 5,
-    "E2-vision": 4 * 3 * 5 * 3,
+    "E2-vision": 3 * 4 * 3,  # searched: variants × optimizers × seeds, one study each
     "E3-language": 3 * 2 * 2,  # searched: optimizer × α × seed cells
     "E4-lora": 2 * 2 * 3,
     "E5-second-order": 13 * 2 * 2,  # searched: optimizer × α × seed cells
@@ -154,10 +154,11 @@ MINIATURE = {
         "measure.batch_size=16",
         "measure.lanczos_iter=15",
     ],
-    "E2-vision": [
-        "grid.attack.optimizer=[sgd, adam]",
-        "grid.attack.lr=[0.1]",
-        "grid.defense.alpha=[null, 1e4]",
+    "E2-vision": [  # one trial per study: as many rows as cells
+        "search.optimizers=[sgd]",
+        "search.trials=1",
+        "search.stability_edge=false",
+        "grid.variants=[{defense.alpha: null}, {defense.alpha: 1.0e4, defense.mode: native}]",
     ],
     "E3-language": [
         "model=tiny-llama",

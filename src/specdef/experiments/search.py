@@ -143,25 +143,13 @@ def _edge(
         for row in read_rows(results):
             if row.get("run_id") == rid:
                 return StabilityEdge.from_dict(row["stability_edge"])
-        return _record_edge(rid, run, results, variant, task, spec, options)
-
-
-def _record_edge(
-    rid: str,
-    run: Any,
-    results: Path,
-    variant: ModelVariant,
-    task: Any,
-    spec: Any,
-    options: Mapping[str, Any],
-) -> StabilityEdge:
-    edge = stability_edge(
-        variant.build, task, spec, horizon=int(options["steps"]),
-        tol_decades=float(options["tol"]), hessian_batches=int(options["batches"]),
-        max_hvps=int(options["hvps"]),
-    )  # fmt: skip
-    row = edge_row(rid, edge, model=variant.name, task=task.name, info=variant.info, spec=spec,
-                   experiment=run.experiment)  # fmt: skip
-    row["seed"] = run.seed
-    append_row(results, row)
-    return edge
+        edge = stability_edge(
+            variant.build, task, spec, horizon=int(options["steps"]),
+            tol_decades=float(options["tol"]), hessian_batches=int(options["batches"]),
+            max_hvps=int(options["hvps"]),
+        )  # fmt: skip
+        row = edge_row(rid, edge, model=variant.name, task=task.name, info=variant.info, spec=spec,
+                       experiment=run.experiment)  # fmt: skip
+        row["seed"] = run.seed
+        append_row(results, row)
+        return edge

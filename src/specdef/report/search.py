@@ -110,13 +110,16 @@ def rungs_of(rows: Sequence[Row]) -> list[Rung]:
     ladders = [lad for r in rows if (lad := _ladder(r))]
     if not ladders:
         return []
+    stop = _stop_value(rows)
     out: list[Rung] = []
     lowest: Rung | None = None
     for i, rung in enumerate(ladders[0]["rungs"]):
         threshold = Threshold.parse(str(rung["threshold"]))
         if threshold.higher_is_better:
-            if threshold.value not in HEADLINE_ACCURACY:
-                continue
+            if threshold.value not in HEADLINE_ACCURACY or (
+                stop is not None and threshold.value > stop
+            ):
+                continue  # above a threshold the trials stopped at: censored by the stop itself
             here = Rung(i, f"{threshold.metric} ≥ {threshold.value:g}")
             lowest = lowest or here
             if any(lad["rungs"][i]["steps"] is not None for lad in ladders):
@@ -125,6 +128,28 @@ def rungs_of(rows: Sequence[Row]) -> list[Rung]:
             fraction = LOSS_FRACTIONS[i] if i < len(LOSS_FRACTIONS) else math.nan
             out.append(Rung(i, f"{threshold.metric} ≤ {fraction:g} × start"))
     return out or ([lowest] if lowest else [])  # nothing reached: the lowest rung, all censored
+
+
+def _stop_value(rows: Sequence[Row]) -> float | None:
+    """The accuracy the trials stopped at (``stop_at_threshold``), if they did."""
+    spec = rows[0].get("spec") or {}
+    threshold = spec.get("threshold") or rows[0].get("threshold")
+    if not spec.get("stop_at_threshold") or not isinstance(threshold, str):
+        return None
+    parsed = Threshold.parse(threshold)
+    return parsed.value if parsed.higher_is_better else None
+
+
+def objective_rung(rows: Sequence[Row], rungs: Sequence[Rung]) -> Rung | None:
+    """The shown rung the search minimized the steps to (its threshold), else the highest."""
+    spec = rows[0].get("spec") or {} if rows else {}
+    threshold = spec.get("threshold") or (rows[0].get("threshold") if rows else None)
+    if isinstance(threshold, str):
+        parsed = Threshold.parse(threshold)
+        for rung in rungs:
+            if rung.label == f"{parsed.metric} ≥ {parsed.value:g}":
+                return rung
+    return rungs[-1] if rungs else None
 
 
 @dataclass(frozen=True)
@@ -298,12 +323,15 @@ def search_section(
                 ) for bs in bests)])  # fmt: skip
         lines.append(md_table(["model variant", "optimizer", *(r.label for r in t.rungs)], table))
         report.tables.append(f"search {model}: best steps and trials needed")
-        edge_table = _edge_table([e for e in edges if str(e.get("model")) == model], t, model, task)
+        target = objective_rung(rows, t.rungs)
+        edge_table = _edge_table([e for e in edges if str(e.get("model")) == model], t, model, task,
+                                 target=target.index if target else None)  # fmt: skip
         if edge_table:
             lines.append(
                 "\n**Stability edge** per study (the largest lr that does not diverge in the "
                 "edge's horizon, bisected from 2/λ_max; median over seeds), and how far below "
-                "the undefended search's best lr (at the rung the search minimizes) it lies:\n"
+                "the undefended search's best lr (its trial that reached the search's threshold "
+                "in the fewest steps; median over seeds) it lies:\n"
             )
             lines.append(edge_table)
             report.tables.append(f"search {model}: stability edge")
@@ -385,13 +413,15 @@ def _edges_by_variant(edges: Sequence[Row]) -> dict[tuple[Variant, str], list[fl
     return dict(out)
 
 
-def _edge_table(edges: Sequence[Row], t: SearchTables, model: str, task: str) -> str:
+def _edge_table(
+    edges: Sequence[Row], t: SearchTables, model: str, task: str, *, target: int | None
+) -> str:
     if not edges:
         return ""
     by: dict[tuple[Variant, str], list[dict[str, Any]]] = defaultdict(list)
     for e in edges:
         by[(search_variant(e), str(e.get("optimizer")))].append(e.get("stability_edge") or {})
-    objective = t.rungs[-1].index if t.rungs else None
+    objective = target
     table = []
     for v in t.variants:
         for opt in t.optimizers[:-1]:
