@@ -29,9 +29,9 @@ NAMES = [p.stem for p in CONFIGS]
 EXPECTED_RUNS = {
     "E1-bound": 2 * 5,
     "E2-vision": 3 * 4 * 3,  # searched: variants × optimizers × seeds, one study each
-    "E3-language": 2 * 2 * 4,
+    "E3-language": 3 * 2 * 2,  # searched: optimizer × α × seed cells
     "E4-lora": 2 * 2 * 3,
-    "E5-second-order": 2 * 4 * 6 * 2,
+    "E5-second-order": 13 * 2 * 2,  # searched: optimizer × α × seed cells
     "E6-informed": 9 * 4 * 3,
     "E7-utility": 2 * 3 * 3,
     # the studies behind docs/results/informed_attacks.md and native_vs_algorithm1.md
@@ -168,7 +168,8 @@ MINIATURE = {
     ],
     "E3-language": [
         "model=tiny-llama",
-        "grid.attack.lr=[1e-4]",
+        "grid.attack.optimizer=[adamw]",
+        "search.trials=1",
         "data.max_length=96",
         "data.eval_limit=2",
     ],
@@ -178,7 +179,12 @@ MINIATURE = {
         "data.max_length=96",
         "data.eval_limit=2",
     ],
-    "E5-second-order": ["grid.attack.lr=[0.01]", "attack.batch_size=16"],
+    "E5-second-order": [
+        "grid.attack.optimizer=[adam]",
+        "search.trials=1",
+        "search.stability_edge=false",
+        "attack.batch_size=16",
+    ],
     "E6-informed": ["grid.attack.lr=[1e-3]"],
     "E7-utility": [
         "grid.variants=[{model: mlp-digits, task: digits}, {model: tiny-llama, task: benign-text,"
