@@ -187,7 +187,9 @@ MODES = ("algorithm1", "native")  # defense.mode: Algorithm 1 (default) or nativ
 def defend(model: nn.Module, defense: Mapping[str, Any], *, probe: Any = None) -> Any:
     """Apply SpecDef (Algorithm 1) with the run's defense fields; returns the defense report."""
 
-    return apply_specdef_(model, SpecDefConfig.from_dict(defense, also=("mode", "name")), probe=probe)
+    return apply_specdef_(
+        model, SpecDefConfig.from_dict(defense, also=("mode", "name")), probe=probe
+    )
 
 
 def _defense_summary(report: Any) -> dict[str, Any]:
