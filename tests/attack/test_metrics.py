@@ -9,6 +9,7 @@ import pytest
 from specdef.attack.metrics import (
     StepsToThreshold,
     Threshold,
+    best_of_trials,
     best_over_grid,
     slowdown,
     steps_to_threshold,
@@ -53,6 +54,23 @@ def test_best_over_grid_prefers_fewest_steps_and_reports_censoring() -> None:
     assert best_over_grid(grid) == (1e-1, grid[1e-1])
     lr, none = best_over_grid({k: v for k, v in grid.items() if v.steps is None})
     assert lr is None and none is not None and none.reason == "budget"
+
+
+def test_best_of_trials_is_the_earliest_fewest_and_else_the_largest_budget() -> None:
+    trials = [
+        StepsToThreshold(None, 300, "budget"),
+        StepsToThreshold(40, 300, "reached"),
+        StepsToThreshold(60, 300, "reached"),
+        StepsToThreshold(40, 300, "reached"),  # ties trial 1: the earlier trial wins
+    ]
+    assert best_of_trials(trials) == (1, trials[1])
+    censored = [
+        StepsToThreshold(None, 100, "stopped"),
+        StepsToThreshold(None, 300, "diverged", 5),
+        StepsToThreshold(None, 300, "budget"),
+    ]
+    assert best_of_trials(censored) == (None, censored[2])
+    assert best_of_trials([]) == (None, None)
 
 
 def test_slowdown_states_its_censoring() -> None:

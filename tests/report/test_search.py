@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from specdef.attack.metrics import ACCURACY_RUNGS
+from specdef.attack.metrics import ACCURACY_RUNGS, Threshold, threshold_ladder
+from specdef.attack.search.compare import best_trial
 from specdef.report.page import build_report
 from specdef.report.search import ANY, best_at, points_of, seeds_text, tables
 
@@ -72,6 +73,35 @@ def test_best_trial_and_trials_needed_per_rung() -> None:
     defended = [r for r in rows() if r["alpha"] == 1e4 and r["seed"] == 0]
     never = best_at(defended, ACCURACY_RUNGS.index(0.9))
     assert never.outcome.steps is None and never.outcome.budget == BUDGET and never.first is None
+
+
+def test_best_at_agrees_with_the_baseline_comparison_on_accuracy_rungs() -> None:
+    """The page reads each trial's recorded ladder, ``specdef attack --baseline`` recomputes from
+    its evaluations: on accuracy rungs both pick the same trial and steps (one rule)."""
+
+    def evaluated(number: int, accuracies: list[float], diverged_at: int | None = None) -> Any:
+        evals = [{"step": 10 * i, "harmful_accuracy": a} for i, a in enumerate(accuracies)]
+        ladder = threshold_ladder(evals, metric="harmful_accuracy", budget=BUDGET,
+                                  diverged_at=diverged_at)  # fmt: skip
+        assert ladder is not None
+        row = trial(None, 0, number, {}, diverged_at=diverged_at)
+        row["summary"].update(ladder=ladder.to_dict(), stopped_at=None)
+        return {**row, "evals": evals}
+
+    rows = [
+        evaluated(2, [0.1, 0.55, 0.8, 0.92]),
+        evaluated(0, [0.1, 0.3, 0.76, 0.8]),
+        evaluated(1, [0.1, 0.6, 0.5], diverged_at=25),
+        evaluated(3, [0.1, 0.2, 0.3, 0.4]),
+    ]
+    for index, value in enumerate(ACCURACY_RUNGS):
+        page = best_at(rows, index)
+        cli = best_trial(rows, Threshold("harmful_accuracy", value, True))
+        assert cli.outcome is not None
+        assert (page.trial, page.outcome.steps) == (cli.trial, cli.outcome.steps), value
+        assert page.outcome.bound == cli.outcome.bound
+    assert (best_at(rows, 0).trial, best_at(rows, 0).outcome.steps) == (1, 10)  # tie: trial 1 < 2
+    assert best_at(rows, ACCURACY_RUNGS.index(0.95)).trial is None
 
 
 def test_slowdown_per_rung_over_seeds_with_censoring() -> None:

@@ -149,6 +149,19 @@ def best_over_grid(
     return None, max(outcomes.values(), key=lambda o: (o.budget, o.reason == "budget"))
 
 
+def best_of_trials(
+    outcomes: Sequence[StepsToThreshold],
+) -> tuple[int | None, StepsToThreshold | None]:
+    """A search's best trial at one threshold, from its trials' outcomes in trial order: the
+    position of the fewest steps (the earlier trial on a tie) and its outcome, or ``(None, o)``
+    with ``o`` the censored outcome of the largest budget when no trial reached it — the rule of
+    :func:`best_over_grid`, trials in place of learning rates. The one rule for every search
+    figure: ``specdef attack --baseline`` (:mod:`specdef.attack.search.compare`) and the search
+    report pages (:mod:`specdef.report.search`) both pick their best trial here."""
+    index, outcome = best_over_grid({float(i): o for i, o in enumerate(outcomes)})
+    return (None if index is None else int(index)), outcome
+
+
 @dataclass(frozen=True)
 class Slowdown:
     """defended / undefended steps. ``relation`` is ``"="``, ``">"`` (defended censored), ``"<"``

@@ -22,7 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from specdef.attack.metrics import LOSS_FRACTIONS, Slowdown, StepsToThreshold, Threshold, slowdown
+from specdef.attack.metrics import (
+    LOSS_FRACTIONS,
+    Slowdown,
+    StepsToThreshold,
+    Threshold,
+    best_of_trials,
+    slowdown,
+)
 from specdef.report import search_plots
 from specdef.report.markdown import (
     Report,
@@ -165,24 +172,34 @@ class Best:
     trials: int
 
 
+def _rung_steps(row: Row, rung: int) -> int | None:
+    """The first step at which ``row``'s own ladder met rung ``rung`` (``None``: it did not)."""
+    ladder = _ladder(row)
+    steps = ladder["rungs"][rung]["steps"] if ladder and rung < len(ladder["rungs"]) else None
+    return None if steps is None else int(steps)
+
+
+def _rung_outcome(row: Row, rung: int) -> StepsToThreshold:
+    """One trial at ladder rung ``rung``, censored at its step budget (``diverged`` if it did)."""
+    steps = _rung_steps(row, rung)
+    if steps is not None:
+        return StepsToThreshold(steps, _budget(row), "reached")
+    return StepsToThreshold(None, _budget(row), "diverged" if _diverged(row) else "budget")
+
+
 def best_at(trials: Sequence[Row], rung: int) -> Best:
+    """The cell's best trial at ladder rung ``rung``, the earlier trial on a tie
+    (:func:`~specdef.attack.metrics.best_of_trials`: the rule of ``specdef attack --baseline``
+    too), and how many trials the attacker ran until the first success."""
     ordered = sorted(trials, key=lambda r: int(r["trial"]))
-    budget = max((_budget(r) for r in ordered), default=0)
-    best: tuple[int, int, float] | None = None
-    first = None
-    for count, row in enumerate(ordered, start=1):
-        ladder = _ladder(row)
-        steps = ladder["rungs"][rung]["steps"] if ladder and rung < len(ladder["rungs"]) else None
-        if steps is None:
-            continue
-        first = first or count
-        if best is None or steps < best[0]:
-            best = (int(steps), int(row["trial"]), _lr(row))
-    if best is None:
-        reason = "diverged" if ordered and all(_diverged(r) for r in ordered) else "budget"
-        return Best(StepsToThreshold(None, budget, reason), None, None, None, len(ordered))
-    steps, trial, lr = best
-    return Best(StepsToThreshold(steps, budget, "reached"), trial, lr, first, len(ordered))
+    outcomes = [_rung_outcome(r, rung) for r in ordered]
+    index, outcome = best_of_trials(outcomes)
+    first = next((n for n, o in enumerate(outcomes, start=1) if o.steps is not None), None)
+    if index is None:  # no trial reached it (``outcome`` is None only for a cell without trials)
+        censored = outcome or StepsToThreshold(None, 0, "budget")
+        return Best(censored, None, None, None, len(ordered))
+    row = ordered[index]
+    return Best(outcomes[index], int(row["trial"]), _lr(row), first, len(ordered))
 
 
 def _any_optimizer(bests: Iterable[Best]) -> Best:
@@ -347,8 +364,7 @@ def points_of(rows: Sequence[Row], rung: int) -> list[search_plots.Point]:
     out = []
     for row in rows:
         s = row.get("summary") or {}
-        ladder = _ladder(row)
-        steps = ladder["rungs"][rung]["steps"] if ladder and rung < len(ladder["rungs"]) else None
+        steps = _rung_steps(row, rung)
         if steps is not None:
             kind, y = "reached", float(steps)
         elif _diverged(row):

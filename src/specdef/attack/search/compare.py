@@ -19,7 +19,7 @@ from specdef.attack.metrics import (
     Slowdown,
     StepsToThreshold,
     Threshold,
-    best_over_grid,
+    best_of_trials,
     ladder_thresholds,
     slowdown,
     steps_to_threshold,
@@ -78,10 +78,11 @@ def trial_outcome(row: Mapping[str, Any], threshold: Threshold) -> StepsToThresh
 
 
 def best_trial(rows: Sequence[Mapping[str, Any]], threshold: Threshold) -> Best:
-    """Fewest steps to ``threshold`` over the trials (``best_over_grid`` keyed by trial)."""
-    outcomes = {float(r["trial"]): trial_outcome(r, threshold) for r in trained(rows)}
-    key, outcome = best_over_grid(outcomes)
-    return Best(outcome, None if key is None else int(key))
+    """Fewest steps to ``threshold`` over the trials, the earlier trial on a tie
+    (:func:`~specdef.attack.metrics.best_of_trials`: the rule of the search report pages too)."""
+    ordered = sorted(trained(rows), key=lambda r: int(r["trial"]))
+    index, outcome = best_of_trials([trial_outcome(r, threshold) for r in ordered])
+    return Best(outcome, None if index is None else int(ordered[index]["trial"]))
 
 
 def start_value(rows: Sequence[Mapping[str, Any]], metric: str) -> float:
