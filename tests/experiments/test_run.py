@@ -126,11 +126,12 @@ def test_resume_skips_finished_and_repairs_a_cut_line(tmp_path: Path) -> None:
     config = load_config(
         "E2",
         [
+            "search=null",  # E2 is a searched config; this test is about the grid's resume
             "seeds=[0]",
             "attack.steps=2",
             "grid.attack.optimizer=[sgd]",
             "grid.attack.lr=[0.1]",
-            "grid.defense.alpha=[null, 1e4]",
+            "grid.variants=[{defense.alpha: null}, {defense.alpha: 1.0e+4}]",
         ],
     )
     first = run_experiment(config, run_dir=tmp_path, limit=1)

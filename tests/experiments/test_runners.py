@@ -16,8 +16,8 @@ from specdef.io.checkpoint import load_defended
 from specdef.utils.files import read_jsonl
 from specdef.zoo import load_model
 
-TINY = ["seeds=[0]", "attack.steps=2", "grid.attack.optimizer=[sgd]", "grid.attack.lr=[0.1]",
-        "grid.defense.alpha=[null]"]  # fmt: skip
+TINY = ["search=null", "seeds=[0]", "attack.steps=2", "grid.attack.optimizer=[sgd]",
+        "grid.attack.lr=[0.1]", "grid.variants=[{defense.alpha: null}]"]  # fmt: skip
 
 
 @pytest.mark.parametrize(
