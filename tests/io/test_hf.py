@@ -134,3 +134,23 @@ def test_a_broken_specdef_block_is_a_one_line_error(tmp_path: Path) -> None:
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(SpecdefError, match="does not have"):
         AutoModelForCausalLM.from_pretrained(str(path))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "named"),
+    [("top_k", 10**6, "top_k"), ("alpha", 0.5, "alpha"), ("shape", None, "shape")],
+)
+def test_a_bad_config_structure_entry_is_one_line_before_any_layer_is_built(
+    tmp_path: Path, field: str, value: object, named: str
+) -> None:
+    # config.json is the user's file: its 'specdef' layers are checked like the manifest's
+    path, _ = _defended_dir(tmp_path, "llama")
+    config = json.loads((path / "config.json").read_text())
+    entry = config["specdef"]["structure"][0]
+    if value is None:
+        del entry[field]
+    else:
+        entry[field] = value
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SpecdefError, match=f"'specdef' block: structure\\[0\\].{named}"):
+        AutoModelForCausalLM.from_pretrained(str(path))

@@ -357,10 +357,6 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     return manifest
 
 
-def _is_int(value: object, low: int = 1) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
 def check_schema(manifest: Mapping[str, Any], *, where: str = "the manifest") -> None:
     """Refuse a manifest whose fields have the wrong types or ranges — before anything is built
     from it (a writer that binds a bad manifest is still refused; shapes are then checked against
@@ -384,28 +380,7 @@ def check_schema(manifest: Mapping[str, Any], *, where: str = "the manifest") ->
             raise bad("'model.architecture' must be {name, kwargs}")
     if not isinstance(manifest.get("dtype", "float32"), str):
         raise bad("'dtype' must be a dtype name such as 'float32'")
-    layers = manifest.get("structure", [])
-    if not isinstance(layers, list):
-        raise bad("'structure' must be a list of defended layers")
-    for i, entry in enumerate(layers):
-        shape = entry.get("shape") if isinstance(entry, Mapping) else None
-        if not (
-            isinstance(entry, Mapping) and isinstance(entry.get("name"), str) and entry["name"]
-        ):
-            raise bad(f"structure[{i}] must be an object with a layer 'name'")
-        if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(d) for d in shape)):
-            raise bad(f"structure[{i}].shape must be two whole numbers ≥ 1, found {shape!r}")
-        alpha = entry.get("alpha")
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 1 < alpha < 1e300:
-            raise bad(f"structure[{i}].alpha must be a finite number > 1, found {alpha!r}")
-        top_k = entry.get("top_k")
-        if not (_is_int(top_k) and top_k <= min(shape)):
-            raise bad(f"structure[{i}].top_k must be a whole number in [1, {min(shape)}]")
-        if not isinstance(entry.get("bias"), bool) or entry.get("source", "linear") not in (
-            "linear",
-            "conv1d",
-        ):
-            raise bad(f"structure[{i}] needs bias true/false and source 'linear' or 'conv1d'")
+    hf.check_structure(manifest.get("structure", []), bad)
     weights = manifest.get("weights", {})
     files = weights.get("files", []) if isinstance(weights, Mapping) else None
     aliases = weights.get("aliases", {}) if isinstance(weights, Mapping) else None

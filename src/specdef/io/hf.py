@@ -20,7 +20,7 @@ import copy
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,37 @@ def config_json(
     return out
 
 
+def _is_int(value: object, low: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def check_structure(layers: object, bad: Callable[[str], SpecdefError]) -> None:
+    """Refuse a defended-layer list (a manifest's ``structure``, or a ``config.json``'s
+    ``specdef.structure``) whose entries have the wrong types or ranges, before any layer is built
+    from it; ``bad`` makes the one-line error naming the file."""
+    if not isinstance(layers, list):
+        raise bad("'structure' must be a list of defended layers")
+    for i, entry in enumerate(layers):
+        shape = entry.get("shape") if isinstance(entry, Mapping) else None
+        if not (
+            isinstance(entry, Mapping) and isinstance(entry.get("name"), str) and entry["name"]
+        ):
+            raise bad(f"structure[{i}] must be an object with a layer 'name'")
+        if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(d) for d in shape)):
+            raise bad(f"structure[{i}].shape must be two whole numbers ≥ 1, found {shape!r}")
+        alpha = entry.get("alpha")
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 1 < alpha < 1e300:
+            raise bad(f"structure[{i}].alpha must be a finite number > 1, found {alpha!r}")
+        top_k = entry.get("top_k")
+        if not (_is_int(top_k) and top_k <= min(shape)):
+            raise bad(f"structure[{i}].top_k must be a whole number in [1, {min(shape)}]")
+        if not isinstance(entry.get("bias"), bool) or entry.get("source", "linear") not in (
+            "linear",
+            "conv1d",
+        ):
+            raise bad(f"structure[{i}] needs bias true/false and source 'linear' or 'conv1d'")
+
+
 def restore_structure_(model: nn.Module, structure: list[Mapping[str, Any]]) -> None:
     """Put an (uninitialized) :class:`DefendedLinear` at each listed layer of ``model``, checking
     that the layer exists with the listed shape. The weights are loaded afterwards by name."""
@@ -163,6 +194,12 @@ def _block(config: Any) -> Mapping[str, Any]:
             "The config says model_type 'specdef' but has no valid 'specdef' block with the "
             "defended layers; re-save the checkpoint with specdef."
         )
+    check_structure(  # the config is the user's file: checked before a layer is built from it
+        block["structure"],
+        lambda what: SpecdefError(
+            f"The config's 'specdef' block: {what}; re-save the checkpoint with specdef."
+        ),
+    )
     return block
 
 
