@@ -110,7 +110,7 @@ class Staging:
 
     def load_plan(self) -> tuple[dict[str, Any], Path] | None:
         """A verified native plan: ``(record, safetensors path)``, or None."""
-        record_path, tensors = self.root / f"{PLAN}.json", self.root / f"{PLAN}.safetensors"
+        record_path, tensors = self.plan_paths()
         try:
             record = json.loads(record_path.read_text())
         except (OSError, ValueError):
