@@ -365,6 +365,9 @@ def _against_baseline(
         search = dataclasses.replace(search, study=f"{search.study}-baseline")
     reference = run_search(base_task, base, base_specs[0], args.optimizer, search, out=out)
     threshold = Threshold.parse(specs[0].threshold, task_kind=base_task.kind)
+    results = Path(out) / "results.jsonl"
+    # read once: the file is large (every trial row holds its history), the rows are per optimizer
+    recorded = {r.get("run_id") for r in read_rows(results)} if args.out else set()
     rows = []
     for optimizer in args.optimizer:
         d_rows = [r for r in found.rows if r.get("optimizer") == optimizer]
@@ -372,9 +375,9 @@ def _against_baseline(
         row = _comparison_row(args, optimizer, threshold, d_rows, b_rows, found, reference)
         row.update(model=defended_name, baseline=base.name, task=base_task.name)
         rows.append(row)
-        results = Path(out) / "results.jsonl"
-        if args.out and row["run_id"] not in {r.get("run_id") for r in read_rows(results)}:
+        if args.out and row["run_id"] not in recorded:
             append_jsonl(results, row)
+            recorded.add(row["run_id"])
     if args.json:
         print_json({"comparison": rows, "trials_run_now": found.ran + reference.ran,
                     "storage": found.storage})  # fmt: skip
