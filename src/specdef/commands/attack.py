@@ -443,7 +443,7 @@ def _print_comparison(row: dict[str, Any]) -> None:
         ["rung", "defended best steps", "base best steps", "slowdown"],
         table,
     )
-    metric = row["threshold"].split(">=")[0].split("<=")[0]
+    metric = Threshold.parse(row["threshold"]).metric
     print(
         f"{metric}: defended starts at {d['start']:.4g} (best {d['best']:.4g}), "
         f"base starts at {b['start']:.4g} (best {b['best']:.4g})"
@@ -544,8 +544,6 @@ def _adaptive(
     model: Any, specs: list[Any], info: dict[str, Any], transform: str
 ) -> tuple[list[Any], dict[str, Any]]:
     """Apply the informed transform to ``model`` in place; keep what it froze frozen in every run."""
-    import dataclasses
-
     parse_adaptive(transform)
     _, record = apply_adaptive(model, transform)
     out = []
