@@ -49,6 +49,7 @@ def test_best_trial_per_rung_and_slowdown_match_a_plain_scan() -> None:
     # ≤ 0.9·4 = 3.6: defended trial 1 at 10 (trial 2 also at 10; the lower trial number wins)
     c = out["harmful_loss<=3.6"]
     assert c.defended.outcome.steps == 10 and c.base.outcome.steps == 10
+    assert c.defended.trial == 1
     # ≤ 0.5·4 = 2: base trial 1 at 10, no defended trial: censored at the largest budget (30)
     c = out["harmful_loss<=2"]
     assert c.base.outcome.steps == 10 and c.defended.outcome.steps is None

@@ -30,6 +30,7 @@ from specdef.curvature.hvp import HessianOperator
 from specdef.curvature.lr import lr_ceiling
 from specdef.errors import SpecdefError
 from specdef.tasks import Task
+from specdef.utils.devices import to_device
 from specdef.utils.provenance import provenance
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def curvature_ceiling(
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     device = next(model.parameters()).device
     stream = task.train_batches(batch_size=spec.batch_size, seed=spec.seed)
-    drawn = [{k: v.to(device) for k, v in next(stream).items()} for _ in range(batches)]
+    drawn = [to_device(next(stream), device) for _ in range(batches)]
     op = HessianOperator(model, task.loss, drawn, rows=names)
     res = lanczos(op, k=1, which="LA", max_iter=min(max_hvps, op.shape[0]), tol=tol, seed=spec.seed)
     top = float(res.eigenvalues[0])

@@ -8,7 +8,8 @@ outcome (``diverged_at``): training stops there and the result says so; nothing 
 Multi-GPU / multi-node: pass an ``accelerate.Accelerator`` (see ``docs/attacks.md``); the model is
 prepared for data parallelism, every process draws the same global stream of
 ``batch_size × processes`` examples and trains on its own slice of each batch (so N processes see
-exactly what one process with the global batch sees), and backward goes through the accelerator. Without one, the loop is plain single-process PyTorch.
+exactly what one process with the global batch sees), and backward goes through the accelerator.
+Without one, the loop is plain single-process PyTorch.
 """
 
 from __future__ import annotations
@@ -409,7 +410,6 @@ def _observe(optimizer: Any, task: Task, batches: list[Batch]) -> None:
     optimizer.observe(task, batches)
 
 
-@torch.no_grad()
 def _shard(stream: Iterator[Batch], rank: int, world: int) -> Iterator[Batch]:
     """Process ``rank``'s slice of every batch of a global stream (the whole batch for one process)."""
     for batch in stream:
@@ -421,6 +421,7 @@ def _shard(stream: Iterator[Batch], rank: int, world: int) -> Iterator[Batch]:
         yield {key: value[rank * per : (rank + 1) * per] for key, value in batch.items()}
 
 
+@torch.no_grad()
 def _grad_norm(params: list[nn.Parameter], clip: float | None) -> float:
     grads = [p.grad.detach() for p in params if p.grad is not None]
     if not grads:

@@ -365,6 +365,9 @@ def _against_baseline(
         search = dataclasses.replace(search, study=f"{search.study}-baseline")
     reference = run_search(base_task, base, base_specs[0], args.optimizer, search, out=out)
     threshold = Threshold.parse(specs[0].threshold, task_kind=base_task.kind)
+    results = Path(out) / "results.jsonl"
+    # read once: the file is large (every trial row holds its history), the rows are per optimizer
+    recorded = {r.get("run_id") for r in read_rows(results)} if args.out else set()
     rows = []
     for optimizer in args.optimizer:
         d_rows = [r for r in found.rows if r.get("optimizer") == optimizer]
@@ -372,9 +375,9 @@ def _against_baseline(
         row = _comparison_row(args, optimizer, threshold, d_rows, b_rows, found, reference)
         row.update(model=defended_name, baseline=base.name, task=base_task.name)
         rows.append(row)
-        results = Path(out) / "results.jsonl"
-        if args.out and row["run_id"] not in {r.get("run_id") for r in read_rows(results)}:
+        if args.out and row["run_id"] not in recorded:
             append_jsonl(results, row)
+            recorded.add(row["run_id"])
     if args.json:
         print_json({"comparison": rows, "trials_run_now": found.ran + reference.ran,
                     "storage": found.storage})  # fmt: skip
@@ -440,7 +443,7 @@ def _print_comparison(row: dict[str, Any]) -> None:
         ["rung", "defended best steps", "base best steps", "slowdown"],
         table,
     )
-    metric = row["threshold"].split(">=")[0].split("<=")[0]
+    metric = Threshold.parse(row["threshold"]).metric
     print(
         f"{metric}: defended starts at {d['start']:.4g} (best {d['best']:.4g}), "
         f"base starts at {b['start']:.4g} (best {b['best']:.4g})"
@@ -541,8 +544,6 @@ def _adaptive(
     model: Any, specs: list[Any], info: dict[str, Any], transform: str
 ) -> tuple[list[Any], dict[str, Any]]:
     """Apply the informed transform to ``model`` in place; keep what it froze frozen in every run."""
-    import dataclasses
-
     parse_adaptive(transform)
     _, record = apply_adaptive(model, transform)
     out = []

@@ -26,7 +26,7 @@ from typing import Any
 from specdef.attack.loop import AttackSpec, evaluate_heldout, run_attack, select_trainable_
 from specdef.attack.metrics import Threshold
 from specdef.attack.search import SearchConfig, run_search
-from specdef.attack.search.compare import best_trial, best_value, rungs, trained
+from specdef.attack.search.compare import best_trial, best_value, rungs, start_value, trained
 from specdef.attack.sweep import ModelVariant
 from specdef.defense.certify import measure_curvature
 from specdef.errors import SpecdefError, did_you_mean
@@ -145,9 +145,8 @@ def _search(
                            experiment=run.experiment)  # fmt: skip
     rows = trained(found.rows)
     best = found.best.get(spec.optimizer)
-    start = float(rows[0]["evals"][0][threshold.metric]) if rows else float("nan")
     ladder = []
-    for rung in rungs(threshold, start):
+    for rung in rungs(threshold, start_value(rows, threshold.metric)):
         b = best_trial(rows, rung)
         ladder.append({"threshold": str(rung), **b.to_dict()})
     return {
