@@ -63,8 +63,10 @@ def _causal(name: str, config_name: str, model_name: str, **kwargs: Any) -> Arch
     return Arch(name, _hf(config_name, model_name, **kwargs), _lm_batch, "AutoModelForCausalLM")
 
 
-_DEC = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+# the sizes most families share (_DEC: with grouped-query attention, for the Llama-like decoders)
+_BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, max_position_embeddings=64)  # fmt: skip
+_DEC = {**_BASE, "num_key_value_heads": 2}
 
 ARCHS: dict[str, Arch] = {
     a.name: a
@@ -87,17 +89,7 @@ ARCHS: dict[str, Arch] = {
             n_head=4,
             n_positions=64,
         ),
-        _causal(
-            "gpt_neox",
-            "GPTNeoXConfig",
-            "GPTNeoXForCausalLM",
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=64,
-        ),
+        _causal("gpt_neox", "GPTNeoXConfig", "GPTNeoXForCausalLM", **_BASE),
         _causal(
             "opt",
             "OPTConfig",
@@ -124,12 +116,7 @@ ARCHS: dict[str, Arch] = {
             _hf(
                 "BertConfig",
                 "BertForSequenceClassification",
-                vocab_size=VOCAB,
-                hidden_size=32,
-                intermediate_size=48,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=64,
+                **_BASE,
                 num_labels=3,
             ),
             _lm_batch,
@@ -172,12 +159,7 @@ ARCHS: dict[str, Arch] = {
             _hf(
                 "CLIPTextConfig",
                 "CLIPTextModel",
-                vocab_size=VOCAB,
-                hidden_size=32,
-                intermediate_size=48,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=64,
+                **_BASE,
             ),
             _lm_batch,
             "AutoModel",
