@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-VOCAB = 96
+from _tiny import VOCAB, seeded
 
 
 @dataclass(frozen=True)
@@ -49,15 +49,6 @@ def _audio_batch() -> dict[str, torch.Tensor]:
     }
 
 
-def _seeded(make: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            return make().eval()
-
-    return build
-
-
 def _hf(config_name: str, model_name: str, **kwargs: Any) -> Callable[[], nn.Module]:
     import transformers
 
@@ -65,132 +56,67 @@ def _hf(config_name: str, model_name: str, **kwargs: Any) -> Callable[[], nn.Mod
         config = getattr(transformers, config_name)(**kwargs)
         return getattr(transformers, model_name)(config)
 
-    return _seeded(make)
+    return lambda: seeded(make, 0)
 
 
-_DEC = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+def _causal(name: str, config_name: str, model_name: str, **kwargs: Any) -> Arch:
+    return Arch(name, _hf(config_name, model_name, **kwargs), _lm_batch, "AutoModelForCausalLM")
+
+
+# the sizes most families share (_DEC: with grouped-query attention, for the Llama-like decoders)
+_BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, max_position_embeddings=64)  # fmt: skip
+_DEC = {**_BASE, "num_key_value_heads": 2}
 
 ARCHS: dict[str, Arch] = {
     a.name: a
     for a in [
-        Arch(
-            "llama",
-            _hf("LlamaConfig", "LlamaForCausalLM", **_DEC),
-            _lm_batch,
-            "AutoModelForCausalLM",
-        ),
-        Arch(
-            "mistral",
-            _hf("MistralConfig", "MistralForCausalLM", **_DEC),
-            _lm_batch,
-            "AutoModelForCausalLM",
-        ),
-        Arch(
-            "qwen2",
-            _hf("Qwen2Config", "Qwen2ForCausalLM", **_DEC),
-            _lm_batch,
-            "AutoModelForCausalLM",
-        ),
-        Arch(
-            "qwen3",
-            _hf("Qwen3Config", "Qwen3ForCausalLM", head_dim=8, **_DEC),
-            _lm_batch,
-            "AutoModelForCausalLM",
-        ),
-        Arch(
-            "gemma",
-            _hf("GemmaConfig", "GemmaForCausalLM", head_dim=8, **_DEC),
-            _lm_batch,
-            "AutoModelForCausalLM",
-        ),
-        Arch(
-            "gemma2",
-            _hf("Gemma2Config", "Gemma2ForCausalLM", head_dim=8, **_DEC),
-            _lm_batch,
-            "AutoModelForCausalLM",
-        ),
-        Arch(
-            "gemma3",
-            _hf("Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=8, **_DEC),
-            _lm_batch,
-            "AutoModelForCausalLM",
-        ),
-        Arch(
-            "phi3",
-            _hf("Phi3Config", "Phi3ForCausalLM", pad_token_id=0, **_DEC),
-            _lm_batch,
-            "AutoModelForCausalLM",
-        ),
-        Arch(
+        _causal("llama", "LlamaConfig", "LlamaForCausalLM", **_DEC),
+        _causal("mistral", "MistralConfig", "MistralForCausalLM", **_DEC),
+        _causal("qwen2", "Qwen2Config", "Qwen2ForCausalLM", **_DEC),
+        _causal("qwen3", "Qwen3Config", "Qwen3ForCausalLM", head_dim=8, **_DEC),
+        _causal("gemma", "GemmaConfig", "GemmaForCausalLM", head_dim=8, **_DEC),
+        _causal("gemma2", "Gemma2Config", "Gemma2ForCausalLM", head_dim=8, **_DEC),
+        _causal("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=8, **_DEC),
+        _causal("phi3", "Phi3Config", "Phi3ForCausalLM", pad_token_id=0, **_DEC),
+        _causal(
             "gpt2",
-            _hf(
-                "GPT2Config",
-                "GPT2LMHeadModel",
-                vocab_size=VOCAB,
-                n_embd=32,
-                n_layer=2,
-                n_head=4,
-                n_positions=64,
-            ),
-            _lm_batch,
-            "AutoModelForCausalLM",
+            "GPT2Config",
+            "GPT2LMHeadModel",
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
         ),
-        Arch(
-            "gpt_neox",
-            _hf(
-                "GPTNeoXConfig",
-                "GPTNeoXForCausalLM",
-                vocab_size=VOCAB,
-                hidden_size=32,
-                intermediate_size=48,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=64,
-            ),
-            _lm_batch,
-            "AutoModelForCausalLM",
-        ),
-        Arch(
+        _causal("gpt_neox", "GPTNeoXConfig", "GPTNeoXForCausalLM", **_BASE),
+        _causal(
             "opt",
-            _hf(
-                "OPTConfig",
-                "OPTForCausalLM",
-                vocab_size=VOCAB,
-                hidden_size=32,
-                ffn_dim=48,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=64,
-                word_embed_proj_dim=32,
-            ),
-            _lm_batch,
-            "AutoModelForCausalLM",
+            "OPTConfig",
+            "OPTForCausalLM",
+            vocab_size=VOCAB,
+            hidden_size=32,
+            ffn_dim=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            word_embed_proj_dim=32,
         ),
-        Arch(
+        _causal(
             "falcon",
-            _hf(
-                "FalconConfig",
-                "FalconForCausalLM",
-                vocab_size=VOCAB,
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-            ),
-            _lm_batch,
-            "AutoModelForCausalLM",
+            "FalconConfig",
+            "FalconForCausalLM",
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
         ),
         Arch(
             "bert",
             _hf(
                 "BertConfig",
                 "BertForSequenceClassification",
-                vocab_size=VOCAB,
-                hidden_size=32,
-                intermediate_size=48,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=64,
+                **_BASE,
                 num_labels=3,
             ),
             _lm_batch,
@@ -233,12 +159,7 @@ ARCHS: dict[str, Arch] = {
             _hf(
                 "CLIPTextConfig",
                 "CLIPTextModel",
-                vocab_size=VOCAB,
-                hidden_size=32,
-                intermediate_size=48,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=64,
+                **_BASE,
             ),
             _lm_batch,
             "AutoModel",

@@ -11,7 +11,7 @@ from torch import nn
 VOCAB = 96
 
 
-def _seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
+def seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build().eval()
@@ -33,7 +33,7 @@ def tiny_llama(seed: int = 0) -> nn.Module:
         eos_token_id=2,
         pad_token_id=2,
     )
-    return _seeded(lambda: LlamaForCausalLM(config), seed)
+    return seeded(lambda: LlamaForCausalLM(config), seed)
 
 
 def tiny_gpt2(seed: int = 0) -> nn.Module:
@@ -43,7 +43,7 @@ def tiny_gpt2(seed: int = 0) -> nn.Module:
         vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
         eos_token_id=2,
     )  # fmt: skip
-    return _seeded(lambda: GPT2LMHeadModel(config), seed)
+    return seeded(lambda: GPT2LMHeadModel(config), seed)
 
 
 def tiny_bert(seed: int = 0) -> nn.Module:
@@ -53,7 +53,7 @@ def tiny_bert(seed: int = 0) -> nn.Module:
         vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=64, num_labels=3, pad_token_id=0,
     )  # fmt: skip
-    return _seeded(lambda: BertForSequenceClassification(config), seed)
+    return seeded(lambda: BertForSequenceClassification(config), seed)
 
 
 def tiny_qwen2(seed: int = 0) -> nn.Module:
@@ -64,7 +64,7 @@ def tiny_qwen2(seed: int = 0) -> nn.Module:
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
         tie_word_embeddings=False,
     )  # fmt: skip
-    return _seeded(lambda: Qwen2ForCausalLM(config), seed)
+    return seeded(lambda: Qwen2ForCausalLM(config), seed)
 
 
 TINY = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert, "qwen2": tiny_qwen2}

@@ -12,6 +12,8 @@ import torch
 
 from specdef.cli import main
 from specdef.defense.layer import defended_layers
+from specdef.defenses.run import DefenseRequest, defend_with
+from specdef.errors import SpecdefError
 from specdef.io.checkpoint import MANIFEST
 from specdef.release.sources import load_source
 
@@ -61,4 +63,14 @@ def test_misuse_is_one_line_exit_2(
     rc = main(["defend", "mlp-digits", "-o", str(tmp_path / "x"), *argv])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("name", ["specdef", "native"])
+def test_specdef_by_name_defends_on_the_requested_device(name: str, tmp_path: Path) -> None:
+    # the device reaches load_source: a name no machine has is refused there, nothing written
+    request = DefenseRequest(source="mlp-digits", output=tmp_path / "x", defense=name,
+                             values={"alpha": 100, "top_k": 2}, device="gpu")  # fmt: skip
+    with pytest.raises(SpecdefError, match="Unknown device 'gpu'"):
+        defend_with(request)
     assert not (tmp_path / "x").exists()

@@ -261,7 +261,7 @@ def _run_registered(args: argparse.Namespace) -> int:
     outcome = defend_with(
         DefenseRequest(
             source=args.src, output=args.out, defense=args.defense, values=values,
-            overwrite=args.overwrite, dtype=args.dtype,
+            overwrite=args.overwrite, dtype=args.dtype, device=str(args.device),
         )
     )  # fmt: skip
     if args.json:

@@ -19,6 +19,7 @@ from specdef import zoo
 from specdef.attack.loop import AttackResult, AttackSpec, run_attack
 from specdef.defenses.registry import Defended
 from specdef.errors import SpecdefError
+from specdef.release.sources import is_causal_lm
 from specdef.tasks import Batch, Task
 
 # per task kind: (forget task, retain task) — harmful = digits 5–9 / the harmful Q→A set,
@@ -48,7 +49,7 @@ class DefenseData:
 
 def model_kind(model: nn.Module) -> str:
     """``"causal-lm"`` for a Hugging Face causal LM, else ``"classification"``."""
-    return "causal-lm" if type(model).__name__.endswith("ForCausalLM") else "classification"
+    return "causal-lm" if is_causal_lm(model) else "classification"
 
 
 def load_defense_data(

@@ -37,7 +37,10 @@ SPECDEF_MODES = {"specdef": "algorithm1", "native": "native"}
 class DefenseRequest:
     """source: a zoo name, Hugging Face directory or specdef checkpoint; output: the directory to
     write; defense: a registry name; values: its config as plain data (``k=v`` strings or a YAML
-    mapping's values); dtype: run and store in this dtype (None: the source's)."""
+    mapping's values); dtype: run and store in this dtype (None: the source's); device: where
+    SpecDef's modes (``specdef``, ``native``) defend and probe, as in
+    :class:`specdef.release.defend.DefendRequest` (None: the CPU; the trained baselines always run
+    on the CPU)."""
 
     source: str
     output: str | os.PathLike[str]
@@ -45,6 +48,7 @@ class DefenseRequest:
     values: Mapping[str, Any] = field(default_factory=dict)
     overwrite: bool = False
     dtype: str | None = None
+    device: str | None = None
 
 
 @dataclass(frozen=True)
@@ -68,13 +72,13 @@ def defend_with(request: DefenseRequest) -> DefenseOutcome:
                 mode=SPECDEF_MODES[request.defense],
                 dtype=request.dtype,
                 overwrite=request.overwrite,
+                device=request.device,
             )
         )
         record = {"name": request.defense, "flags": entry.flags(), **result.to_dict()}
         return DefenseOutcome(Path(request.output), record, time.perf_counter() - start)
     preflight_output(request.output, overwrite=request.overwrite)
     source = load_source(request.source, dtype=parse_dtype(request.dtype))
-    check_finite(source.model)
     kind = model_kind(source.model)
     if kind not in entry.kinds:
         raise SpecdefError(

@@ -30,7 +30,7 @@ from specdef.io import card
 from specdef.io.allowlist import Skipped, release_files, strip_remote_code
 from specdef.io.checkpoint import NATIVE_RECORD, model_dtype, native_record, save_defended
 from specdef.native.apply import PairRecord, apply_native_
-from specdef.release.sources import Source, check_finite, load_source, probe_batch
+from specdef.release.sources import Source, load_source, probe_batch
 from specdef.streaming.defend import MODES, defend_streaming
 from specdef.utils.dtypes import parse_dtype
 from specdef.utils.files import (
@@ -170,7 +170,6 @@ def defend(request: DefendRequest) -> DefendResult:
         )  # fmt: skip
     preflight_output(request.output, overwrite=request.overwrite)
     source = load_source(request.source, dtype=parse_dtype(request.dtype), device=request.device)
-    check_finite(source.model)
     batch = (
         probe_batch(source.model, source.tokenizer, seed=request.probe_seed)
         if request.probe

@@ -96,7 +96,6 @@ def _load_transformers_dir(root: Path, dtype: torch.dtype | None) -> nn.Module:
     if any(".compensation." in key or ".inflated." in key for key in unexpected):
         # a defended checkpoint whose manifest is gone: from_pretrained would silently put
         # random weights where the defended layers were; rebuild the pairs from the weights
-
         detected, _ = load_detected(root)
         return (detected.to(dtype) if dtype is not None else detected).eval()
     missing = sorted(info.get("missing_keys") or [])
@@ -119,7 +118,7 @@ def load_source(
 ) -> Source:
     """Load ``src``: a specdef checkpoint, a Hugging Face directory, or a zoo model name; on
     ``device`` when given (``specdef.utils.devices.resolve_device``: ``"auto"``, ``"cuda:1"`` …),
-    else on the CPU."""
+    else on the CPU. Every kind is checked finite (:func:`check_finite`) here, once."""
     source = _load_source(src, dtype=dtype, attn_implementation=attn_implementation)
     if device is not None:
         target = resolve_device(device)
@@ -156,7 +155,9 @@ def _load_source(src: str, *, dtype: torch.dtype | None, attn_implementation: st
     kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    return Source(zoo.load_model(src, **kwargs), zoo.load_tokenizer(src), src, "zoo")
+    model = zoo.load_model(src, **kwargs)
+    check_finite(model)
+    return Source(model, zoo.load_tokenizer(src), src, "zoo")
 
 
 def is_causal_lm(model: nn.Module) -> bool:
