@@ -74,3 +74,12 @@ def test_specdef_by_name_defends_on_the_requested_device(name: str, tmp_path: Pa
     with pytest.raises(SpecdefError, match="Unknown device 'gpu'"):
         defend_with(request)
     assert not (tmp_path / "x").exists()
+
+
+def test_a_trained_defense_refuses_a_device_other_than_the_cpu(tmp_path: Path) -> None:
+    # the trained baselines run on the CPU only: another device is one line, never silently the CPU
+    request = DefenseRequest(source="mlp-digits", output=tmp_path / "x", defense="npo",
+                             values={"steps": 1}, device="cuda:0")  # fmt: skip
+    with pytest.raises(SpecdefError, match="trains on the CPU only"):
+        defend_with(request)
+    assert not (tmp_path / "x").exists()

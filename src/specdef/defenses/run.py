@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from specdef.defense import guard
 from specdef.defense.apply import DefenseReport
 from specdef.defense.layer import count_parameters
@@ -39,8 +41,8 @@ class DefenseRequest:
     write; defense: a registry name; values: its config as plain data (``k=v`` strings or a YAML
     mapping's values); dtype: run and store in this dtype (None: the source's); device: where
     SpecDef's modes (``specdef``, ``native``) defend and probe, as in
-    :class:`specdef.release.defend.DefendRequest` (None: the CPU; the trained baselines always run
-    on the CPU)."""
+    :class:`specdef.release.defend.DefendRequest` (None: the CPU; the trained baselines run on the CPU
+    only and refuse any other device in one line)."""
 
     source: str
     output: str | os.PathLike[str]
@@ -77,6 +79,11 @@ def defend_with(request: DefenseRequest) -> DefenseOutcome:
         )
         record = {"name": request.defense, "flags": entry.flags(), **result.to_dict()}
         return DefenseOutcome(Path(request.output), record, time.perf_counter() - start)
+    if request.device is not None and torch.device(request.device).type != "cpu":
+        raise SpecdefError(
+            f"Defense {request.defense!r} trains on the CPU only (its objectives are not tested "
+            f"on an accelerator); pass --device cpu instead of {request.device!r}."
+        )
     preflight_output(request.output, overwrite=request.overwrite)
     source = load_source(request.source, dtype=parse_dtype(request.dtype))
     kind = model_kind(source.model)
