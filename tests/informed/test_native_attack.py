@@ -25,6 +25,7 @@ from specdef.informed.detect import DetectConfig, detect_checkpoint, detect_mode
 from specdef.informed.detect_native import native_scores
 from specdef.informed.inject import InjectedLinear
 from specdef.informed.transforms import apply_adaptive, parse_adaptive
+from specdef.io.checkpoint import MANIFEST, NATIVE_RECORD
 from specdef.linalg import symmetry as sym
 from specdef.native.apply import apply_native_, native_imbalance, rebalance_
 from specdef.native.pairs import find_symmetric_pairs, read_pair
@@ -122,13 +123,16 @@ def test_joint_score_does_not_flag_the_neighbour_in_a_relu_chain() -> None:
 
 
 def test_detect_checkpoint_without_manifest_matches_the_live_model(tmp_path: Path) -> None:
-    """A native checkpoint is a plain ``save_pretrained`` directory (or, for specdef's own MLP, a
-    specdef checkpoint whose manifest only supplies the architecture): the scores read from it equal
-    the live model's; a bare .safetensors file has no architecture, so native is not checked."""
+    """A native checkpoint with its manifest and native record deleted (a plain ``save_pretrained``
+    directory, or for specdef's own MLP weights whose header names the architecture): the scores
+    read from it equal the live model's; a bare .safetensors file has no architecture, so native
+    is not checked."""
     for name in MODELS:
         out = tmp_path / name
         config = SpecDefConfig(alpha=1e2, top_k=3, targets=_selections(_base(name))["first"])
         defend(DefendRequest(name, out, config, mode="native"))
+        for record in (MANIFEST, NATIVE_RECORD):
+            (out / record).unlink(missing_ok=True)
         live = load_model(name)
         apply_native_(live, SpecDefConfig(alpha=1e2, top_k=3, targets=_selections(live)["first"]))
         found = detect_checkpoint(out)

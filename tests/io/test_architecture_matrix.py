@@ -23,7 +23,7 @@ from specdef.defense.guard import default_tolerance
 from specdef.defense.layer import defended_layers
 from specdef.errors import SpecdefError
 from specdef.informed.detect import detect_checkpoint
-from specdef.io.checkpoint import MANIFEST, NATIVE_RECORD, load_defended
+from specdef.io.checkpoint import ARCHITECTURE_KEY, MANIFEST, NATIVE_RECORD, WEIGHTS, load_defended
 from specdef.release.defend import DefendRequest, defend
 from specdef.release.sources import load_source
 from specdef.release.verify import verify
@@ -102,8 +102,9 @@ def test_conv2d_cnn_cells(tmp_path: Path) -> None:
     transformers). Algorithm 1 defends its linear layers; a convolution named as an Algorithm-1
     target is refused in one line naming Conv2d. Native mode deforms the Conv2d → ReLU → MaxPool
     → Conv2d pair (output channels of the first, input channels of the second) and detection finds
-    it from the tensors (the architecture comes from the manifest's model entry; nothing about the
-    defense is read)."""
+    it with the manifest deleted, like every other cell: the architecture comes from the weight
+    file's header (``{name, kwargs}``, what config.json is to a transformers model). With that
+    header entry gone too, native deformation is reported as not checked, never guessed."""
     out = tmp_path / "a1"
     result = defend(DefendRequest(source="cnn-digits", output=out, config=CONFIG))
     assert result.report is not None
@@ -125,8 +126,24 @@ def test_conv2d_cnn_cells(tmp_path: Path) -> None:
     result = defend(DefendRequest(source="cnn-digits", output=native, config=CONFIG, mode="native"))
     assert [p.pair for p in result.pairs] == ["features.0+features.3"]
     assert verify(original, load_source(str(native))).passed
+    _strip_records(native)
     found = detect_checkpoint(native)
     assert [p.inflated for p in found.native_deformed] == ["features.0"] and not found.pairs
+    assert found.native is not None and len(found.native) == len(result.pairs)
+
+    _drop_architecture_header(native / WEIGHTS)
+    assert detect_checkpoint(native).native is None
+
+
+def _drop_architecture_header(file: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(file), framework="pt") as handle:
+        meta = dict(handle.metadata() or {})
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 - not a dict
+    assert meta.pop(ARCHITECTURE_KEY)
+    save_file(tensors, str(file), metadata=meta)
 
 
 @pytest.mark.parametrize(

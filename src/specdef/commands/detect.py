@@ -103,8 +103,9 @@ def run(args: argparse.Namespace) -> int:
              for s in found.layers],
         )  # fmt: skip
     native_line = (
-        "native deformation not checked (architecture unknown: pass a zoo name or a directory "
-        "with a config.json transformers can build)"
+        "native deformation not checked (architecture unknown: pass a zoo name, a directory "
+        "with a config.json transformers can build, or weights saved by specdef, whose header "
+        "names a specdef architecture)"
         if found.native is None
         else f"{len(found.native_deformed)} of {len(native)} symmetric pairs natively deformed"
     )

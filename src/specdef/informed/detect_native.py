@@ -16,7 +16,8 @@ from torch import nn
 from specdef.architectures import build_architecture
 from specdef.errors import SpecdefError
 from specdef.informed.detection import NATIVE_THRESHOLD, LayerSpectrum, NativePair
-from specdef.io.checkpoint import MANIFEST
+from specdef.io.checkpoint import ARCHITECTURE_KEY
+from specdef.io.safetensors import header_metadata
 from specdef.linalg import symmetry as sym
 from specdef.native.apply import joint_imbalance
 from specdef.native.pairs import SymmetricPair, find_symmetric_pairs, read_pair, stored_pair
@@ -156,23 +157,27 @@ def model_from_config(root: Path) -> nn.Module:
 
 
 def architecture(root: Path) -> nn.Module | None:
-    """The checkpoint's modules on the ``meta`` device (no weights, no memory): from
-    ``config.json``, or for specdef's own architectures (saved without one) from the ``model``
-    entry of the specdef manifest (``{name, kwargs}`` for ``build_architecture``; nothing about the
-    defense is read). ``None`` when neither is there or the model cannot be built (then native
-    deformation is reported as not checked; the Algorithm 1 scan needs no architecture)."""
+    """The checkpoint's modules on the ``meta`` device (no weights, no memory), from what a loader
+    needs anyway: ``config.json``, or for specdef's own architectures (saved without one) the
+    ``{name, kwargs}`` in the weight files' header (:data:`specdef.io.checkpoint.ARCHITECTURE_KEY`,
+    what ``config.json`` is to a Hugging Face model). The manifest and the native record are never
+    read. ``None`` when neither is there or the model cannot be built (then native deformation is
+    reported as not checked; the Algorithm 1 scan needs no architecture)."""
 
     try:
         with torch.device("meta"):
             if (root / "config.json").is_file():
                 return model_from_config(root)
-            if not (root / MANIFEST).is_file():
+            text = header_metadata(root).get(ARCHITECTURE_KEY)
+            if text is None:
                 return None
-            spec = json.loads((root / MANIFEST).read_text()).get("model") or {}
-            arch = spec.get("architecture") if spec.get("kind") == "architecture" else None
-            if not isinstance(arch, dict) or "name" not in arch:
-                return None
-            return build_architecture(str(arch["name"]), **dict(arch.get("kwargs") or {}))
+            spec = json.loads(text)
+            if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+                raise ValueError(f"{ARCHITECTURE_KEY} is not {{name, kwargs}}")
+            kwargs = spec.get("kwargs") or {}
+            if not isinstance(kwargs, dict):
+                raise ValueError(f"{ARCHITECTURE_KEY} kwargs is not an object")
+            return build_architecture(spec["name"], **kwargs)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, SpecdefError) as err:
         reason = (str(err).splitlines() or [type(err).__name__])[0]
         log.warning("native deformation not checked: cannot build the architecture (%s)", reason)

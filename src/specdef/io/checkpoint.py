@@ -5,7 +5,8 @@ A checkpoint directory holds
 - ``model.safetensors`` (or ``model-0000i-of-0000N.safetensors`` shards with
   ``model.safetensors.index.json`` in Hugging Face's layout when larger than ``max_shard_bytes``);
 - ``config.json`` of the base Hugging Face model, or for :mod:`specdef.architectures` models the
-  manifest's ``model.architecture`` spec ``{"name", "kwargs"}``;
+  manifest's ``model.architecture`` spec ``{"name", "kwargs"}`` (also in the weight files' header,
+  :data:`ARCHITECTURE_KEY`, so the weights alone say how to build the model);
 - ``specdef_manifest.json``: the defense config and report (per-layer shapes, singular values
   before/after, reconstruction errors, parameter counts), the defended structure used to rebuild
   the model, dtype, tied-weight aliases and provenance;
@@ -59,6 +60,9 @@ INDEX = "model.safetensors.index.json"
 FORMAT = "specdef-checkpoint"
 FORMAT_VERSION = 2  # 2: the manifest is bound to its weights and config (``integrity``)
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+ARCHITECTURE_KEY = (
+    "specdef_architecture"  # safetensors header: a specdef architecture's {name, kwargs}
+)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -126,10 +130,17 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, to
     return shards
 
 
-def weights_metadata(layers: list[dict[str, Any]]) -> dict[str, str]:
-    """The safetensors header metadata of a release's weight files: the format, and for a defended
-    model what was defended (so the weights say it even without the manifest or config)."""
+def weights_metadata(
+    layers: list[dict[str, Any]], *, architecture: Mapping[str, Any] | None = None
+) -> dict[str, str]:
+    """The safetensors header metadata of a release's weight files: the format, for a defended
+    model what was defended (so the weights say it even without the manifest or config), and for a
+    :mod:`specdef.architectures` model its ``{name, kwargs}`` under :data:`ARCHITECTURE_KEY` — what
+    ``config.json`` is to a Hugging Face model, so the weights alone say how to build it (detection
+    reads it; nothing about the defense is in it)."""
     meta = {"format": "pt"}
+    if architecture is not None:
+        meta[ARCHITECTURE_KEY] = json.dumps(dict(architecture), sort_keys=True)
     if layers:
         meta["specdef"] = json.dumps(
             {
@@ -235,16 +246,17 @@ def save_defended(
     state, aliases = _unique_state(model)
     shards = _shards(state, max_shard_bytes)
     dtype = model_dtype(model)
+    metadata = weights_metadata(structure(model), architecture=spec.get("architecture"))
     with atomic_directory(path, overwrite=overwrite) as tmp:
         files: list[str] = []
         if len(shards) == 1:
-            save_file(shards[0], str(tmp / WEIGHTS), metadata=weights_metadata(structure(model)))
+            save_file(shards[0], str(tmp / WEIGHTS), metadata=metadata)
             files.append(WEIGHTS)
         else:
             weight_map: dict[str, str] = {}
             for i, shard in enumerate(shards, start=1):
                 fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata=weights_metadata(structure(model)))
+                save_file(shard, str(tmp / fname), metadata=metadata)
                 files.append(fname)
                 weight_map.update(dict.fromkeys(shard, fname))
             total = sum(t.numel() * t.element_size() for t in state.values())

@@ -1,6 +1,6 @@
 """Reading a checkpoint for :mod:`specdef.informed.detect`: its safetensors files (one file, a directory,
-or a sharded directory with its index) and every 2-D floating tensor in them, without reading a
-manifest or running any code. Public through :mod:`specdef.informed.detect`.
+or a sharded directory with its index), every 2-D floating tensor in them and their header
+metadata, without reading a manifest or running any code. Public through :mod:`specdef.informed.detect`.
 """
 
 from __future__ import annotations
@@ -55,10 +55,7 @@ def checkpoint_weights(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             tensors = load_file(str(file))
         except (SafetensorError, OSError) as err:
-            raise SpecdefError(
-                f"Cannot read {str(file)!r} as safetensors ({err}); the file is missing or "
-                "truncated — re-save the checkpoint."
-            ) from None
+            raise _unreadable(file, err) from None
         for key, t in tensors.items():
             if t.ndim == 2 and t.is_floating_point():
                 if not bool(torch.isfinite(t).all()):
@@ -68,3 +65,27 @@ def checkpoint_weights(path: str | Path) -> dict[str, torch.Tensor]:
                     )
                 out[key.removesuffix(".weight")] = t
     return out
+
+
+def header_metadata(path: str | Path) -> dict[str, str]:
+    """The ``__metadata__`` of a checkpoint's safetensors headers (every file's, merged; the
+    first file wins on a clash), read without loading a tensor. Reads no manifest."""
+    from safetensors import SafetensorError, safe_open
+
+    out: dict[str, str] = {}
+    for file in safetensors_files(path):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                meta = handle.metadata() or {}
+        except (SafetensorError, OSError) as err:
+            raise _unreadable(file, err) from None
+        for key, value in meta.items():
+            out.setdefault(key, value)
+    return out
+
+
+def _unreadable(file: Path, err: Exception) -> SpecdefError:
+    return SpecdefError(
+        f"Cannot read {str(file)!r} as safetensors ({err}); the file is missing or truncated — "
+        "re-save the checkpoint."
+    )
