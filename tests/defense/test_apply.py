@@ -181,7 +181,7 @@ def test_architectures_mlp_and_vit() -> None:
         ({"alpha": float("nan"), "top_k": 2}, "alpha must be a finite number > 1"),
         ({"alpha": 10, "top_k": 0}, "top_k must be an integer ≥ 1"),
         ({"alpha": 10, "top_k": 2, "method": "svd"}, "method must be one of exact, randomized"),
-        ({"alpha": 10, "top_k": 2, "tolerance": -1.0}, "tolerance must be a positive number"),
+        ({"alpha": 10, "top_k": 2, "tolerance": -1.0}, "Expected tolerance > 0"),
     ],
 )
 def test_config_validation(kwargs: dict, match: str) -> None:

@@ -128,3 +128,18 @@ def test_model_gap_refusal_scales_alpha_down_by_the_gap() -> None:
     assert "\n" not in msg and "moved by 0.5 (relative) in bfloat16 at alpha=10000" in msg
     # the gap grows linearly in alpha: 1 + (α − 1)·0.8·tol/gap ≈ 800, rounded down to one digit
     assert "worst layer 'a'" in msg and "for this model is ≈800 (estimated)" in msg
+
+
+@pytest.mark.parametrize("bad", [-1.0, 0.0, float("nan"), float("inf"), True, "1e-5"])
+def test_check_tolerance_is_the_one_check_of_a_given_tolerance(bad: object) -> None:
+    """The config and (tests/release/test_verify.py, tests/test_cli.py) ``verify`` and
+    ``specdef verify --tolerance`` refuse the same values through ``guard.check_tolerance``, in
+    one line naming what was given."""
+    assert guard.check_tolerance(None) is None and guard.check_tolerance(1e-5) == 1e-5
+    for refuse in (
+        lambda: guard.check_tolerance(bad, name="--tolerance"),  # type: ignore[arg-type]
+        lambda: SpecDefConfig(alpha=10, top_k=1, tolerance=bad),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(SpecdefError, match=r"tolerance") as err:
+            refuse()
+        assert "\n" not in str(err.value)

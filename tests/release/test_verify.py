@@ -87,6 +87,13 @@ def test_a_broken_copy_fails_and_an_explicit_tolerance_is_honoured() -> None:
     assert not result.passed and result.max_rel_diff > result.tolerance
 
 
+@pytest.mark.parametrize("bad", [-1.0, 0.0, float("nan"), float("inf")])
+def test_a_tolerance_that_is_not_finite_and_positive_is_refused(bad: float) -> None:
+    model = tiny_llama()
+    with pytest.raises(SpecdefError, match=r"Expected tolerance > 0 \(finite\)"):
+        verify(_source(model), _source(model), tolerance=bad)
+
+
 def test_outputs_of_different_shapes_are_a_user_error() -> None:
     with pytest.raises(SpecdefError, match="outputs differ in shape") as info:
         verify(_source(tiny_llama()), _source(tiny_bert()))

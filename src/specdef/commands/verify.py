@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from specdef.commands.common import (
     print_json,
     print_table,
 )
+from specdef.defense.guard import check_tolerance
 from specdef.errors import SpecdefError
 from specdef.io.checkpoint import MANIFEST, NATIVE_RECORD, model_dtype
 from specdef.release.sources import load_source
@@ -47,9 +47,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
-    if args.tolerance is not None and not (math.isfinite(args.tolerance) and args.tolerance > 0):
-        raise SpecdefError(f"Expected --tolerance > 0 (finite), found {args.tolerance}; e.g. 1e-5.")
+    check_tolerance(args.tolerance, name="--tolerance")  # before loading either model
     out = Path(args.out)
     if not (out / MANIFEST).exists() and not (out / NATIVE_RECORD).exists():
         raise SpecdefError(

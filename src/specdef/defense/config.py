@@ -61,10 +61,7 @@ class SpecDefConfig:
             raise SpecdefError(
                 f"method must be one of {', '.join(spectral.METHODS)}, found {self.method!r}."
             )
-        if self.tolerance is not None and not (
-            self.tolerance > 0 and math.isfinite(self.tolerance)
-        ):
-            raise SpecdefError(f"tolerance must be a positive number, found {self.tolerance}.")
+        guard.check_tolerance(self.tolerance)
         for fname in ("seed", "n_random"):
             value = getattr(self, fname)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):

@@ -44,6 +44,19 @@ def default_tolerance(dtype: torch.dtype) -> float:
     return DEFAULT_TOLERANCE.get(dtype, FALLBACK_TOLERANCE)
 
 
+def check_tolerance(value: float | None, *, name: str = "tolerance") -> float | None:
+    """``value`` unchanged when it is ``None`` (the dtype's default) or a finite number > 0; a
+    :class:`SpecdefError` naming ``name`` (e.g. ``"--tolerance"``) otherwise. The one check of a
+    user-given tolerance: the defense config, ``verify`` and the CLI all call it."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SpecdefError(f"Expected {name} to be a number > 0, found {value!r}; e.g. 1e-5.")
+    if not (math.isfinite(value) and value > 0):
+        raise SpecdefError(f"Expected {name} > 0 (finite), found {value}; e.g. 1e-5.")
+    return value
+
+
 def _shared_parameters(model: nn.Module, names: Sequence[str]) -> dict[str, list[str]]:
     """For each selected layer whose weight is also registered elsewhere (tied weights), the other
     names it is registered under. Defending such a layer would silently untie the weights."""

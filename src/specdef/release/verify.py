@@ -13,12 +13,10 @@ import torch
 from torch import nn
 
 from specdef.defense import probe as probing
-from specdef.defense.guard import default_tolerance
+from specdef.defense.guard import check_tolerance, default_tolerance
 from specdef.defense.layer import defended_layers, linear_form
 from specdef.errors import SpecdefError
-from specdef.io.checkpoint import (
-    model_dtype,
-)
+from specdef.io.checkpoint import model_dtype
 from specdef.release.sources import PROBE_TEXT, Source, _vocab_size, is_causal_lm, probe_batch
 
 GENERATION_PROMPT = "The capital of France is"
@@ -106,9 +104,8 @@ def verify(
 ) -> Verification:
     """Compare ``defended`` with ``original`` on a probe batch (and, for causal LMs with a
     tokenizer, greedy generations and perplexity on the probe text)."""
+    check_tolerance(tolerance)
     tokenizer = defended.tokenizer or original.tokenizer
-    if tolerance is not None and not (math.isfinite(tolerance) and tolerance > 0):
-        raise SpecdefError(f"Expected a tolerance > 0 (finite), found {tolerance}; e.g. 1e-5.")
     batch = probe_batch(original.model, tokenizer, seed=seed)
     ref = probing.model_output(original.model, batch)
     try:
