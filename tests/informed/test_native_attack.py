@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_model
+from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
 from specdef.architectures import MLP
@@ -25,7 +25,7 @@ from specdef.informed.detect import DetectConfig, detect_checkpoint, detect_mode
 from specdef.informed.detect_native import native_scores
 from specdef.informed.inject import InjectedLinear
 from specdef.informed.transforms import apply_adaptive, parse_adaptive
-from specdef.io.checkpoint import MANIFEST, NATIVE_RECORD
+from specdef.io.checkpoint import ARCHITECTURE_KEY, MANIFEST, NATIVE_RECORD
 from specdef.linalg import symmetry as sym
 from specdef.native.apply import apply_native_, native_imbalance, rebalance_
 from specdef.native.pairs import find_symmetric_pairs, read_pair
@@ -151,6 +151,14 @@ def test_detect_checkpoint_without_manifest_matches_the_live_model(tmp_path: Pat
     (tmp_path / "tiny-llama" / "config.json").write_text(json.dumps(config))
     found = detect_checkpoint(tmp_path / "tiny-llama")
     assert found.native is None and len(found.layers) == 15
+    # a specdef architecture's header entry that lies (not JSON, an unknown name, bad kwargs): the
+    # same — native not checked, nothing raised, the Algorithm-1 scan unchanged
+    weights = tmp_path / "mlp-digits" / "model.safetensors"
+    tensors = load_file(str(weights))
+    for lie in ("{not json", '{"name": "no-such-arch"}', '{"name": "mlp", "kwargs": {"x": 1}}'):
+        save_file(tensors, str(weights), metadata={"format": "pt", ARCHITECTURE_KEY: lie})
+        found = detect_checkpoint(tmp_path / "mlp-digits")
+        assert found.native is None and len(found.layers) == 3, lie
 
 
 @pytest.mark.parametrize("name", MODELS)
