@@ -29,6 +29,7 @@ NAMES = [p.stem for p in CONFIGS]
 EXPECTED_RUNS = {
     "E1-bound": 2 * 5,
     "E2-vision": 3 * 4 * 3,  # searched: variants × optimizers × seeds, one study each
+    "E2-alpha": 3 * 4 * 3,  # E2's α sweep (undefended, α = 1e2, 1e6), searched the same way
     "E3-language": 3 * 2 * 2,  # searched: optimizer × α × seed cells
     "E4-lora": 2 * 2 * 3,
     "E5-second-order": 13 * 2 * 2,  # searched: optimizer × α × seed cells
@@ -59,7 +60,9 @@ STUDIES = ("informed-", "native-", "attack-", "table1")
 
 def test_every_experiment_has_one_config() -> None:
     claims = sorted(n.split("-")[0] for n in NAMES if not n.startswith(STUDIES))
-    assert claims == [f"E{i}" for i in range(1, 8)]
+    # one config per experiment; E2's α sweep (docs/results/E2-vision.md) is its second part
+    assert claims == sorted([f"E{i}" for i in range(1, 8)] + ["E2"])
+    assert sorted(n for n in NAMES if n.startswith("E2-")) == ["E2-alpha", "E2-vision"]
     assert sorted(EXPECTED_RUNS) == sorted(NAMES)
 
 
@@ -88,7 +91,7 @@ def test_yaml_floats_and_set_values() -> None:
 
 
 def test_set_pins_a_grid_axis() -> None:
-    config = load_config("E2", ["attack.lr=0.01", "seeds=[0]"])
+    config = load_config("E2-vision", ["attack.lr=0.01", "seeds=[0]"])
     runs = expand(config)
     assert {r.attack["lr"] for r in runs} == {0.01}
     assert len(runs) == 4 * 3
@@ -107,7 +110,7 @@ def test_set_pins_a_grid_axis() -> None:
 )
 def test_bad_overrides_are_user_errors(override: str, message: str) -> None:
     with pytest.raises(SpecdefError, match=message):
-        load_config("E2", [override])
+        load_config("E2-vision", [override])
 
 
 def test_bad_configs_are_user_errors(tmp_path: Path) -> None:
@@ -120,11 +123,14 @@ def test_bad_configs_are_user_errors(tmp_path: Path) -> None:
         config_from_mapping({**base, "grid": {"attack": {"lr": []}}})
     with pytest.raises(SpecdefError, match="No config file"):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(SpecdefError, match=r"'E2' names 2 shipped configs \(E2-alpha, E2-vision\)"):
+        load_config("E2")
+    assert load_config("E1").name == "E1-bound"  # an unambiguous prefix still resolves
 
 
 def test_resume_skips_finished_and_repairs_a_cut_line(tmp_path: Path) -> None:
     config = load_config(
-        "E2",
+        "E2-vision",
         [
             "search=null",  # E2 is a searched config; this test is about the grid's resume
             "seeds=[0]",
@@ -146,7 +152,7 @@ def test_resume_skips_finished_and_repairs_a_cut_line(tmp_path: Path) -> None:
     assert run_experiment(config, run_dir=tmp_path).ran == 0
     resolved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert resolved["attack"]["steps"] == 2
-    other = load_config("E2", ["seeds=[1]"])
+    other = load_config("E2-vision", ["seeds=[1]"])
     with pytest.raises(SpecdefError, match="different resolved config"):
         run_experiment(other, run_dir=tmp_path)
 
@@ -166,6 +172,12 @@ MINIATURE = {
         "search.trials=1",
         "search.stability_edge=false",
         "grid.variants=[{defense.alpha: null}, {defense.alpha: 1.0e4, defense.mode: native}]",
+    ],
+    "E2-alpha": [
+        "search.optimizers=[sgd]",
+        "search.trials=1",
+        "search.stability_edge=false",
+        "grid.variants=[{defense.alpha: null}, {defense.alpha: 1.0e6}]",
     ],
     "E3-language": [
         "model=tiny-llama",
@@ -341,7 +353,7 @@ def test_dry_run_validates_every_run_before_anything_is_written(
     from specdef.cli import main
 
     for args in (["--dry-run"], ["--out", str(tmp_path / "run")]):
-        assert main(["run", "E2", "--set", override, *args]) == 2
+        assert main(["run", "E2-vision", "--set", override, *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and re.search(message, err[0]), err
         assert not (tmp_path / "run").exists()
@@ -351,7 +363,7 @@ def test_non_integer_seeds_are_refused(capsys: pytest.CaptureFixture[str]) -> No
     from specdef.cli import main
 
     for seeds in ("[0.5, 1.7]", "[a, b]"):
-        assert main(["run", "E2", "--set", f"seeds={seeds}", "--dry-run"]) == 2
+        assert main(["run", "E2-vision", "--set", f"seeds={seeds}", "--dry-run"]) == 2
         assert "seeds must be integers" in capsys.readouterr().err
 
 

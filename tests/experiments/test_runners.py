@@ -32,7 +32,7 @@ def test_bad_models_are_refused_on_dry_run(
     if model == "EMPTY":
         model = str(tmp_path)
     capsys.readouterr()
-    assert main(["run", "E2", "--set", f"model={model}", "--dry-run"]) == 2
+    assert main(["run", "E2-vision", "--set", f"model={model}", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(message, err[0]), err
 
@@ -43,8 +43,8 @@ def test_a_checkpoint_directory_runs_as_the_model(
     ckpt = tmp_path / "ckpt"
     argv = ["defend", "mlp-digits", "-o", str(ckpt), "--alpha", "100", "--top-k", "2"]
     assert main([*argv, "--threads", "1"]) == 0
-    assert main(["run", "E2", "--set", f"model={ckpt}", "--dry-run"]) == 0
-    config = load_config("E2", [*TINY, f"model={ckpt}"])
+    assert main(["run", "E2-vision", "--set", f"model={ckpt}", "--dry-run"]) == 0
+    config = load_config("E2-vision", [*TINY, f"model={ckpt}"])
     summary = run_experiment(config, run_dir=tmp_path / "run")
     rows = read_jsonl(summary.results)
     assert summary.ran == len(rows) == 1

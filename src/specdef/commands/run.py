@@ -19,7 +19,9 @@ def register(sub: Any) -> None:
         "RUN_DIR/results.jsonl. CONFIG is a YAML path or a shipped config's name (E1 … E7). "
         "The resolved config is written to RUN_DIR/config.yaml; then `specdef report RUN_DIR`.",
     )
-    parser.add_argument("config", metavar="CONFIG", help="YAML file, or a shipped name such as E2")
+    parser.add_argument(
+        "config", metavar="CONFIG", help="YAML file, or a shipped name such as E1 or E2-vision"
+    )
     parser.add_argument(
         "--set",
         dest="overrides",

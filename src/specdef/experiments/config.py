@@ -284,6 +284,11 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     ]
     if len(matches) == 1:
         return matches[0]
+    if matches:
+        names = ", ".join(p.stem for p in matches)
+        raise SpecdefError(
+            f"{str(name_or_path)!r} names {len(matches)} shipped configs ({names}); give the full name."
+        )
     raise SpecdefError(
         f"No config file {str(name_or_path)!r}. "
         + did_you_mean(str(name_or_path), [p.stem for p in shipped], what="shipped config")
