@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specdef import zoo
 from specdef.attack.loop import AttackSpec, run_attack
 from specdef.defense.layer import defended_layers
-from specdef.defenses import features, immunization, representation
+from specdef.defenses import immunization, representation
 from specdef.defenses.catalog import make_defense
-from specdef.defenses.data import DefenseData, load_defense_data
+from specdef.defenses.data import DefenseData
 from specdef.tasks import ClassificationTask
 
 
@@ -166,24 +164,3 @@ def test_unlearned_specdef_unlearns_then_defends_preserving_the_unlearned_functi
     assert torch.allclose(out, captured["unlearned"], rtol=1e-3, atol=1e-3 * out.abs().max())
     assert _heldout(defended.model, digits_data, "harmful")["loss"] > 5 * harmful_before
     assert defended.record["unlearning"]["name"] == "npo"
-
-
-@pytest.mark.slow
-def test_npo_lowers_the_harmful_likelihood_of_the_fast_lm() -> None:
-    model = zoo.load_model("llama-tiny-benign")
-    data = load_defense_data(
-        "causal-lm", tokenizer=zoo.load_tokenizer("llama-tiny-benign"), max_length=40, eval_limit=8
-    )
-    batches = data.forget.eval_splits()["harmful"]
-
-    def ll() -> float:
-        with torch.no_grad():
-            return float(
-                torch.cat(
-                    [features.log_likelihood(features.logits(model, b), b) for b in batches]
-                ).mean()
-            )
-
-    before = ll()
-    make_defense("npo", {"steps": 4, "batch_size": 4, "lr": 3e-3}).apply(model, data)
-    assert ll() < before - 1.0

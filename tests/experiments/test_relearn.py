@@ -4,6 +4,7 @@ against the undefended model's, the search it ran, and the report sections over 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -11,7 +12,10 @@ import pytest
 import torch
 
 from specdef import zoo
-from specdef.experiments.config import load_config
+from specdef.errors import SpecdefError
+from specdef.experiments import search as searched
+from specdef.experiments.config import expand, load_config
+from specdef.experiments.relearn import search_config
 from specdef.experiments.run import run_experiment
 from specdef.report.table1 import curvature_section, table1_section
 
@@ -67,3 +71,19 @@ def test_report_sections_over_the_rows(rows: dict[str, dict[str, Any]]) -> None:
     curvature = curvature_section(list(rows.values()))
     ceiling = rows["specdef"]["curvature"]["lr_ceiling"]
     assert f"{ceiling:.2e}" in curvature
+
+
+def test_measure_search_goes_through_the_search_blocks_validator() -> None:
+    run = expand(load_config("table1", ["measure.search.storage=elsewhere.journal"]))[0]
+    one = expand(load_config("table1", ["seeds=[2]"]))[0]
+    config = search_config(one)
+    # the same SearchConfig an attack experiment's search: block gives, seed stride included
+    assert config == searched.search_config(dataclasses.replace(one, search=one.measure["search"]))
+    assert config is not None and config.seed == 2000 and config.trials == 12
+    assert search_config(run).storage is None  # a relearn study lives in a temporary journal
+    with pytest.raises(SpecdefError, match=r"measure\.search: .*Did you mean: trials"):
+        search_config(expand(load_config("table1", ["measure.search.trails=3"]))[0])
+    with pytest.raises(SpecdefError, match=r"measure\.search: .*needs trials"):
+        search_config(expand(load_config("table1", ["measure.search={lr_low: 1.0e-3}"]))[0])
+    with pytest.raises(SpecdefError, match="stability_edge is read only by an attack"):
+        search_config(expand(load_config("table1", ["measure.search.stability_edge=true"]))[0])

@@ -52,3 +52,15 @@ def test_slowdown_ladder_states_bounds() -> None:
     # seed 0: never reached in 200 vs 20 → > 10×; seed 1: 170 vs 30 → 5.67×
     assert "| specdef | >200 (>10×) · 170 (5.67×) | 40 (4×) · 30 (3×) |" in text
     assert "| none | 20 · 30 | 10 · 10 |" in text
+
+
+def test_each_model_is_its_own_table_against_its_own_undefended_model() -> None:
+    other = [{**row("none", 0, 0, [0, 0]), "model": "mlp-digits10"},
+             {**row("specdef", 0, None, [10, 0]), "model": "mlp-digits10"}]  # fmt: skip
+    text = table1_section(ROWS + other)
+    first, second = text.split("**mlp-digits10**")
+    assert first.startswith("**mlp-digits**") and "mlp-digits10" not in first
+    assert "| specdef | >200 (>10×) · 170 (5.67×) | 40 (4×) · 30 (3×) |" in first
+    # against mlp-digits10's undefended model, which starts above the threshold: undefined
+    assert "| specdef | 10 (undef.) | 0 (undef.) |" in second
+    assert not table1_section(ROWS).startswith("**")

@@ -37,10 +37,14 @@ from specdef.experiments.runners import (
     model_name,
     prepare,
 )
+from specdef.experiments.search import SEARCH_KEYS
+from specdef.experiments.search import search_config as cell_search_config
 
 MEASURE_KEYS = ("lrs", "search", "curvature")
 CURVATURE_DEFAULTS = {"batch_size": 64, "batches": 1, "top": 3, "max_hvps": 30}
-_SEED_STRIDE = 1000  # sampler seed of a run: search.seed + 1000 × run seed
+_CELL_ONLY = tuple(
+    k for k in SEARCH_KEYS if k not in {f.name for f in dataclasses.fields(SearchConfig)}
+)
 
 
 def validate_relearn(run: Any) -> None:
@@ -57,19 +61,25 @@ def validate_relearn(run: Any) -> None:
 
 
 def search_config(run: Any) -> SearchConfig | None:
+    """The searched attacker of ``measure.search`` (None without one), validated by the one
+    validator of a config's search block (:func:`specdef.experiments.search.search_config`: its
+    keys, ``trials`` required, the seed stride ``seed + 1000 × run seed``) — less the keys only a
+    searched attack cell reads (a relearn run attacks with ``attack.optimizer`` and probes no
+    stability edge) and less ``storage`` (each run's study lives in a temporary journal)."""
     block = dict(run.measure.get("search") or {})
     if not block:
         return None
-    fields = {f.name for f in dataclasses.fields(SearchConfig)}
     for key in block:
-        if key not in fields:
-            raise SpecdefError(did_you_mean(str(key), sorted(fields), what="search key"))
-    block["seed"] = int(block.get("seed", 0)) + _SEED_STRIDE * int(run.seed)
-    block.pop("storage", None)  # each run's study lives in a temporary journal (rows keep it)
+        if key in _CELL_ONLY:
+            raise SpecdefError(
+                f"measure.search.{key} is read only by an attack experiment's search: block; a "
+                "relearn run attacks with attack.optimizer and probes no stability edge (remove it)."
+            )
     try:
-        return SearchConfig(**block)
-    except TypeError as err:
-        raise SpecdefError(f"measure.search has a value of the wrong type ({err}).") from None
+        config = cell_search_config(dataclasses.replace(run, search=block))
+    except SpecdefError as err:
+        raise SpecdefError(f"measure.search: {err}") from None
+    return dataclasses.replace(config, storage=None)
 
 
 def _compact(result: Mapping[str, Any], threshold: Threshold) -> dict[str, Any]:

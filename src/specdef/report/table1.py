@@ -23,6 +23,24 @@ def _relearn(rows: Sequence[Row]) -> list[Row]:
     return [r for r in rows if r.get("kind") == "relearn" and not r.get("error")]
 
 
+def _by_model(rows: Sequence[Row]) -> list[list[Row]]:
+    """The relearn rows per attacked model, in first-seen order (the config's): one config may
+    hold several settings (``table1``: mlp-digits fine-tuned, and an MLP relearning after
+    unlearning), each compared only with its own undefended model."""
+    out: dict[str, list[Row]] = {}
+    for row in _relearn(rows):
+        out.setdefault(str(row.get("model")), []).append(row)
+    return list(out.values())
+
+
+def _per_model(section: Callable[[Sequence[Row]], str], rows: Sequence[Row]) -> str:
+    """``section`` of each model's rows in turn, under a heading per model when there are several."""
+    groups = _by_model(rows)
+    if len(groups) <= 1:
+        return section(rows)
+    return "\n".join(f"**{g[0]['model']}**\n\n{section(g)}" for g in groups)
+
+
 def _by_defense(rows: Sequence[Row]) -> dict[str, dict[int, Row]]:
     """defense name → seed → row, defenses in first-seen order (the config's)."""
     out: dict[str, dict[int, Row]] = {}
@@ -94,7 +112,12 @@ def _slowdown_cell(defended: Row, base: Row | None, threshold: str) -> str:
 
 
 def table1_section(rows: Sequence[Row]) -> str:
-    """The Table 1 shape: one line per defense, the seeds in every cell; then the slowdown ladder."""
+    """The Table 1 shape per attacked model: one line per defense, the seeds in every cell; then
+    the slowdown ladder."""
+    return _per_model(_table1_one, rows)
+
+
+def _table1_one(rows: Sequence[Row]) -> str:
     groups = _by_defense(rows)
     if not groups:
         return "Not run yet.\n"
@@ -171,8 +194,13 @@ def _rung_dict(row: Row, threshold: str) -> Mapping[str, Any] | None:
 
 
 def curvature_section(rows: Sequence[Row]) -> str:
-    """Per defense: top Hessian eigenvalues on the harmful data (Lanczos), the GD ceiling 2/λ_max,
-    and beside them the measured steps: at each grid lr and the searched best with its lr."""
+    """Per attacked model and defense: top Hessian eigenvalues on the harmful data (Lanczos), the
+    GD ceiling 2/λ_max, and beside them the measured steps: at each grid lr and the searched best
+    with its lr."""
+    return _per_model(_curvature_one, rows)
+
+
+def _curvature_one(rows: Sequence[Row]) -> str:
     groups = _by_defense(rows)
     if not groups:
         return "Not run yet.\n"
