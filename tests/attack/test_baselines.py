@@ -1,312 +1,75 @@
-"""Acceptance 1 of issue 15: every registered optimizer, under the best hyperparameters a search
-found, reaches the threshold on the *undefended* ``mlp-digits`` within its budget. A baseline
-attacker that cannot break the undefended model is no evidence about the defended one.
+"""Acceptance 1 of issue 15: every registered optimizer, under its known-good hyperparameters
+(``specdef.attack.search.warm``: found by searches, two hand-tuned), reaches the threshold on the
+*undefended* ``mlp-digits`` within its budget. A baseline attacker that cannot break the undefended
+model is no evidence about the defended one — and these entries are the warm start of every E5
+study, so they must hold on any CPU.
 
-Found with (12 trials per optimizer; 24 for adahessian / newton-cg, 10 for kfac / ekfac / ggn-cg /
-spsa; TPE seed 0; the lr range narrowed to the undefended model's):
-
-    specdef attack mlp-digits --data digits-harmful --optimizer NAMES --search 12 --steps 300 \
-        --lr-range 1e-4,1 --stop-at-threshold --threshold harmful_accuracy>=0.75
-
-Each row: the best trial's spec (exact values: Newton-CG and GGN-CG diverge with the lr rounded
-to 4 digits) and the steps that trial needed (evaluations every 10 steps), which the rerun must
-reproduce; the budget is 300 steps.
+Each entry is rerun as a trial of its own search (``optuna.trial.FixedTrial`` through
+``trial_spec``, the path a warm-started study takes) at the batch it was found at, and must reach
+harmful accuracy ≥ 0.75 within the 300-step budget without diverging. The exact step count the
+search recorded is checked only for entries marked ``robust``; the two CG-Newton entries, which
+sat on a divergence edge (Newton-CG diverged at step 82 on an AMD EPYC where it took 70 steps
+elsewhere), must instead keep working with the learning rate × 0.8 and × 1.25.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
+import optuna
 import pytest
 
-from specdef.attack.loop import AttackSpec, run_attack
+from specdef.attack.loop import AttackResult, AttackSpec, run_attack
 from specdef.attack.optim import OPTIMIZERS
+from specdef.attack.search import SearchConfig, trial_spec
+from specdef.attack.search.warm import (
+    BUDGET,
+    EVAL_EVERY,
+    KNOWN_GOOD,
+    MODEL,
+    TASK,
+    THRESHOLD,
+    warm_params,
+)
 from specdef.zoo import load_model, load_task
 
-THRESHOLD = "harmful_accuracy>=0.75"
-BUDGET = 300
-BEST: dict[str, tuple[dict[str, Any], int]] = {
-    "adagrad": (
-        {
-            "lr": 0.02523645951744487,
-            "schedule": "constant",
-            "warmup_steps": 15,
-            "weight_decay": 0.0001,
-            "grad_clip": None,
-            "optimizer_kwargs": {"eps": 5.4095914746697e-05, "initial_accumulator_value": 0.0},
-        },
-        70,
-    ),
-    "adahessian": (
-        {
-            "lr": 0.08976590791908493,
-            "schedule": "linear",
-            "warmup_steps": 15,
-            "weight_decay": 1e-05,
-            "grad_clip": None,
-            "optimizer_kwargs": {
-                "hessian_power": 0.5177658996381624,
-                "betas": (0.5360380934760852, 0.99),
-            },
-        },
-        40,
-    ),
-    "adam": (
-        {
-            "lr": 0.01567667719550607,
-            "schedule": "linear",
-            "warmup_steps": 0,
-            "weight_decay": 0.01,
-            "grad_clip": 10.0,
-            "optimizer_kwargs": {"eps": 1.75482337310672e-06, "betas": (0.8812968079654268, 0.95)},
-        },
-        30,
-    ),
-    "adamw": (
-        {
-            "lr": 0.01567667719550607,
-            "schedule": "linear",
-            "warmup_steps": 0,
-            "weight_decay": 0.01,
-            "grad_clip": 10.0,
-            "optimizer_kwargs": {"eps": 1.75482337310672e-06, "betas": (0.8812968079654268, 0.95)},
-        },
-        30,
-    ),
-    "ekfac": (
-        {
-            "lr": 0.3727697013499733,
-            "schedule": "constant",
-            "warmup_steps": 15,
-            "weight_decay": 0.01,
-            "grad_clip": None,
-            "optimizer_kwargs": {
-                "damping": 5.549593217926627e-05,
-                "damping_floor": 0.7632929594089861,
-                "refresh": 20,
-            },
-        },
-        40,
-    ),
-    "ggn-cg": (
-        {
-            "lr": 0.3727697013499733,
-            "schedule": "constant",
-            "warmup_steps": 15,
-            "weight_decay": 0.01,
-            "grad_clip": None,
-            "optimizer_kwargs": {"damping": 0.006429776292956322, "cg_iters": 20},
-        },
-        40,
-    ),
-    "kfac": (
-        {
-            "lr": 0.3727697013499733,
-            "schedule": "constant",
-            "warmup_steps": 15,
-            "weight_decay": 0.01,
-            "grad_clip": None,
-            "optimizer_kwargs": {
-                "damping": 5.549593217926627e-05,
-                "damping_floor": 0.7632929594089861,
-                "refresh": 20,
-                "fisher_type": "type-2",
-            },
-        },
-        40,
-    ),
-    "kron": (
-        {
-            "lr": 0.004656804637919571,
-            "schedule": "constant",
-            "warmup_steps": 0,
-            "weight_decay": 0.01,
-            "grad_clip": 10.0,
-            "optimizer_kwargs": {
-                "momentum": 0.5687895999116646,
-                "pre_conditioner_update_probability": 1.0,
-            },
-        },
-        50,
-    ),
-    "lion": (
-        {
-            "lr": 0.01567667719550607,
-            "schedule": "linear",
-            "warmup_steps": 0,
-            "weight_decay": 0.01,
-            "grad_clip": 10.0,
-            "optimizer_kwargs": {"betas": (0.8812968079654268, 0.99)},
-        },
-        40,
-    ),
-    "muon": (
-        {
-            "lr": 0.3116862265422683,
-            "schedule": "linear",
-            "warmup_steps": 0,
-            "weight_decay": 0.001,
-            "grad_clip": 10.0,
-            "optimizer_kwargs": {
-                "momentum": 0.8634170686470274,
-                "nesterov": True,
-                "adjust_lr_fn": "original",
-                "adamw_lr": 7.337861637446021e-09,
-            },
-        },
-        10,
-    ),
-    "nesterov": (
-        {
-            "lr": 0.10074794185987106,
-            "schedule": "linear",
-            "warmup_steps": 0,
-            "weight_decay": 0.001,
-            "grad_clip": 10.0,
-            "optimizer_kwargs": {"momentum": 0.8234013762529091},
-        },
-        40,
-    ),
-    "newton-cg": (
-        {
-            "lr": 0.05179905267407359,
-            "schedule": "constant",
-            "warmup_steps": 15,
-            "weight_decay": 0.01,
-            "grad_clip": None,
-            "optimizer_kwargs": {"damping": 0.16856813405816062, "cg_iters": 20},
-        },
-        70,
-    ),
-    "rmsprop": (
-        {
-            "lr": 0.004656804637919571,
-            "schedule": "constant",
-            "warmup_steps": 0,
-            "weight_decay": 0.01,
-            "grad_clip": 10.0,
-            "optimizer_kwargs": {
-                "alpha": 0.9138983069209282,
-                "momentum": 0.9,
-                "eps": 3.216573097240668e-10,
-            },
-        },
-        30,
-    ),
-    "sgd": (
-        {
-            "lr": 0.3116862265422683,
-            "schedule": "linear",
-            "warmup_steps": 0,
-            "weight_decay": 0.001,
-            "grad_clip": 10.0,
-            "optimizer_kwargs": {},
-        },
-        40,
-    ),
-    "sgd-momentum": (
-        {
-            "lr": 0.18206875099388883,
-            "schedule": "cosine",
-            "warmup_steps": 0,
-            "weight_decay": 0.001,
-            "grad_clip": 1.0,
-            "optimizer_kwargs": {"momentum": 0.804222244540749},
-        },
-        30,
-    ),
-    "sgld": (
-        {
-            "lr": 0.3116862265422683,
-            "schedule": "linear",
-            "warmup_steps": 0,
-            "weight_decay": 0.001,
-            "grad_clip": 10.0,
-            "optimizer_kwargs": {"noise": 0.00010061072373290678},
-        },
-        40,
-    ),
-    "shampoo": (
-        {
-            "lr": 0.3727697013499733,
-            "schedule": "constant",
-            "warmup_steps": 15,
-            "weight_decay": 0.0001,
-            "grad_clip": None,
-            "optimizer_kwargs": {
-                "momentum": 0.0,
-                "matrix_eps": 1.535933333129671e-05,
-                "preconditioning_compute_steps": 1,
-            },
-        },
-        20,
-    ),
-    "signsgd": (
-        {
-            "lr": 0.01567667719550607,
-            "schedule": "linear",
-            "warmup_steps": 0,
-            "weight_decay": 0.01,
-            "grad_clip": 10.0,
-            "optimizer_kwargs": {"momentum": 0.9},
-        },
-        50,
-    ),
-    "soap": (
-        {
-            "lr": 0.3727697013499733,
-            "schedule": "constant",
-            "warmup_steps": 15,
-            "weight_decay": 0.0001,
-            "grad_clip": None,
-            "optimizer_kwargs": {
-                "precondition_frequency": 1,
-                "eps": 2.1256650620090325e-08,
-                "betas": (0.9293711510512475, 0.9),
-            },
-        },
-        10,
-    ),
-    # not found by its 10-trial search (batch 8, best 0.46 in 300 steps); tuned by hand:
-    # batch 32, 16 directions, lr 1e-2, eps 1e-2 (4 runs of 1000 steps)
-    "spsa": (
-        {
-            "lr": 0.01,
-            "schedule": "constant",
-            "warmup_steps": 0,
-            "weight_decay": 0.0,
-            "grad_clip": None,
-            "optimizer_kwargs": {"eps": 0.01, "perturbations": 16},
-            "batch_size": 32,
-        },
-        90,
-    ),
-    "sophiah": (
-        {
-            "lr": 0.7381070543530439,
-            "schedule": "linear",
-            "warmup_steps": 15,
-            "weight_decay": 1e-05,
-            "grad_clip": None,
-            "optimizer_kwargs": {"p": 0.005931199953590064, "betas": (0.5802826982883024, 0.99)},
-        },
-        40,
-    ),
-}
+CONFIG = SearchConfig(trials=1, lr_low=1e-8, lr_high=1.0, warm_start=True)
+MARGIN = ("ggn-cg", "newton-cg")  # once on a divergence edge: checked at lr × 0.8 and × 1.25
 
 
-def test_every_registered_optimizer_has_a_working_baseline() -> None:
-    assert set(BEST) == set(OPTIMIZERS)
+def attack(name: str, lr_factor: float = 1.0) -> AttackResult:
+    entry = KNOWN_GOOD[name]
+    base = AttackSpec(steps=BUDGET, batch_size=entry.batch_size, eval_every=EVAL_EVERY,
+                      threshold=THRESHOLD, stop_at_threshold=True)  # fmt: skip
+    spec = trial_spec(optuna.trial.FixedTrial(warm_params(name, CONFIG)), base, CONFIG, name)
+    spec = dataclasses.replace(spec, lr=spec.lr * lr_factor)
+    return run_attack(load_model(MODEL), load_task(TASK), spec)
+
+
+def reached(result: AttackResult) -> int | None:
+    assert result.outcome is not None and result.diverged_at is None, result.diverged_at
+    return result.outcome.steps
+
+
+def test_every_registered_optimizer_has_a_known_good_attack_inside_its_search_space() -> None:
+    assert set(KNOWN_GOOD) == set(OPTIMIZERS)
+    for name in OPTIMIZERS:
+        warm_params(name, CONFIG)  # raises when a value lies outside the searched space
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(BEST))
-def test_best_searched_attacker_breaks_the_undefended_model(name: str) -> None:
-    fields, searched_steps = BEST[name]
-    spec = AttackSpec(optimizer=name, steps=BUDGET, eval_every=10, threshold=THRESHOLD,
-                      stop_at_threshold=True, **{"batch_size": 8, **fields})  # fmt: skip
-    result = run_attack(load_model("mlp-digits"), load_task("digits-harmful"), spec)
-    assert result.outcome is not None and result.diverged_at is None
-    steps = result.outcome.steps
-    assert steps is not None, (name, result.summary()["ladder"]["best"])
-    assert steps == searched_steps, (name, steps, searched_steps)  # the trial, rerun
+@pytest.mark.parametrize("name", sorted(KNOWN_GOOD))
+def test_known_good_attack_breaks_the_undefended_model(name: str) -> None:
+    result = attack(name)
+    steps = reached(result)
+    assert steps is not None and steps <= BUDGET, (name, result.summary()["ladder"]["best"])
+    if KNOWN_GOOD[name].robust:
+        assert steps == KNOWN_GOOD[name].steps, (name, steps)  # the recorded trial, rerun
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("factor", [0.8, 1.25])
+@pytest.mark.parametrize("name", MARGIN)
+def test_edge_entries_keep_working_off_their_learning_rate(name: str, factor: float) -> None:
+    steps = reached(attack(name, factor))
+    assert steps is not None and steps <= BUDGET, (name, factor)

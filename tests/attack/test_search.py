@@ -6,6 +6,7 @@ few steps and trials."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -25,8 +26,10 @@ from specdef import zoo
 from specdef.attack.loop import AttackSpec
 from specdef.attack.search import SURPLUS, SearchConfig, read_rows, run_search
 from specdef.attack.search import storage as slots
+from specdef.attack.search.warm import KNOWN_GOOD, warm_params
 from specdef.attack.sweep import ModelVariant
 from specdef.cli import main
+from specdef.errors import SpecdefError
 from specdef.release.sources import load_source
 
 SRC = str(Path(specdef.__file__).resolve().parents[1])
@@ -103,11 +106,21 @@ def test_search_rows_params_and_best_per_optimizer(
     assert len(read_rows(tmp_path / "results.jsonl")) == 6
 
 
+def check_warm(rows: list[dict[str, Any]], optimizer: str, config: SearchConfig) -> None:
+    """With a warm start, exactly one row — trial 0 — ran the known-good parameters."""
+    warm = [r for r in rows if r["warm_start"]]
+    assert [r["trial"] for r in warm] == [0]
+    assert warm[0]["params"] == warm_params(optimizer, config)
+    assert sum(r["params"] == warm[0]["params"] for r in rows) == 1
+
+
 @pytest.mark.slow
-def test_sigkill_mid_study_then_rerun_gives_exactly_n(tmp_path: Path) -> None:
+@pytest.mark.parametrize("warm", [False, True])
+def test_sigkill_mid_study_then_rerun_gives_exactly_n(tmp_path: Path, warm: bool) -> None:
     n, name = 5, "kill-sgd"
     args = cli("--optimizer", "sgd", "--search", str(n), "--steps", "80", "--study", "kill",
-               "--pruner", "none", "--out", str(tmp_path))  # fmt: skip
+               "--pruner", "none", "--out", str(tmp_path),
+               *(["--warm-start"] if warm else []))  # fmt: skip
     proc = subprocess.Popen(args, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     path = tmp_path / "study.journal"
     deadline = time.time() + 120
@@ -128,16 +141,20 @@ def test_sigkill_mid_study_then_rerun_gives_exactly_n(tmp_path: Path) -> None:
     assert 2 <= sum(t.state.is_finished() for t in killed) < n
     rerun = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    check_exact(read_rows(tmp_path / "results.jsonl"), finished(journal(path), name), n)
+    rows = read_rows(tmp_path / "results.jsonl")
+    check_exact(rows, finished(journal(path), name), n)
+    if warm:
+        check_warm(rows, "sgd", SearchConfig(trials=n))
 
 
 @pytest.mark.slow
-def test_two_processes_share_one_sqlite_study(tmp_path: Path) -> None:
+@pytest.mark.parametrize("warm", [False, True])
+def test_two_processes_share_one_sqlite_study(tmp_path: Path, warm: bool) -> None:
     n, url = 8, f"sqlite:///{tmp_path / 'study.db'}"
     outs = [tmp_path / "a", tmp_path / "b"]
-    # started together, so both race for the schema and for the first trials
+    # started together, so both race for the schema, the warm start and the first trials
     argv = cli("--optimizer", "sgd", "--search", str(n), "--steps", "60", "--study", "shared",
-               "--storage", url, "--json")  # fmt: skip
+               "--storage", url, "--json", *(["--warm-start"] if warm else []))  # fmt: skip
     procs = [
         subprocess.Popen(
             [*argv, "--out", str(out)],
@@ -155,6 +172,47 @@ def test_two_processes_share_one_sqlite_study(tmp_path: Path) -> None:
     rows = [r for out in outs for r in read_rows(out / "results.jsonl")]
     check_exact(rows, finished(url, "shared-sgd"), n)
     assert sum(ran) == n and min(ran) >= 1, ran  # both worked on it, nothing ran twice
+    if warm:
+        check_warm(rows, "sgd", SearchConfig(trials=n))
+
+
+def test_the_warm_start_runs_once_across_resumes_and_racing_enqueues(tmp_path: Path) -> None:
+    """Trial 0 is the known-good attack; a rerun that extends the study does not enqueue it again,
+    and a second copy enqueued by a racing process is discarded unrun (exactly N trials)."""
+    source = load_source("mlp-digits")
+    task = zoo.load_task("digits-harmful")
+    variant = ModelVariant("mlp-digits", lambda: copy.deepcopy(source.model), {})
+    base = AttackSpec(steps=20, batch_size=32, eval_every=10, threshold="harmful_accuracy>=0.75")
+    config = SearchConfig(trials=2, study="warm", pruner="none", lr_low=1e-8, warm_start=True)
+    run_search(task, variant, base, ["sgd"], config, out=tmp_path)
+    more = dataclasses.replace(config, trials=4)
+    assert run_search(task, variant, base, ["sgd"], more, out=tmp_path).ran == 2  # resumed
+    storage = journal(tmp_path / "study.journal")
+    rows = read_rows(tmp_path / "results.jsonl")
+    check_exact(rows, finished(storage, "warm-sgd"), 4)
+    check_warm(rows, "sgd", more)
+    assert rows[0]["spec"]["lr"] == KNOWN_GOOD["sgd"].params["lr"]
+    assert rows[0]["spec"]["batch_size"] == 32  # the study's batch, not the one it was found at
+
+    # two processes that each found the study empty enqueue it twice: the second copy is surplus
+    raced = tmp_path / "raced"
+    raced.mkdir()
+    study = optuna.create_study(study_name="warm-sgd", storage=journal(raced / "study.journal"))
+    for _ in range(2):
+        study.enqueue_trial(warm_params("sgd", config), user_attrs={slots.WARM: True})
+    run_search(task, variant, base, ["sgd"], config, out=raced)
+    rows = read_rows(raced / "results.jsonl")
+    kept = finished(journal(raced / "study.journal"), "warm-sgd")
+    assert [t.number for t in kept] == [0, 2] == [r["trial"] for r in rows]  # 1: the copy
+    check_warm(rows, "sgd", config)
+
+
+def test_a_warm_start_outside_the_searched_range_is_refused(tmp_path: Path) -> None:
+    config = SearchConfig(trials=2, lr_high=1e-3, warm_start=True)  # sgd's known lr is 0.31
+    with pytest.raises(SpecdefError, match="outside the searched range"):
+        warm_params("sgd", config)
+    with pytest.raises(SpecdefError, match="No known-good attack"):
+        warm_params("nope", config)
 
 
 def test_kill_between_row_and_tell_reuses_the_row(

@@ -152,3 +152,31 @@ def test_native_is_its_own_variant() -> None:
     assert t.variants == [(None, None, None), (1e4, "algorithm1", None), (1e4, "native", None)]
     native = ("mlp-digits", "digits-harmful", (1e4, "native", None), "sgd", t.rungs[0].index)
     assert [s.factor for s in t.slow[native]] == [2.0]  # 40 / 20, seed 0 only
+
+
+def test_every_registered_optimizer_has_one_class() -> None:
+    from specdef.attack.optim import OPTIMIZERS
+    from specdef.report.search import OPTIMIZER_CLASSES
+
+    assert set(OPTIMIZER_CLASSES) == set(OPTIMIZERS)
+
+
+def test_a_class_is_the_best_of_its_optimizers_on_both_models(tmp_path: Path) -> None:
+    """Per seed the class's fewest steps on each model (the attacker picks within the class): the
+    undefended best and the defended best may come from different optimizers."""
+    adam = [trial(None, 0, 0, {0.5: 20}, optimizer="adam"), trial(1e4, 0, 0, {0.5: 90},
+            optimizer="adam")]  # fmt: skip
+    adagrad = [trial(None, 0, 0, {0.5: 40}, optimizer="adagrad"),
+               trial(1e4, 0, 0, {0.5: 60}, optimizer="adagrad")]  # fmt: skip
+    sgd = [trial(None, 0, 0, {0.5: 30}, optimizer="sgd"), trial(1e4, 0, 0, {}, optimizer="sgd")]
+    t = tables([*adam, *adagrad, *sgd])
+    assert t.classes == ["class: first-order", "class: adaptive"]
+    key = ("mlp-digits", "digits-harmful", (1e4, "algorithm1", None))
+    rung = t.rungs[0].index
+    adaptive = t.slow[(*key, "class: adaptive", rung)]
+    assert [(s.relation, s.factor) for s in adaptive] == [("=", 3.0)]  # 60 (adagrad) / 20 (adam)
+    first = t.slow[(*key, "class: first-order", rung)]
+    assert [(s.relation, s.factor) for s in first] == [(">", BUDGET / 30)]
+    text = build_report([*adam, *adagrad, *sgd], tmp_path).markdown
+    assert "| α=1e+04 | adaptive (adam, adagrad) | 3× |" in text
+    assert (tmp_path / "search0_slowdown_by_class.png").stat().st_size > 10_000

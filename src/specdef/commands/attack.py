@@ -176,6 +176,12 @@ def register(sub: Any) -> None:
         help="log-uniform learning-rate range searched (default 1e-12,1)",
     )
     search.add_argument(
+        "--warm-start",
+        action="store_true",
+        help="trial 0 of each study: the optimizer's known-good attack on the undefended "
+        "mlp-digits (specdef.attack.search.warm), at this command's batch and steps",
+    )
+    search.add_argument(
         "--stale-after",
         type=float,
         default=900.0,
@@ -264,7 +270,7 @@ def _search_config(args: argparse.Namespace) -> SearchConfig | None:
     return SearchConfig(
         trials=args.search, storage=args.storage, study=args.study, seed=args.search_seed,
         pruner=args.pruner, min_resource=args.min_resource, lr_low=args.lr_range[0],
-        lr_high=args.lr_range[1], stale_after=args.stale_after,
+        lr_high=args.lr_range[1], stale_after=args.stale_after, warm_start=args.warm_start,
     )  # fmt: skip
 
 

@@ -42,6 +42,20 @@ from specdef.report.markdown import (
 )
 
 ANY = "any optimizer"  # the attacker picks the optimizer too
+# optimizer → class, for the "by class" table and figure (the attacker picks the optimizer within
+# the class); registry names (tests/report/test_search_classes.py holds it to the registry)
+OPTIMIZER_CLASSES: dict[str, str] = {
+    **dict.fromkeys(("sgd", "sgd-momentum", "nesterov"), "first-order"),
+    **dict.fromkeys(("adam", "adamw", "adagrad", "rmsprop"), "adaptive"),
+    "muon": "orthogonalized",
+    **dict.fromkeys(("adahessian", "sophiah"), "Hutchinson diagonal"),
+    **dict.fromkeys(("kfac", "ekfac", "ggn-cg", "newton-cg"), "natural gradient / Newton"),
+    **dict.fromkeys(("shampoo", "soap", "kron"), "full-matrix"),
+    **dict.fromkeys(("lion", "signsgd"), "sign-based"),
+    "spsa": "zeroth-order",
+    "sgld": "noisy",
+}
+CLASS_PREFIX = "class: "
 HEADLINE_ACCURACY = (0.5, 0.75, 0.9, 0.95)  # accuracy rungs shown in the tables (when reached)
 
 Variant = tuple[float | None, str | None, str | None]  # (α, defense mode, informed transform)
@@ -252,6 +266,16 @@ class SearchTables:
     seeds: list[Any]
     best: dict[tuple[str, str, Variant, str, Any, int], Best]
     slow: dict[tuple[str, str, Variant, str, int], list[Slowdown]]
+    classes: list[str]  # "class: NAME" keys of best / slow, in OPTIMIZER_CLASSES order
+
+
+def _members(optimizers: Sequence[str]) -> dict[str, list[str]]:
+    """``class: NAME`` → the optimizers of that class among ``optimizers``."""
+    out: dict[str, list[str]] = {}
+    for opt, cls in OPTIMIZER_CLASSES.items():
+        if opt in optimizers:
+            out.setdefault(CLASS_PREFIX + cls, []).append(opt)
+    return out
 
 
 def tables(rows: Sequence[Row]) -> SearchTables:
@@ -267,6 +291,7 @@ def tables(rows: Sequence[Row]) -> SearchTables:
         for rung in rungs:
             best[(model, task, v, opt, seed, rung.index)] = best_at(trials, rung.index)
     groups = {(c[0], c[1]) for c in cells}
+    classes = _members(optimizers)
     for model, task in groups:
         for v in variants:
             for seed in seeds:
@@ -275,6 +300,11 @@ def tables(rows: Sequence[Row]) -> SearchTables:
                             if k[:3] == (model, task, v) and k[4] == seed and k[5] == rung.index]  # fmt: skip
                     if mine:
                         best[(model, task, v, ANY, seed, rung.index)] = _any_optimizer(mine)
+                    for cls, members in classes.items():
+                        inside = [best[(model, task, v, o, seed, rung.index)] for o in members
+                                  if (model, task, v, o, seed, rung.index) in best]  # fmt: skip
+                        if inside:
+                            best[(model, task, v, cls, seed, rung.index)] = _any_optimizer(inside)
     slow: dict[tuple[str, str, Variant, str, int], list[Slowdown]] = defaultdict(list)
     undefended: Variant = (None, None, None)
     for (model, task, v, opt, seed, index), b in best.items():
@@ -282,7 +312,7 @@ def tables(rows: Sequence[Row]) -> SearchTables:
         if v == undefended or base is None:
             continue
         slow[(model, task, v, opt, index)].append(slowdown(b.outcome, base.outcome))
-    return SearchTables(rungs, variants, [*optimizers, ANY], seeds, best, dict(slow))
+    return SearchTables(rungs, variants, [*optimizers, ANY], seeds, best, dict(slow), list(classes))
 
 
 def search_section(
@@ -323,6 +353,25 @@ def search_section(
                                   *(seeds_text(c) if c else "—" for c in cells)])  # fmt: skip
         lines.append(md_table(["model variant", "optimizer", *(r.label for r in t.rungs)], table))
         report.tables.append(f"search {model}: slowdown vs threshold")
+        if len(t.classes) > 1:
+            lines.append(
+                "\n**By optimizer class** (the attacker picks the optimizer within the class, on "
+                "both models: per seed the class's fewest steps, defended over undefended):\n"
+            )
+            table = []
+            for v in t.variants:
+                if v == (None, None, None):
+                    continue
+                for cls in t.classes:
+                    cells = [t.slow.get((model, task, v, cls, rung.index)) for rung in t.rungs]
+                    if any(cells):
+                        members = ", ".join(_members(t.optimizers)[cls])
+                        table.append([variant_name(v), f"{cls.removeprefix(CLASS_PREFIX)} "
+                                      f"({members})", *(seeds_text(c) if c else "—"
+                                                        for c in cells)])  # fmt: skip
+            lines.append(md_table(["model variant", "class (optimizers)",
+                                   *(r.label for r in t.rungs)], table))  # fmt: skip
+            report.tables.append(f"search {model}: slowdown by optimizer class")
         lines.append(
             "\n**Best steps per seed** (fewest steps any trial needed; `>N` = no trial reached it) "
             "and, in brackets, **trials needed**: how many trials the attacker ran, in order, "
@@ -397,6 +446,18 @@ def _figures(
         palette=colors,
     )  # fmt: skip
     lines += report.embed(figure, f"slowdown vs threshold, {model}")
+    if len(t.classes) > 1:
+        by_class = {(variant_name(v), cls): [t.slow.get((model, task, v, cls, r.index), [])
+                                            for r in t.rungs]
+                    for v in defended for cls in t.classes}  # fmt: skip
+        figure = search_plots.slowdown_vs_threshold(
+            by_class, [r.label for r in t.rungs], [variant_name(v) for v in defended],
+            t.classes, out_dir / f"{stem}_slowdown_by_class.png",
+            title=f"{model} on {task}: slowdown vs threshold by optimizer class (the attacker "
+            f"picks the optimizer within the class on both models; {len(t.seeds)} seeds)",
+            palette=colors,
+        )  # fmt: skip
+        lines += report.embed(figure, f"slowdown by optimizer class, {model}")
     if not t.rungs:
         return lines
     middle = t.rungs[len(t.rungs) // 2]  # the figures' rung (e.g. 0.75 of 0.5 / 0.75 / 0.9)

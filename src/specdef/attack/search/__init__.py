@@ -19,8 +19,13 @@ is appended to ``results.jsonl`` before the trial is told; a rerun that finds th
 the storage still has running tells the storage from the row instead of training again. So a
 study ends with exactly N finished trials (complete + pruned + failed) and one row each.
 
+**Warm start** (``SearchConfig.warm_start``): trial 0 of every study is the optimizer's known-good
+attack on the undefended model (``warm``), enqueued once per study — not again on resume, and a
+copy enqueued by a racing process is surplus.
+
 Modules: ``space`` (what a trial samples), ``storage`` (slots), ``rows`` (the shared results file),
-``run`` (the search), ``compare`` (a searched model against its base's search, rung by rung).
+``run`` (the search), ``compare`` (a searched model against its base's search, rung by rung),
+``warm`` (the known-good attacks a study can start from).
 """
 
 from specdef.attack.search.rows import append_row, best_trials, read_rows

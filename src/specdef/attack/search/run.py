@@ -20,6 +20,7 @@ from specdef.attack.metrics import Threshold, search_objective, steps_to_thresho
 from specdef.attack.search import storage as slots
 from specdef.attack.search.rows import append_row, best_trials, read_rows
 from specdef.attack.search.space import SearchConfig, study_name, trial_spec
+from specdef.attack.search.warm import warm_params
 from specdef.attack.sweep import ModelVariant, make_row
 from specdef.errors import SpecdefError
 from specdef.tasks import Task
@@ -71,6 +72,7 @@ def run_search(
         raise SpecdefError("A search needs a threshold (e.g. --threshold harmful_accuracy>=0.75).")
     threshold = Threshold.parse(base.threshold, task_kind=task.kind)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # library code never prints
+    warm = {o: warm_params(o, config) for o in optimizers} if config.warm_start else {}
     storage, where = slots.open_storage(config.storage, out)
     results = Path(out) / "results.jsonl"
     names: dict[str, str] = {}
@@ -86,6 +88,8 @@ def run_search(
             pruner=slots.pruner(config, base),
             load_if_exists=True,
         )
+        if optimizer in warm:
+            slots.enqueue_warm(study, warm[optimizer], config)
         ran += _work(study, task, variant, base, optimizer, config, threshold=threshold,
                      results=results, experiment=experiment, where=where,
                      edge=(edges or {}).get(optimizer), runner=runner)  # fmt: skip
@@ -130,7 +134,7 @@ def _work(
         study.sampler = optuna.samplers.TPESampler(seed=config.seed + len(trials))
         trial = study.ask()
         trial.set_user_attr(slots.OWNER, slots.owner())
-        if slots.slot(study, trial.number) > config.trials:
+        if slots.slot(study, trial.number) > config.trials or slots.duplicate_warm(study, trial):
             slots.discard(study, trial)
             continue
         rid = _trial_run_id(study.study_name, trial.number)
@@ -176,6 +180,7 @@ def _run_trial(
         "storage": where,
         "sampler_seed": config.seed,
         "stability_edge": edge.to_dict() if edge is not None else None,
+        "warm_start": bool(trial.user_attrs.get(slots.WARM)),
     }
     try:
         spec = trial_spec(trial, base, config, optimizer)

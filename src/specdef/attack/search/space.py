@@ -38,6 +38,7 @@ class SearchConfig:
     lr_low: float = 1e-12
     lr_high: float = 1.0
     stale_after: float = 900.0  # s without heartbeat before another host's running trial re-runs
+    warm_start: bool = False  # trial 0 of every study: the optimizer's known-good attack (warm.py)
 
     def __post_init__(self) -> None:
         checks = [
@@ -49,6 +50,8 @@ class SearchConfig:
             (self.min_resource is None or self.min_resource >= 1,
              f"min_resource >= 1, found {self.min_resource}"),
             (self.stale_after > 0, f"stale_after > 0, found {self.stale_after}"),
+            (isinstance(self.warm_start, bool), f"warm_start true or false, found "
+             f"{self.warm_start!r}"),
         ]  # fmt: skip
         for ok, what in checks:
             if not ok:
@@ -87,8 +90,10 @@ def study_name(
     identity = {
         "spec": spec,
         "variant_info": dict(variant.info),
+        # warm_start only when on: names of studies from before the option stay the same
         "config": {k: v for k, v in dataclasses.asdict(config).items()
-                   if k not in ("trials", "storage", "study", "stale_after")},
+                   if k not in ("trials", "storage", "study", "stale_after")
+                   and not (k == "warm_start" and not v)},
         "space": {k: dataclasses.asdict(v) for k, v in search_space(optimizer).items()},
     }  # fmt: skip
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 OWNER = "specdef_owner"
 SURPLUS = "specdef_surplus"
+WARM = "specdef_warm_start"  # the enqueued known-good trial (SearchConfig.warm_start)
 # a running trial with no owner was created by a process that died before it could say so (a
 # SIGKILL between Optuna's ask and the owner attribute, two journal writes); a live process sets
 # it within milliseconds, so after this long such a trial is lost and is re-run
@@ -122,12 +123,39 @@ def ownerless(study: Any) -> int:
 
 
 def slot(study: Any, number: int) -> int:
-    """1-based position of trial ``number`` among the study's non-surplus trials."""
+    """1-based position of trial ``number`` among the study's non-surplus trials (a second
+    warm-start trial, enqueued by a process racing another, is surplus too)."""
+    trials = study.get_trials(deepcopy=False)
+    first_warm = min((t.number for t in trials if t.user_attrs.get(WARM)), default=None)
     return 1 + sum(
         1
-        for t in study.get_trials(deepcopy=False)
-        if t.number < number and not t.user_attrs.get(SURPLUS)
+        for t in trials
+        if t.number < number
+        and not t.user_attrs.get(SURPLUS)
+        and not (t.user_attrs.get(WARM) and t.number != first_warm)
     )
+
+
+def duplicate_warm(study: Any, trial: Any) -> bool:
+    """Whether ``trial`` is a warm-start trial enqueued after another (two processes each found
+    the study without one and enqueued it): it is discarded, so the warm start runs once."""
+    if not trial.user_attrs.get(WARM):
+        return False
+    return any(
+        t.user_attrs.get(WARM) and t.number < trial.number for t in study.get_trials(deepcopy=False)
+    )
+
+
+def enqueue_warm(study: Any, params: Mapping[str, Any], config: SearchConfig) -> bool:
+    """Enqueue the warm-start trial unless the study has had one (in any state, so a resumed
+    study does not run it again) or already holds its N trials; returns whether it enqueued."""
+    trials = study.get_trials(deepcopy=False)
+    if any(t.user_attrs.get(WARM) for t in trials):
+        return False
+    if sum(1 for t in trials if not t.user_attrs.get(SURPLUS)) >= config.trials:
+        return False
+    study.enqueue_trial(dict(params), user_attrs={WARM: True})
+    return True
 
 
 def owner() -> dict[str, Any]:
