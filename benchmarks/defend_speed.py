@@ -13,6 +13,15 @@ machine's state.
 - *randomized / floor*: CPU seconds of ``apply_specdef_(model, config, probe=batch)`` (the whole
   in-memory defense, precision guard included; not loading or saving) over the floor. Target ≤ 3×.
   The guard's probe forwards are not in the floor; their FLOPs are printed beside it.
+- *per-layer gap, defended vs undefended inputs*: the guard compares each defended layer with the
+  original on the input the *defended* model feeds it (one defended forward for the layer and the
+  model checks); before issue 18's last change it ran each defended layer again on the undefended
+  model's inputs. Per layer, the ratio of the two gaps (the second recomputed here from pre-hooks
+  on a fresh undefended model), min–max over layers, and whether any verdict differs.
+- *factored C*: on the first and last block's layers (64 Gaussian inputs x, seeded), the relative
+  error of ``C_f·(W̃x)`` with C in its factored form ``I + (1/α − 1)·U_kU_kᵀ`` (float64) over that of
+  the dense float32 ``C·(W̃x)`` the saved model runs, both against ``Wx`` in float64; below 1 means
+  a guard that checked the factored form would under-report the checkpoint's error.
 - *exact / plain SVD*: CPU seconds of the same call with ``method="exact"`` over those of
   ``torch.linalg.svd(W, full_matrices=False)`` in float64 over the same 210 weights. Target ≤ 1.2×.
 - *equal to the previous implementation*: per layer, W̃ and C from the code before issue 18 (a
@@ -107,6 +116,68 @@ def linear_weights(model: Any) -> tuple[list[str], list[torch.Tensor]]:
     return names, [linear_form(model.get_submodule(n))[0].detach().double() for n in names]
 
 
+def gap_semantics(defended: Any, undefended: Any, batch: Any) -> dict[str, Any]:
+    """Each layer's guard gap (on the defended model's inputs, from the report) against the gap of
+    the same defended layer on the undefended model's inputs (recomputed: pre-hooks record each
+    layer's first input, then defended and original layer run on it)."""
+    from specdef.defense import probe as probing
+    from specdef.defense.layer import defended_layers
+
+    layers = defended_layers(defended)
+    inputs: dict[str, torch.Tensor] = {}
+    handles = [
+        undefended.get_submodule(name).register_forward_pre_hook(
+            lambda _m, args, name=name: inputs.setdefault(name, args[0].detach().clone())
+        )
+        for name in layers
+    ]
+    probing.model_output(undefended, batch)
+    for handle in handles:
+        handle.remove()
+    report = defended.specdef_report
+    ratios, flips = [], 0
+    with torch.no_grad():
+        for rep in report.layers:
+            x = inputs[rep.name]
+            before = probing.relative_gap(
+                layers[rep.name](x), undefended.get_submodule(rep.name)(x)
+            )
+            ratios.append(rep.output_gap / before)
+            flips += (rep.output_gap > rep.tolerance) != (before > rep.tolerance)
+    return {"gap_ratio_min": min(ratios), "gap_ratio_max": max(ratios), "gap_flips": flips}
+
+
+def factored_vs_dense(names: list[str], weights: list[torch.Tensor]) -> dict[str, Any]:
+    """min / median / max over the first and last block's layers of the factored-form error over
+    the dense float32 error (see the module docstring), and the largest ‖dense − factored‖ over the
+    dense error."""
+    import statistics
+
+    from specdef.defense.config import SpecDefConfig
+    from specdef.defense.step import defend_layer
+
+    config = SpecDefConfig(alpha=ALPHA, top_k=TOP_K, targets="all-linear")
+    per_block = len(names) // 30 if len(names) % 30 == 0 else 1
+    chosen = list(range(per_block)) + list(range(len(names) - per_block, len(names)))
+    gen = torch.Generator().manual_seed(0)
+    ratios, spreads = [], []
+    for i in chosen:
+        w32 = weights[i].float()
+        step = defend_layer(names[i], w32, config, bias=False)
+        x = torch.randn(64, w32.shape[1], generator=gen)
+        exact = x.double() @ weights[i].T
+        inner = x @ step.inflated.T
+        dense = (inner @ step.compensation.T).double()
+        wide = inner.double()
+        factored = wide + (1 / ALPHA - 1) * ((wide @ step.basis) @ step.basis.T)
+        err = float(torch.linalg.norm(dense - exact))
+        ratios.append(float(torch.linalg.norm(factored - exact)) / err)
+        spreads.append(float(torch.linalg.norm(dense - factored)) / err)
+    return {"factored_min": min(ratios), "factored_median": statistics.median(ratios),
+            "factored_max": max(ratios), "factored_spread": max(spreads),
+            "factored_layers": len(chosen)}  # fmt: skip
+
+
 def run() -> dict[str, Any]:
     sys.path.insert(0, str(ROOT / "src"))
     from specdef.defense.apply import apply_specdef_
@@ -118,16 +189,16 @@ def run() -> dict[str, Any]:
     torch.set_num_threads(1)
     row: dict[str, Any] = {"load_start": os.getloadavg()[0]}
     model, batch = load()
-    _, weights = linear_weights(model)
+    names, weights = linear_weights(model)
     row["layers"] = len(weights)
     row["tokens"] = int(batch["input_ids"].numel())
-    row["guard_gflop"] = (
-        2
-        * 2
-        * row["tokens"]
-        * sum(w.shape[0] * w.shape[1] + w.shape[0] ** 2 for w in weights)
-        / 1e9
-    )
+    # the guard's linear-layer products: the undefended forward (Σm·n), the defended forward
+    # (Σm·n + Σm²) and each original layer on its defended input (Σm·n); before, a second defended
+    # pass (Σm·n + Σm²) on the undefended inputs instead of the originals
+    mn = sum(w.shape[0] * w.shape[1] for w in weights)
+    mm = sum(w.shape[0] ** 2 for w in weights)
+    row["guard_gflop"] = 2 * row["tokens"] * (3 * mn + mm) / 1e9
+    row["guard_gflop_before"] = 2 * row["tokens"] * (3 * mn + 2 * mm) / 1e9
     rate, square = matmul_rates(weights)
     q = spectral.POWER_ITERS
     floor_flops = sum(4 * w.shape[0] * w.shape[1] * TOP_K for w in weights) * (q + 2)
@@ -139,7 +210,12 @@ def run() -> dict[str, Any]:
 
     # the randomized defense best of 2 (a fresh model each time), as the matmul rate is best of 3
     for method in ("randomized", "randomized", "exact"):
-        if method == "exact" or f"{method}_s" in row:
+        if method == "exact":
+            defended = model
+            model, batch = load()
+            row.update(gap_semantics(defended, model, batch))
+            del defended
+        elif f"{method}_s" in row:
             model, batch = load()
         if method == "randomized":
             params, before = count_parameters(model), forward_latency(model, batch)
@@ -211,6 +287,7 @@ def run() -> dict[str, Any]:
             ratios.append(float((torch.linalg.svdvals(basis.T @ w) / s[:TOP_K]).min()))
         inflation[iters] = min(ratios)
     row["inflation"] = inflation
+    row.update(factored_vs_dense(names, weights))
     row["load_end"] = os.getloadavg()[0]
     return row
 
@@ -259,6 +336,14 @@ def render(row: dict[str, Any]) -> str:
         f"| defended W̃, C vs the previous code (fp32, max rel. diff; exact / randomized) | "
         f"{row['equal_exact']:.1e} / {row['equal_randomized']:.1e} | ≤ {EQUAL_TARGET:g}: "
         f"{verdict(equal <= EQUAL_TARGET)} |",
+        f"| per-layer guard gap on the defended model's inputs / on the undefended model's (the "
+        f"guard before) | {row['gap_ratio_min']:.3f}–{row['gap_ratio_max']:.3f} over layers; "
+        f"verdicts that differ: {row['gap_flips']} | — |",
+        f"| factored-form C error / dense float32 C error (the saved model's), "
+        f"{row['factored_layers']} layers of the first and last block | "
+        f"{row['factored_min']:.2f}–{row['factored_max']:.2f} (median "
+        f"{row['factored_median']:.2f}); ‖dense − factored‖ up to "
+        f"{row['factored_spread']:.2f}× the error | — (< 1: a factored check under-reports) |",
         f"| inference cost, randomized defense (parameters / probe forward latency) | "
         f"×{row['parameter_ratio']:.2f} / ×{row['latency_ratio']:.2f} | — (inherent to Algorithm 1) |",
         "",
@@ -274,14 +359,16 @@ def render(row: dict[str, Any]) -> str:
         + ("consistent." if chosen == POWER_ITERS else "**inconsistent, revisit the default**."),
         "",
         "What separates the whole defense from the per-layer math is mostly the precision "
-        "guard's probe forwards: the undefended model once (its output, and each layer's input "
-        "and original output, captured in the same pass), the defended model once, and each "
-        f"defended layer once on its captured input. At the probe's {row['tokens']} tokens the "
-        f"two defended passes cost 2·{row['tokens']}·(Σm·n + Σm²)·2 = "
-        f"{row['guard_gflop']:.1f} GFLOP (float32) — as much as the floor itself, because each "
-        "compensation C is m×m; they cannot be shared, since the per-layer check runs on the "
-        "undefended inputs and the model check on the defended ones. The rest: casting each W to "
-        "float64, the finiteness checks, the report's norms. The randomized range finder "
+        "guard's probe forwards: the undefended model once (the reference output) and the "
+        "defended model once, in which each defended layer's output is compared with the original "
+        "layer's on the same input (docs/precision.md). At the probe's "
+        f"{row['tokens']} tokens their linear products cost 2·{row['tokens']}·(3·Σm·n + Σm²) = "
+        f"{row['guard_gflop']:.1f} GFLOP (float32; the guard before ran every defended layer a "
+        f"second time: {row['guard_gflop_before']:.1f} GFLOP), as much as the floor, because each "
+        "compensation C is m×m; the saved model runs C dense, so the checks do too (its factored "
+        "form I + (1/α − 1)·U_kU_kᵀ under-reports the dense float32 product's error, "
+        "docs/precision.md). The rest: casting each W to float64, the finiteness checks, the "
+        "report's norms. The randomized range finder "
         f"itself runs at width k + 10 = {TOP_K + 10} through {POWER_ITERS + 1} passes (≈"
         f"{(POWER_ITERS + 1) * (TOP_K + 10) / TOP_K:.0f} of the floor's k-wide passes), and C = "
         "I + (1/α − 1)·U_kU_kᵀ costs 2·m²·k more; neither is in the floor.",

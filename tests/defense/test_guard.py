@@ -1,19 +1,25 @@
 """specdef.defense.guard: the tolerance table, the refusals before anything is deformed (tied
 weights, top_k above the rank bound, NaN / Inf entries) and the precision guard's layer refusal,
-whose suggested alpha is checked against a hand-built float64 deformation rounded to the dtype."""
+whose suggested alpha is checked against a hand-built float64 deformation rounded to the dtype; and
+the guard refusing a defense whose W̃ or C was corrupted (inside the step, or after it)."""
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from _tiny import tiny_llama, tiny_qwen2
+from _tiny import tiny_llama, tiny_qwen2, token_batch
 from specdef.defense import guard
 from specdef.defense.apply import apply_specdef_
 from specdef.defense.config import SpecDefConfig
 from specdef.defense.layer import defended_layers
+from specdef.defense.step import LayerStep
 from specdef.errors import SpecdefError
+from specdef.linalg import spectral
 
 
 def test_tolerance_table_lookup() -> None:
@@ -143,3 +149,101 @@ def test_check_tolerance_is_the_one_check_of_a_given_tolerance(bad: object) -> N
         with pytest.raises(SpecdefError, match=r"tolerance") as err:
             refuse()
         assert "\n" not in str(err.value)
+
+
+def _inject(
+    weight: torch.Tensor,
+    inflated: torch.Tensor,
+    compensation: torch.Tensor,
+    *,
+    into: str,
+    size: float,
+    seed: int = 5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W̃, C) with Gaussian noise added to W̃ (``into="inflated"``) or C, scaled so that the dense
+    error it adds, ‖C·ΔW̃‖_F or ‖ΔC·W̃‖_F over ‖W‖_F in float64, is ``size``; rounded back to the
+    tensors' dtype."""
+    gen = torch.Generator().manual_seed(seed)
+    w, wt, c = weight.double(), inflated.double(), compensation.double()
+    target = wt if into == "inflated" else c
+    noise = torch.randn(target.shape, generator=gen, dtype=torch.float64)
+    effect = c @ noise if into == "inflated" else noise @ wt
+    bad = target + (size * float(torch.linalg.norm(w)) / float(torch.linalg.norm(effect))) * noise
+    if into == "inflated":
+        return bad.to(inflated.dtype), compensation
+    return inflated, bad.to(compensation.dtype)
+
+
+CORRUPTED = "model.layers.1.mlp.down_proj"
+
+
+@pytest.mark.parametrize("into", ["inflated", "compensation"])
+def test_an_error_injected_into_the_installed_pair_is_refused(
+    into: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A defect between the per-layer step and the model (W̃ or C of one layer corrupted after the
+    step measured its own reconstruction error): the probe forward over the installed layers finds
+    that layer, and only it, above the tolerance; the model is left unchanged. The same injection
+    at 1 % of the tolerance passes — the refusal is the measured error, not the patching."""
+    from specdef.defense import apply as apply_module
+
+    real = apply_module.defend_layer
+    size = {"value": 0.0}
+
+    def corrupted(name: str, weight: torch.Tensor, config: SpecDefConfig, **kw: Any) -> LayerStep:
+        step = real(name, weight, config, **kw)
+        if name != CORRUPTED:
+            return step
+        pair = _inject(weight, step.inflated, step.compensation, into=into, size=size["value"])
+        return dataclasses.replace(step, inflated=pair[0], compensation=pair[1])
+
+    monkeypatch.setattr(apply_module, "defend_layer", corrupted)
+    tolerance = guard.DEFAULT_TOLERANCE[torch.float32]
+    config = SpecDefConfig(alpha=1e4, top_k=4, targets="all-linear")
+    size["value"] = 10 * tolerance
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SpecdefError, match=rf"layer '{CORRUPTED}' has probe output gap"):
+        apply_specdef_(model, config, probe=token_batch())
+    assert not defended_layers(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    forced = apply_specdef_(
+        tiny_llama(), dataclasses.replace(config, force=True), probe=token_batch()
+    )
+    assert forced.over_tolerance == (CORRUPTED,)
+    gap = {rep.name: rep.output_gap for rep in forced.layers}[CORRUPTED]
+    assert gap is not None and tolerance < gap < 100 * tolerance  # the injected size, roughly
+    size["value"] = tolerance / 100
+    passed = apply_specdef_(tiny_llama(), config, probe=token_batch())
+    assert not passed.forced
+
+
+@pytest.mark.parametrize("into", ["inflated", "compensation"])
+def test_an_error_injected_into_the_deformation_is_refused_without_a_probe(
+    into: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A defect inside the per-layer step (the deformation returns a corrupted W̃ or C): its own
+    reconstruction-error probe — all the guard has without a probe batch, as in streaming —
+    refuses every layer; at 1 % of the tolerance it passes."""
+    real = spectral.deform_with_basis
+    size = {"value": 0.0}
+
+    def corrupted(
+        weight: torch.Tensor, alpha: float, basis: torch.Tensor, **kw: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        inflated, compensation = real(weight, alpha, basis, **kw)
+        return _inject(weight, inflated, compensation, into=into, size=size["value"])
+
+    monkeypatch.setattr(spectral, "deform_with_basis", corrupted)
+    tolerance = guard.DEFAULT_TOLERANCE[torch.float32]
+    config = SpecDefConfig(alpha=1e4, top_k=4, targets="all-linear")
+    size["value"] = 10 * tolerance
+    model = tiny_llama()
+    with pytest.raises(SpecdefError, match=r"has reconstruction error ‖C·W̃−W‖/‖W‖ "):
+        apply_specdef_(model, config)
+    assert not defended_layers(model)
+    forced = apply_specdef_(tiny_llama(), dataclasses.replace(config, force=True))
+    assert set(forced.over_tolerance) == {rep.name for rep in forced.layers}
+    assert all(rep.reconstruction_error < 100 * tolerance for rep in forced.layers)
+    size["value"] = tolerance / 100
+    assert not apply_specdef_(tiny_llama(), config).forced

@@ -1,8 +1,10 @@
-"""specdef.defense.probe: the output tensor of any model output, the inputs chosen layers see and the
-outputs they return in one forward (against a hook-free computation by hand, kept as copies), eval
-mode restored, and the gaps against numpy."""
+"""specdef.defense.probe: the output tensor of any model output, chosen layers' output gaps to
+reference layers on the inputs they see in one forward (against a hook-free computation by hand,
+taken before a later in-place change), eval mode restored, and the gaps against numpy."""
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
@@ -39,25 +41,43 @@ class _Twice(nn.Module):
         return self.drop(self.b(h))
 
 
-def test_capture_matches_a_hook_free_computation() -> None:
+def _perturbed(layer: nn.Linear, scale: float, seed: int) -> nn.Linear:
+    """A copy of ``layer`` with its weight moved by ``scale`` × a Gaussian (a reference layer)."""
+    out = copy.deepcopy(layer)
+    with torch.no_grad():
+        out.weight.add_(
+            scale * torch.randn(out.weight.shape, generator=torch.Generator().manual_seed(seed))
+        )
+    return out
+
+
+def _gap_by_hand(out: torch.Tensor, ref: torch.Tensor) -> float:
+    a, b = out.detach().double().numpy(), ref.detach().double().numpy()
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_layer_gaps_match_a_hook_free_computation() -> None:
     torch.manual_seed(0)
     model = _Twice().train()
+    refs = {"a": _perturbed(model.a, 1e-2, 1), "b": _perturbed(model.b, 1e-1, 2)}
     x = torch.randn(4, 6)
-    seen = probe.capture(model, ["a", "b"], x)
-    torch.testing.assert_close(seen.inputs["a"], x, rtol=0, atol=0)
+    output, gaps = probe.layer_gaps(model, refs, x)
     w, bias = model.a.weight.detach(), model.a.bias.detach()
-    first = torch.tanh(x @ w.T + bias)  # b's first call, by hand
-    torch.testing.assert_close(seen.inputs["b"], first, rtol=1e-6, atol=1e-7)
-    # each module's output on its first call, and the model's output, from the same forward
-    torch.testing.assert_close(seen.outputs["a"], x @ w.T + bias, rtol=1e-6, atol=1e-7)
-    second = first @ model.b.weight.detach().T + model.b.bias.detach()
-    torch.testing.assert_close(seen.outputs["b"], second, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(seen.output, probe.model_output(model, x), rtol=0, atol=0)
+    first = torch.tanh(x @ w.T + bias)  # b's first call sees this, by hand
+    assert gaps["a"] == pytest.approx(_gap_by_hand(x @ w.T + bias, refs["a"](x)), rel=1e-5)
+    b_out = first @ model.b.weight.detach().T + model.b.bias.detach()
+    assert gaps["b"] == pytest.approx(_gap_by_hand(b_out, refs["b"](first)), rel=1e-5)
+    assert gaps["a"] < gaps["b"]  # the larger perturbation shows: the gaps are not constants
+    torch.testing.assert_close(output, probe.model_output(model, x), rtol=0, atol=0)
     assert model.training  # the caller's mode is restored
     assert not model.a._forward_hooks and not model.b._forward_hooks
-    # a mapping probe is passed as keyword arguments
-    seen = probe.capture(model, ["b"], {"x": x, "shift": 1.0})
-    torch.testing.assert_close(seen.inputs["b"], first + 1.0, rtol=1e-6, atol=1e-6)
+    # a reference equal to the layer gives 0; a mapping probe is passed as keyword arguments
+    _, same = probe.layer_gaps(model, {"b": copy.deepcopy(model.b)}, {"x": x, "shift": 1.0})
+    assert same == {"b": 0.0}
+    _, shifted = probe.layer_gaps(model, {"b": refs["b"]}, {"x": x, "shift": 1.0})
+    assert shifted["b"] == pytest.approx(
+        _gap_by_hand(model.b(first + 1.0), refs["b"](first + 1.0)), rel=1e-5
+    )
 
 
 class _InPlace(nn.Module):
@@ -72,19 +92,21 @@ class _InPlace(nn.Module):
         return h.mul_(0.0)
 
 
-def test_capture_keeps_copies() -> None:
+def test_layer_gaps_are_taken_before_a_later_in_place_change() -> None:
+    torch.manual_seed(0)
     model = _InPlace()
+    ref = _perturbed(model.a, 1e-2, 3)
     x = torch.randn(2, 3)
-    seen = probe.capture(model, ["a"], x)
+    output, gaps = probe.layer_gaps(model, {"a": ref}, x)
     expected = x @ model.a.weight.detach().T + model.a.bias.detach()
-    torch.testing.assert_close(seen.outputs["a"], expected, rtol=1e-6, atol=1e-7)
-    assert bool((seen.output == 0).all())
+    assert gaps["a"] == pytest.approx(_gap_by_hand(expected, ref(x)), rel=1e-5)
+    assert 0 < gaps["a"] < 1 and bool((output == 0).all())
 
 
 def test_hooks_are_removed_when_the_model_fails() -> None:
     model = _Twice()
     with pytest.raises(RuntimeError):
-        probe.capture(model, ["a"], torch.randn(2, 7))  # wrong width
+        probe.layer_gaps(model, {"a": model.a}, torch.randn(2, 7))  # wrong width
     assert not model.a._forward_hooks
 
 

@@ -138,11 +138,11 @@ def apply_specdef_(
     Every selected layer is deformed in float64 and cast back to its dtype. The precision guard
     measures, in that dtype, each layer's reconstruction error and — when a ``probe`` batch is
     given — each layer's output gap and the model's output gap. The undefended model runs once
-    (:func:`specdef.defense.probe.capture`: its output, each layer's input and original output), the
-    defended model once, and each defended layer once on its captured input; above the tolerance
-    it raises
-    :class:`SpecdefError` (naming the layer, the error, the tolerance and the largest alpha that
-    fits) and leaves ``model`` unchanged, unless ``config.force``.
+    (the reference output); the defended model runs once (:func:`specdef.defense.probe.layer_gaps`),
+    and each defended layer's output there is compared with the original layer's on the same
+    input. Above the tolerance it raises :class:`SpecdefError` (naming the layer, the error, the
+    tolerance and the largest alpha that fits) and leaves ``model`` unchanged, unless
+    ``config.force``.
     """
 
     names = select_targets(
@@ -152,8 +152,7 @@ def apply_specdef_(
     for name in names:
         weight, bias, _ = linear_form(model.get_submodule(name))
         guard.check_layer(name, weight, bias, top_k=config.top_k)
-    # one undefended forward: the reference output, and each layer's input and original output
-    seen = probing.capture(model, names, probe) if probe is not None else None
+    reference = probing.model_output(model, probe) if probe is not None else None
     params_before = count_parameters(model)
     built: list[tuple[str, DefendedLinear, LayerStep]] = []
     for name in track(names, "defending", total=len(names)):
@@ -164,16 +163,38 @@ def apply_specdef_(
             step.inflated, step.compensation, bias, alpha=config.alpha, top_k=config.top_k,
             source=source,
         )  # fmt: skip
-        if seen is not None and name in seen.inputs:
-            gap = probing.relative_gap(layer(seen.inputs[name]), seen.outputs[name])
-            step = dataclasses.replace(
-                step, report=dataclasses.replace(step.report, output_gap=gap)
-            )
         built.append((name, layer, step))
         log.info(
             "defended %s (%d×%d): reconstruction error %.3g",
             name, m, n, step.report.reconstruction_error,
         )  # fmt: skip
+
+    originals = {name: model.get_submodule(name) for name, *_ in built}
+
+    def restore() -> None:
+        for name, original in originals.items():
+            set_submodule(model, name, original)
+
+    for name, layer, _ in built:
+        set_submodule(model, name, layer)
+    model_gap: float | None = None
+    model_tol: float | None = None
+    if probe is not None and reference is not None:
+        # one defended forward for both checks: each layer against the original on its input there
+        try:
+            output, gaps = probing.layer_gaps(model, originals, probe)
+        except BaseException:
+            restore()
+            raise
+        built = [
+            (name, layer, step)
+            if name not in gaps
+            else (name, layer, dataclasses.replace(
+                step, report=dataclasses.replace(step.report, output_gap=gaps[name])))
+            for name, layer, step in built
+        ]  # fmt: skip
+        model_gap = probing.relative_gap(output, reference)
+        model_tol = config.tolerance_for(reference.dtype)
 
     def worst_ratio(item: tuple[str, DefendedLinear, LayerStep]) -> float:
         rep = item[2].report
@@ -181,38 +202,29 @@ def apply_specdef_(
 
     over = [item for item in built if item[2].report.over_tolerance]
     if over and not config.force:
+        restore()
         name, _, step = max(over, key=worst_ratio)
         raise guard.layer_refusal(
             name,
-            linear_form(model.get_submodule(name))[0],
+            linear_form(originals[name])[0],
             step.basis,
             reconstruction_error=step.report.reconstruction_error,
             output_gap=step.report.output_gap,
             tolerance=step.report.tolerance,
             alpha=config.alpha,
         )
-
-    originals = {name: model.get_submodule(name) for name, *_ in built}
-    for name, layer, _ in built:
-        set_submodule(model, name, layer)
-    model_gap = None
-    model_tol = None
-    if probe is not None and seen is not None:
-        reference = seen.output
-        model_gap = probing.relative_gap(probing.model_output(model, probe), reference)
-        model_tol = config.tolerance_for(reference.dtype)
-        if model_gap > model_tol and not config.force:
-            for name, original in originals.items():
-                set_submodule(model, name, original)
-            worst = max(built, key=worst_ratio)
-            raise guard.model_gap_refusal(
-                model_gap,
-                tolerance=model_tol,
-                dtype=reference.dtype,
-                alpha=config.alpha,
-                worst_layer=worst[0],
-                worst_error=worst[2].report.reconstruction_error,
-            )
+    model_over = model_gap is not None and model_tol is not None and model_gap > model_tol
+    if model_over and not config.force and reference is not None and model_gap is not None:
+        restore()
+        worst = max(built, key=worst_ratio)
+        raise guard.model_gap_refusal(
+            model_gap,
+            tolerance=config.tolerance_for(reference.dtype),
+            dtype=reference.dtype,
+            alpha=config.alpha,
+            worst_layer=worst[0],
+            worst_error=worst[2].report.reconstruction_error,
+        )
     report_all = DefenseReport.summarize(
         config,
         [step.report for _, _, step in built],

@@ -1,6 +1,6 @@
-"""Running a model on a probe batch: its output tensor, the inputs and outputs of chosen layers (one
-forward: :func:`capture`), and relative gaps. Used by the precision guard
-(:mod:`specdef.defense.apply`) and ``specdef verify``.
+"""Running a model on a probe batch: its output tensor, chosen layers' output gaps to reference
+layers on the inputs the model feeds them (one forward: :func:`layer_gaps`), and relative gaps.
+Used by the precision guard (:mod:`specdef.defense.apply`) and ``specdef verify``.
 
 A probe batch is a tensor (passed positionally) or a mapping (passed as keyword arguments, e.g.
 ``{"input_ids": ..., "attention_mask": ...}``).
@@ -9,8 +9,7 @@ A probe batch is a tensor (passed positionally) or a mapping (passed as keyword 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -53,45 +52,40 @@ def model_output(model: nn.Module, probe: Probe) -> torch.Tensor:
         return output_tensor(model(probe))
 
 
-@dataclass(frozen=True)
-class Capture:
-    """What one forward of a model on a probe batch showed: ``output`` (the main output tensor) and,
-    for each named module, the ``inputs`` it received and the ``outputs`` it returned on its first
-    call (copies, so a later in-place operation of the model cannot change them)."""
-
-    output: torch.Tensor
-    inputs: dict[str, torch.Tensor]
-    outputs: dict[str, torch.Tensor]
-
-
 @torch.no_grad()
-def capture(model: nn.Module, names: Sequence[str], probe: Probe) -> Capture:
-    """Run ``model`` on ``probe`` once (as :func:`model_output` does) and record what the named
-    modules saw and returned on their first call. A module called with no positional tensor (only
-    keyword arguments) is not recorded. The precision guard reads the undefended model's output, each
-    layer's input and its original output from this one forward."""
-    inputs: dict[str, torch.Tensor] = {}
-    outputs: dict[str, torch.Tensor] = {}
+def layer_gaps(
+    model: nn.Module, references: Mapping[str, nn.Module], probe: Probe
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Run ``model`` on ``probe`` once (as :func:`model_output` does) and, for each module named in
+    ``references``, on its first call, the :func:`relative_gap` of its output to that of
+    ``references[name]`` (a module outside ``model``) applied to the same input. Returns the model's
+    main output and the gaps. The gaps are taken inside the forward, before later modules run, so
+    no input or output is copied and an in-place operation after the call cannot change them. A
+    module called with no positional tensor (only keyword arguments) gets no gap.
+
+    The precision guard runs the defended model through this once: each defended layer's output
+    against the original layer's on the input the defended model actually feeds it, and the
+    model's output for the model-level gap — one defended forward for both checks."""
+    gaps: dict[str, float] = {}
     handles = []
 
     def hook(name: str) -> Any:
         def fn(_module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-            if name in inputs or not args or not isinstance(args[0], torch.Tensor):
+            if name in gaps or not args or not isinstance(args[0], torch.Tensor):
                 return
             if isinstance(out, torch.Tensor):
-                inputs[name] = args[0].detach().clone()
-                outputs[name] = out.detach().clone()
+                gaps[name] = relative_gap(out, references[name](args[0]))
 
         return fn
 
-    for name in names:
+    for name in references:
         handles.append(model.get_submodule(name).register_forward_hook(hook(name)))
     try:
         output = model_output(model, probe)
     finally:
         for handle in handles:
             handle.remove()
-    return Capture(output, inputs, outputs)
+    return output, gaps
 
 
 def relative_gap(output: torch.Tensor, reference: torch.Tensor) -> float:

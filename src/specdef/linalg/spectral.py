@@ -123,12 +123,14 @@ def top_subspace_and_values(
         return u[:, :top_k].contiguous(), s
     width = top_k + oversample
     omega = torch.randn(n, width, dtype=torch.float64, generator=generator, device="cpu")
-    # layouts: W (row-major) times a column-major block, and Wᵀ times the column-major Q that QR
-    # returns, are the fast GEMM forms (≈2× a row-major Ω); the copy of the small Ω is O(n·width)
+    # layouts: W (row-major) times a column-major block is a fast GEMM form (≈1.4× a row-major Ω;
+    # the copy of the small Ω is O(n·width)), and Wᵀq for the column-major q that QR returns is
+    # computed as (qᵀW)ᵀ — the same product, 2–9× faster than ``w.T @ q`` on SmolLM2's shapes (one
+    # thread; docs/benchmarks.md, "Defense speed")
     omega = omega.T.contiguous().T
     q = _span_basis(w @ omega.to(w.device))
     for step in range(power_iters):
-        z = _span_basis(w.T @ q)
+        z = _span_basis((q.T @ w).T)
         q = _span_basis(w @ z) if step < power_iters - 1 else torch.linalg.qr(w @ z)[0]
     small = q.T @ w  # (k+p)×n; q from Householder QR, orthonormal to float64 eps
     u_small, s, _ = torch.linalg.svd(small, full_matrices=False)
