@@ -32,7 +32,7 @@ EXPECTED_RUNS = {
     "E2-alpha": 3 * 4 * 3,  # E2's α sweep (undefended, α = 1e2, 1e6), searched the same way
     "E3-language": 3 * 2 * 2,  # searched: optimizer × α × seed cells
     "E4-lora": 2 * 2 * 3,
-    "E5-second-order": 13 * 2 * 2,  # searched: optimizer × α × seed cells
+    "E5-second-order": 21 * 2 * 3,  # searched: optimizer × α × seed cells
     "E6-informed": 9 * 4 * 3,
     "E7-utility": 2 * 3 * 3,
     # the studies behind docs/results/informed_attacks.md and native_vs_algorithm1.md
