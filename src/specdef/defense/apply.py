@@ -213,13 +213,18 @@ def apply_specdef_(
             tolerance=step.report.tolerance,
             alpha=config.alpha,
         )
-    model_over = model_gap is not None and model_tol is not None and model_gap > model_tol
-    if model_over and not config.force and reference is not None and model_gap is not None:
+    if (
+        model_gap is not None
+        and model_tol is not None
+        and reference is not None
+        and model_gap > model_tol
+        and not config.force
+    ):
         restore()
         worst = max(built, key=worst_ratio)
         raise guard.model_gap_refusal(
             model_gap,
-            tolerance=config.tolerance_for(reference.dtype),
+            tolerance=model_tol,
             dtype=reference.dtype,
             alpha=config.alpha,
             worst_layer=worst[0],

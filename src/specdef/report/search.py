@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -315,6 +315,23 @@ def tables(rows: Sequence[Row]) -> SearchTables:
     return SearchTables(rungs, variants, [*optimizers, ANY], seeds, best, dict(slow), list(classes))
 
 
+def _slowdown_rows(
+    t: SearchTables, model: str, task: str, labels: Mapping[str, str]
+) -> list[list[str]]:
+    """One row per defended variant and key of ``labels`` (an optimizer, or a ``class: NAME``)
+    with a slowdown at some rung: the variant, the key's label, the slowdown per rung."""
+    table = []
+    for v in t.variants:
+        if v == (None, None, None):
+            continue
+        for key, label in labels.items():
+            cells = [t.slow.get((model, task, v, key, rung.index)) for rung in t.rungs]
+            if any(cells):
+                table.append([variant_name(v), label,
+                              *(seeds_text(c) if c else "—" for c in cells)])  # fmt: skip
+    return table
+
+
 def search_section(
     rows: Sequence[Row], out_dir: Path, report: Report, *, edges: Sequence[Row] = (),
     failures: int = 0,
@@ -342,15 +359,7 @@ def search_section(
     )
     for model, task in groups:
         lines.append(f"### {model} on {task}: slowdown vs threshold\n")
-        table = []
-        for v in t.variants:
-            if v == (None, None, None):
-                continue
-            for opt in t.optimizers:
-                cells = [t.slow.get((model, task, v, opt, rung.index)) for rung in t.rungs]
-                if any(cells):
-                    table.append([variant_name(v), opt,
-                                  *(seeds_text(c) if c else "—" for c in cells)])  # fmt: skip
+        table = _slowdown_rows(t, model, task, {opt: opt for opt in t.optimizers})
         lines.append(md_table(["model variant", "optimizer", *(r.label for r in t.rungs)], table))
         report.tables.append(f"search {model}: slowdown vs threshold")
         if len(t.classes) > 1:
@@ -358,17 +367,10 @@ def search_section(
                 "\n**By optimizer class** (the attacker picks the optimizer within the class, on "
                 "both models: per seed the class's fewest steps, defended over undefended):\n"
             )
-            table = []
-            for v in t.variants:
-                if v == (None, None, None):
-                    continue
-                for cls in t.classes:
-                    cells = [t.slow.get((model, task, v, cls, rung.index)) for rung in t.rungs]
-                    if any(cells):
-                        members = ", ".join(_members(t.optimizers)[cls])
-                        table.append([variant_name(v), f"{cls.removeprefix(CLASS_PREFIX)} "
-                                      f"({members})", *(seeds_text(c) if c else "—"
-                                                        for c in cells)])  # fmt: skip
+            members = _members(t.optimizers)
+            labels = {cls: f"{cls.removeprefix(CLASS_PREFIX)} ({', '.join(members[cls])})"
+                      for cls in t.classes}  # fmt: skip
+            table = _slowdown_rows(t, model, task, labels)
             lines.append(md_table(["model variant", "class (optimizers)",
                                    *(r.label for r in t.rungs)], table))  # fmt: skip
             report.tables.append(f"search {model}: slowdown by optimizer class")
