@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -65,3 +66,14 @@ def pretrained_mlp(hidden: tuple[int, ...] = (64, 64)) -> nn.Module:
     model = MLP(64, hidden, 10)
     model.load_state_dict(copy.deepcopy(_pretrained_state(hidden)))
     return model
+
+
+def post_attack_harmful_loss(model: nn.Module, task: Any, *, lr: float, batch_size: int) -> float:
+    """A fixed short attack on a copy of ``model`` (5 SGD steps at ``lr`` on ``task``), then the
+    held-out harmful loss: what a tamper-resistance defense should keep high."""
+    from specdef.attack.loop import AttackSpec, run_attack
+
+    spec = AttackSpec(optimizer="sgd", lr=lr, steps=5, batch_size=batch_size, eval_every=5)
+    result = run_attack(copy.deepcopy(model), task, spec)
+    assert result.diverged_at is None  # a diverged attack would leave the start loss standing
+    return float(result.evals[-1]["harmful_loss"])

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specdef.attack.loop import AttackSpec, run_attack
+from _attack_helpers import post_attack_harmful_loss
 from specdef.defense.layer import defended_layers
 from specdef.defenses import immunization, representation
 from specdef.defenses.catalog import make_defense
@@ -90,12 +90,8 @@ def test_repnoise_raises_harmful_loss_noises_representations_retain_loss_bounded
 
 
 def _post_attack_harmful_loss(model: nn.Module, data: DefenseData) -> float:
-    """A fixed short attack: 5 SGD steps at lr 0.1 on digits 5–9, then the held-out harmful loss."""
-    attacked = copy.deepcopy(model)
-    spec = AttackSpec(optimizer="sgd", lr=0.1, steps=5, batch_size=32, eval_every=5)
-    result = run_attack(attacked, data.forget, spec)
-    assert result.diverged_at is None  # a diverged attack would leave the start loss standing
-    return result.evals[-1]["harmful_loss"]
+    """5 SGD steps at lr 0.1 on digits 5–9 (batch 32), then the held-out harmful loss."""
+    return post_attack_harmful_loss(model, data.forget, lr=0.1, batch_size=32)
 
 
 def test_tar_raises_the_post_attack_harmful_loss(mlp: nn.Module, digits_data: DefenseData) -> None:

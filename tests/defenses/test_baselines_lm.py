@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _attack_helpers import post_attack_harmful_loss
 from specdef import zoo
-from specdef.attack.loop import AttackSpec, run_attack
 from specdef.defenses import features, representation
 from specdef.defenses.catalog import make_defense
 from specdef.defenses.data import DefenseData, load_defense_data
@@ -141,12 +141,8 @@ def test_repnoise_raises_harmful_loss_and_keeps_the_retain_loss(
 
 
 def _post_attack_harmful_loss(model: nn.Module, data: DefenseData) -> float:
-    """A fixed short attack: 5 SGD steps at lr 0.5 on harmful-qa, then the held-out harmful loss."""
-    attacked = copy.deepcopy(model)
-    spec = AttackSpec(optimizer="sgd", lr=0.5, steps=5, batch_size=8, eval_every=5)
-    result = run_attack(attacked, data.forget, spec)
-    assert result.diverged_at is None  # a diverged attack would leave the start loss standing
-    return result.evals[-1]["harmful_loss"]
+    """5 SGD steps at lr 0.5 on harmful-qa (batch 8), then the held-out harmful loss."""
+    return post_attack_harmful_loss(model, data.forget, lr=0.5, batch_size=8)
 
 
 def test_tar_outer_loss_raises_the_post_attack_harmful_loss(lm: nn.Module, qa: DefenseData) -> None:
